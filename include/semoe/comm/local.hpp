@@ -1,0 +1,447 @@
+// semoe/comm/local.hpp: P ranks as threads of one process. Each collective
+// is a rendezvous: every rank posts its buffers, each rank then reads its
+// peers' buffers directly (one memcpy per peer, no staging), and a final
+// barrier keeps senders' buffers alive until every reader is done.
+#pragma once
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <typeinfo>
+#include <vector>
+
+#include "semoe/comm/concepts.hpp"
+#include "semoe/core/error.hpp"
+
+namespace semoe::comm {
+
+namespace detail {
+
+class local_world;
+
+enum class local_kind { all_to_all_v, all_reduce, all_gather, reduce_scatter, broadcast, barrier, split };
+
+inline const char* kind_name(local_kind k) {
+  switch (k) {
+    case local_kind::all_to_all_v: return "all_to_all_v";
+    case local_kind::all_reduce: return "all_reduce";
+    case local_kind::all_gather: return "all_gather";
+    case local_kind::reduce_scatter: return "reduce_scatter";
+    case local_kind::broadcast: return "broadcast";
+    case local_kind::barrier: return "barrier";
+    case local_kind::split: return "split";
+  }
+  return "?";
+}
+
+/// One collective in flight: what each rank posted, and phase counters.
+struct local_op {
+  explicit local_op(int n)
+      : send(n), recv(n), send_counts(n), recv_counts(n), elems(n), color(n), key(n), groups(n), group_rank(n) {}
+  local_kind kind{};
+  const std::type_info* type = nullptr;
+  reduce_op op = reduce_op::sum;
+  int root = 0;
+  std::vector<const void*> send;
+  std::vector<void*> recv;
+  std::vector<const index_t*> send_counts, recv_counts;
+  std::vector<std::size_t> elems;
+  std::vector<int> color, key;
+  std::vector<std::shared_ptr<local_world>> groups;
+  std::vector<int> group_rank;
+  std::vector<std::byte> scratch;
+  int phase[4] = {0, 0, 0, 0};
+  int left = 0;
+};
+
+class local_world {
+ public:
+  local_world(int size, int local_size) : size_(size), local_size_(local_size) {}
+  int size() const { return size_; }
+  int local_size() const { return local_size_; }
+
+  /// Post rank's part of collective `seq`; returns the op (stable in the map).
+  template <class Fill>
+  local_op& post(std::uint64_t seq, int rank, local_kind kind, const std::type_info* type, Fill fill) {
+    std::lock_guard lock(mutex_);
+    throw_if_aborted();
+    auto it = ops_.try_emplace(seq, size_).first;
+    local_op& op = it->second;
+    if (op.phase[0] == 0) {
+      op.kind = kind;
+      op.type = type;
+    } else {
+      SEMOE_CHECK(op.kind == kind && op.type == type, "semoe::comm::local: collective #", seq, ": rank ", rank,
+                  " called ", kind_name(kind), " while an earlier rank called ", kind_name(op.kind),
+                  " (or with another element type); every rank must issue the same collectives in the same order");
+    }
+    fill(op);
+    arrive(op, 0);
+    return op;
+  }
+
+  /// Count this rank into `phase` of `op` and wait for all ranks.
+  void sync(local_op& op, int phase) {
+    std::unique_lock lock(mutex_);
+    arrive(op, phase);
+    cv_.wait(lock, [&] { return aborted_ || op.phase[phase] == size_; });
+    throw_if_aborted();
+  }
+  /// Wait until every rank has posted (phase 0) without counting again.
+  void wait_posted(local_op& op) {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return aborted_ || op.phase[0] == size_; });
+    throw_if_aborted();
+  }
+  /// The last phase: the last rank out frees the op.
+  void finish(std::uint64_t seq, local_op& op) {
+    std::unique_lock lock(mutex_);
+    arrive(op, 3);
+    cv_.wait(lock, [&] { return aborted_ || op.phase[3] == size_; });
+    throw_if_aborted();
+    if (++op.left == size_) ops_.erase(seq);
+  }
+
+  /// Run f under the world lock (split builds its groups there).
+  template <class F>
+  void locked(F f) {
+    std::lock_guard lock(mutex_);
+    f();
+  }
+
+  void abort(const std::string& why) {
+    {
+      std::lock_guard lock(mutex_);
+      if (aborted_) return;
+      aborted_ = true;
+      reason_ = why;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  void arrive(local_op& op, int phase) {
+    if (++op.phase[phase] == size_) cv_.notify_all();
+  }
+  void throw_if_aborted() const {
+    if (aborted_) semoe::detail::fail("semoe::comm::local: the job was aborted: ", reason_);
+  }
+
+  int size_, local_size_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::map<std::uint64_t, local_op> ops_;
+  bool aborted_ = false;
+  std::string reason_;
+};
+
+template <class T>
+void reduce_into(T* acc, const T* x, std::size_t n, reduce_op op) {
+  switch (op) {
+    case reduce_op::sum: for (std::size_t i = 0; i < n; ++i) acc[i] += x[i]; break;
+    case reduce_op::max: for (std::size_t i = 0; i < n; ++i) acc[i] = std::max(acc[i], x[i]); break;
+    case reduce_op::min: for (std::size_t i = 0; i < n; ++i) acc[i] = std::min(acc[i], x[i]); break;
+  }
+}
+
+}  // namespace detail
+
+/// A rank's handle on a world of P thread-ranks. Collectives post at once and
+/// complete, in issue order, when their request is waited on.
+class local {
+ public:
+  using policy_kind = comm_tag;
+
+  struct options {
+    int local_size = 0;  ///< ranks per simulated node; 0: all ranks on one node
+  };
+
+  /// Make the handles of a P-rank world (hand handle r to thread r).
+  static std::vector<local> make_world(int ranks) { return make_world(ranks, options{}); }
+  static std::vector<local> make_world(int ranks, options opt) {
+    SEMOE_CHECK(ranks >= 1, "semoe::comm::local: ranks = ", ranks, ": expected >= 1");
+    const int ls = opt.local_size > 0 ? opt.local_size : ranks;
+    SEMOE_CHECK(ranks % ls == 0, "semoe::comm::local: local_size = ", ls, " does not divide ranks = ", ranks);
+    auto world = std::make_shared<detail::local_world>(ranks, ls);
+    std::vector<local> handles;
+    for (int r = 0; r < ranks; ++r) handles.emplace_back(world, r);
+    return handles;
+  }
+
+  /// Run f(comm) on `ranks` threads. The first exception aborts the world, so
+  /// ranks blocked in a collective fail too instead of hanging; it is rethrown.
+  template <class F>
+  static void run(int ranks, F&& f) {
+    run(ranks, std::forward<F>(f), options{});
+  }
+  template <class F>
+  static void run(int ranks, F&& f, options opt) {
+    auto handles = make_world(ranks, opt);
+    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
+    std::vector<std::thread> threads;
+    for (int r = 0; r < ranks; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          f(handles[r]);
+          handles[r].drain();
+        } catch (const std::exception& e) {
+          errors[r] = std::current_exception();
+          handles[r].world_->abort(semoe::detail::concat("rank ", r, " failed: ", e.what()));
+        }
+      });
+    for (auto& t : threads) t.join();
+    // Prefer the root cause over the "aborted" errors it triggered on peers.
+    for (auto& e : errors) {
+      if (!e) continue;
+      try {
+        std::rethrow_exception(e);
+      } catch (const error& err) {
+        if (std::string(err.what()).find("was aborted") == std::string::npos) throw;
+      }
+    }
+    for (auto& e : errors)
+      if (e) std::rethrow_exception(e);
+  }
+
+  local(std::shared_ptr<detail::local_world> world, int rank)
+      : world_(std::move(world)), state_(std::make_shared<rank_state>()), rank_(rank) {}
+
+  int rank() const { return rank_; }
+  int size() const { return world_->size(); }
+  int local_rank() const { return rank_ % world_->local_size(); }
+  int local_size() const { return world_->local_size(); }
+  int node() const { return rank_ / world_->local_size(); }
+
+  template <class T>
+  request all_to_all_v_async(std::span<const T> send, std::span<const index_t> send_counts, std::span<T> recv,
+                             std::span<const index_t> recv_counts) {
+    const int P = size();
+    SEMOE_CHECK(static_cast<int>(send_counts.size()) == P && static_cast<int>(recv_counts.size()) == P,
+                "semoe::comm::local::all_to_all_v: expected ", P, " send and receive counts, got ",
+                send_counts.size(), " and ", recv_counts.size());
+    check_total(send_counts, send.size(), "send");
+    check_total(recv_counts, recv.size(), "receive");
+    return start(detail::local_kind::all_to_all_v, &typeid(T),
+                 [&](detail::local_op& op) {
+                   op.send[rank_] = send.data();
+                   op.recv[rank_] = recv.data();
+                   op.send_counts[rank_] = send_counts.data();
+                   op.recv_counts[rank_] = recv_counts.data();
+                 },
+                 [this, P](detail::local_op& op) {
+                   T* out = static_cast<T*>(op.recv[rank_]);
+                   for (int p = 0; p < P; ++p) {
+                     const index_t* sc = op.send_counts[p];
+                     index_t src_off = 0;
+                     for (int q = 0; q < rank_; ++q) src_off += sc[q];
+                     const index_t n = sc[rank_];
+                     SEMOE_CHECK(n == op.recv_counts[rank_][p], "semoe::comm::local::all_to_all_v: rank ", p,
+                                 " sends ", n, " elements to rank ", rank_, ", which expects ",
+                                 op.recv_counts[rank_][p]);
+                     if (n) std::memcpy(out, static_cast<const T*>(op.send[p]) + src_off, sizeof(T) * n);
+                     out += n;
+                   }
+                 });
+  }
+
+  template <class T>
+  request all_reduce_async(std::span<T> data, reduce_op rop = reduce_op::sum) {
+    const int P = size();
+    return start(detail::local_kind::all_reduce, &typeid(T),
+                 [&](detail::local_op& op) {
+                   op.send[rank_] = data.data();
+                   op.recv[rank_] = data.data();
+                   op.elems[rank_] = data.size();
+                   op.op = rop;
+                 },
+                 [this, P](detail::local_op& op) {
+                   const std::size_t n = op.elems[rank_];
+                   for (int p = 0; p < P; ++p)
+                     SEMOE_CHECK(op.elems[p] == n, "semoe::comm::local::all_reduce: rank ", p, " reduces ",
+                                 op.elems[p], " elements, rank ", rank_, " ", n);
+                   // Rank r reduces chunk r of everyone's data in rank order (the
+                   // same sum on every rank), then everyone copies all chunks back.
+                   world_->locked([&] {
+                     if (op.scratch.size() != n * sizeof(T)) op.scratch.resize(n * sizeof(T));
+                   });
+                   const std::size_t chunk = (n + P - 1) / P, b = std::min(n, chunk * rank_),
+                                     e = std::min(n, b + chunk);
+                   T* acc = reinterpret_cast<T*>(op.scratch.data());
+                   if (e > b) {
+                     std::memcpy(acc + b, static_cast<const T*>(op.send[0]) + b, sizeof(T) * (e - b));
+                     for (int p = 1; p < P; ++p)
+                       detail::reduce_into(acc + b, static_cast<const T*>(op.send[p]) + b, e - b, op.op);
+                   }
+                   world_->sync(op, 1);
+                   if (n) std::memcpy(op.recv[rank_], acc, sizeof(T) * n);
+                 });
+  }
+
+  template <class T>
+  request all_gather_async(std::span<const T> mine, std::span<T> all) {
+    const int P = size();
+    SEMOE_CHECK(all.size() == mine.size() * static_cast<std::size_t>(P), "semoe::comm::local::all_gather: output holds ",
+                all.size(), " elements, expected ", P, " x ", mine.size());
+    return start(detail::local_kind::all_gather, &typeid(T),
+                 [&](detail::local_op& op) {
+                   op.send[rank_] = mine.data();
+                   op.recv[rank_] = all.data();
+                   op.elems[rank_] = mine.size();
+                 },
+                 [this, P](detail::local_op& op) {
+                   const std::size_t n = op.elems[rank_];
+                   for (int p = 0; p < P; ++p) {
+                     SEMOE_CHECK(op.elems[p] == n, "semoe::comm::local::all_gather: rank ", p, " sends ", op.elems[p],
+                                 " elements, rank ", rank_, " ", n);
+                     if (n) std::memcpy(static_cast<T*>(op.recv[rank_]) + p * n, op.send[p], sizeof(T) * n);
+                   }
+                 });
+  }
+
+  template <class T>
+  request reduce_scatter_async(std::span<const T> in, std::span<T> out, reduce_op rop = reduce_op::sum) {
+    const int P = size();
+    SEMOE_CHECK(in.size() == out.size() * static_cast<std::size_t>(P), "semoe::comm::local::reduce_scatter: input holds ",
+                in.size(), " elements, expected ", P, " x ", out.size());
+    return start(detail::local_kind::reduce_scatter, &typeid(T),
+                 [&](detail::local_op& op) {
+                   op.send[rank_] = in.data();
+                   op.recv[rank_] = out.data();
+                   op.elems[rank_] = out.size();
+                   op.op = rop;
+                 },
+                 [this, P](detail::local_op& op) {
+                   const std::size_t n = op.elems[rank_];
+                   T* acc = static_cast<T*>(op.recv[rank_]);
+                   for (int p = 0; p < P; ++p)
+                     SEMOE_CHECK(op.elems[p] == n, "semoe::comm::local::reduce_scatter: rank ", p, " receives ",
+                                 op.elems[p], " elements, rank ", rank_, " ", n);
+                   if (!n) return;
+                   std::memcpy(acc, static_cast<const T*>(op.send[0]) + rank_ * n, sizeof(T) * n);
+                   for (int p = 1; p < P; ++p)
+                     detail::reduce_into(acc, static_cast<const T*>(op.send[p]) + rank_ * n, n, op.op);
+                 });
+  }
+
+  template <class T>
+  request broadcast_async(std::span<T> data, int root) {
+    SEMOE_CHECK(root >= 0 && root < size(), "semoe::comm::local::broadcast: root = ", root, " is not a rank of ",
+                size());
+    return start(detail::local_kind::broadcast, &typeid(T),
+                 [&](detail::local_op& op) {
+                   op.send[rank_] = data.data();
+                   op.recv[rank_] = data.data();
+                   op.elems[rank_] = data.size();
+                   op.root = root;
+                 },
+                 [this](detail::local_op& op) {
+                   const std::size_t n = op.elems[rank_];
+                   SEMOE_CHECK(op.elems[op.root] == n, "semoe::comm::local::broadcast: root sends ", op.elems[op.root],
+                               " elements, rank ", rank_, " expects ", n);
+                   if (rank_ != op.root && n)
+                     std::memcpy(op.recv[rank_], op.send[op.root], sizeof(T) * n);
+                 });
+  }
+
+  void barrier() {
+    start(detail::local_kind::barrier, &typeid(void), [](detail::local_op&) {}, [](detail::local_op&) {}).wait();
+  }
+
+  /// Ranks with the same color form a group, ordered by (key, rank).
+  local split(int color, int key) {
+    std::shared_ptr<detail::local_world> group;
+    int group_rank = 0;
+    start(detail::local_kind::split, &typeid(void),
+          [&](detail::local_op& op) {
+            op.color[rank_] = color;
+            op.key[rank_] = key;
+          },
+          [&, this](detail::local_op& op) {
+            world_->locked([&] {
+              if (!op.groups[rank_]) build_groups(op);
+              group = op.groups[rank_];
+              group_rank = op.group_rank[rank_];
+            });
+          })
+        .wait();
+    return local(group, group_rank);
+  }
+
+  /// Complete every collective this rank has issued.
+  void drain() { complete_through(state_->next_seq); }
+
+ private:
+  struct rank_state {
+    std::uint64_t next_seq = 0;
+    std::map<std::uint64_t, std::function<void()>> pending;
+  };
+
+  static void check_total(std::span<const index_t> counts, std::size_t have, const char* what) {
+    index_t total = 0;
+    for (index_t c : counts) {
+      SEMOE_CHECK(c >= 0, "semoe::comm::local::all_to_all_v: negative ", what, " count ", c);
+      total += c;
+    }
+    SEMOE_CHECK(static_cast<std::size_t>(total) <= have, "semoe::comm::local::all_to_all_v: ", what, " counts total ",
+                total, " elements but the buffer holds ", have);
+  }
+
+  template <class Fill, class Work>
+  request start(detail::local_kind kind, const std::type_info* type, Fill fill, Work work) {
+    const std::uint64_t seq = state_->next_seq++;
+    detail::local_op* op = &world_->post(seq, rank_, kind, type, fill);
+    state_->pending.emplace(seq, [this, seq, op, work]() mutable {
+      try {
+        world_->wait_posted(*op);
+        work(*op);
+        world_->finish(seq, *op);
+      } catch (const std::exception& e) {
+        world_->abort(semoe::detail::concat("rank ", rank_, ": ", e.what()));
+        throw;
+      }
+    });
+    return request([st = state_, seq, this] { complete_through(seq); });
+  }
+
+  /// Collectives complete in issue order, whichever request is waited first.
+  void complete_through(std::uint64_t seq) {
+    while (!state_->pending.empty() && state_->pending.begin()->first <= seq) {
+      auto f = std::move(state_->pending.begin()->second);
+      state_->pending.erase(state_->pending.begin());
+      f();
+    }
+  }
+
+  void build_groups(detail::local_op& op) {
+    const int P = size();
+    std::map<int, std::vector<int>> members;
+    for (int r = 0; r < P; ++r) members[op.color[r]].push_back(r);
+    for (auto& [c, ranks] : members) {
+      std::stable_sort(ranks.begin(), ranks.end(), [&](int a, int b) { return op.key[a] < op.key[b]; });
+      // A group keeps the node structure only where it spans whole nodes evenly.
+      int on_my_node = 0;
+      for (int r : ranks) on_my_node += (r / local_size()) == (ranks[0] / local_size());
+      const int n = static_cast<int>(ranks.size());
+      const int ls = (on_my_node > 0 && n % on_my_node == 0) ? on_my_node : n;
+      auto w = std::make_shared<detail::local_world>(n, ls);
+      for (int i = 0; i < n; ++i) {
+        op.groups[ranks[i]] = w;
+        op.group_rank[ranks[i]] = i;
+      }
+    }
+  }
+
+  std::shared_ptr<detail::local_world> world_;
+  std::shared_ptr<rank_state> state_;
+  int rank_;
+};
+
+static_assert(Communicator<local>);
+
+}  // namespace semoe::comm

@@ -1,0 +1,273 @@
+// semoe/expert/ffn.hpp: the feed-forward expert, y = act(x W1 + b1) W2 + b2,
+// with relu, gelu or swiglu. Forward and backward run over all local experts
+// as grouped GEMMs with one elementwise pass between them.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "semoe/expert/activation.hpp"
+#include "semoe/expert/concepts.hpp"
+#include "semoe/expert/grouped_gemm.hpp"
+
+namespace semoe::expert {
+
+namespace detail {
+
+/// Forward activation over rows: a = act(pre) (gated: a = f(g) * u with pre = [g | u]).
+template <class T, class Act>
+struct activation_forward_kernel {
+  const T* pre;
+  index_t pre_ld;
+  T* a;
+  index_t a_ld, cols;
+  SEMOE_HD void operator()(index_t r) const {
+    const T* p = pre + r * pre_ld;
+    T* out = a + r * a_ld;
+    if constexpr (Act::gated) {
+      for (index_t j = 0; j < cols; ++j) out[j] = Act::template f<T>(p[j]) * p[cols + j];
+    } else {
+      for (index_t j = 0; j < cols; ++j) out[j] = Act::template f<T>(p[j]);
+    }
+  }
+};
+
+/// Backward activation, in place: pre <- a (for dW2), work <- dpre (from da in work).
+template <class T, class Act>
+struct activation_backward_kernel {
+  T* pre;
+  T* work;
+  index_t ld, cols;
+  SEMOE_HD void operator()(index_t r) const {
+    T* p = pre + r * ld;
+    T* w = work + r * ld;
+    if constexpr (Act::gated) {
+      for (index_t j = 0; j < cols; ++j) {
+        const T g = p[j], u = p[cols + j], da = w[j];
+        const T fg = Act::template f<T>(g);
+        p[j] = fg * u;
+        w[j] = da * u * Act::template df<T>(g);
+        w[cols + j] = da * fg;
+      }
+    } else {
+      for (index_t j = 0; j < cols; ++j) {
+        const T x = p[j];
+        p[j] = Act::template f<T>(x);
+        w[j] = w[j] * Act::template df<T>(x);
+      }
+    }
+  }
+};
+
+/// y[r, :] += b over rows.
+template <class T>
+struct add_bias_kernel {
+  T* y;
+  index_t ld, cols;
+  const T* b;
+  SEMOE_HD void operator()(index_t r) const {
+    T* row = y + r * ld;
+    for (index_t j = 0; j < cols; ++j) row[j] += b[j];
+  }
+};
+
+/// db[j] += sum of rows of d[:, j] for a column block (columns are independent).
+template <class T>
+void add_column_sums(cpu_executor& ex, const T* d, index_t rows, index_t ld, index_t cols, T* db) {
+  constexpr index_t block = 64;
+  ex.parallel_chunks(cols, block, [&](index_t b, index_t e) {
+    T acc[block] = {};
+    for (index_t r = 0; r < rows; ++r) {
+      const T* row = d + r * ld;
+      for (index_t j = b; j < e; ++j) acc[j - b] += row[j];
+    }
+    for (index_t j = b; j < e; ++j) db[j] += acc[j - b];
+  });
+}
+
+}  // namespace detail
+
+/// The FFN expert. Parameter block layout: W1 [hidden, f1], b1 [f1],
+/// W2 [ffn, hidden], b2 [hidden], with f1 = ffn (2 * ffn when gated); the
+/// biases are present only when options.bias is set.
+template <class Act = act::gelu>
+class ffn {
+ public:
+  using policy_kind = expert_tag;
+  using activation = Act;
+
+  struct options {
+    index_t hidden = 0;
+    index_t ffn = 0;
+    bool bias = false;
+  };
+
+  static void validate(const options& o) {
+    SEMOE_CHECK(o.hidden > 0, "semoe::expert::ffn: options.hidden = ", o.hidden, ": expected > 0");
+    SEMOE_CHECK(o.ffn > 0, "semoe::expert::ffn: options.ffn = ", o.ffn, ": expected > 0");
+  }
+
+  ffn() = default;
+  explicit ffn(options o) : opt_(o) { validate(o); }
+
+  const options& opts() const { return opt_; }
+  index_t f1() const { return Act::gated ? 2 * opt_.ffn : opt_.ffn; }
+
+  static index_t block_elems(const options& o) {
+    const index_t f1 = Act::gated ? 2 * o.ffn : o.ffn;
+    return o.hidden * f1 + o.ffn * o.hidden + (o.bias ? f1 + o.hidden : 0);
+  }
+  index_t block_elems() const { return block_elems(opt_); }
+  /// Per routed row: the pre-activation is saved for backward ...
+  index_t saved_cols() const { return f1(); }
+  /// ... and one more row of that width is scratch (activation, then its gradient).
+  index_t work_cols() const { return f1(); }
+
+  /// Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights, zero biases, from a
+  /// counter-based stream per expert: the same on every rank and placement.
+  template <class T>
+  void init(std::span<T> block, philox rng, index_t expert_id) const {
+    SEMOE_CHECK(static_cast<index_t>(block.size()) == block_elems(), "semoe::expert::ffn::init: block holds ",
+                block.size(), " elements, expected ", block_elems());
+    const auto base = static_cast<std::uint64_t>(expert_id) << 40;
+    const T s1 = T(1) / std::sqrt(T(opt_.hidden)), s2 = T(1) / std::sqrt(T(opt_.ffn));
+    auto [w1, b1, w2, b2] = split(block.data());
+    for (index_t i = 0; i < opt_.hidden * f1(); ++i)
+      w1[i] = s1 * (T(2) * T(rng.uniform(base + static_cast<std::uint64_t>(i))) - T(1));
+    const auto base2 = base + (std::uint64_t{1} << 39);
+    for (index_t i = 0; i < opt_.ffn * opt_.hidden; ++i)
+      w2[i] = s2 * (T(2) * T(rng.uniform(base2 + static_cast<std::uint64_t>(i))) - T(1));
+    if (opt_.bias) {
+      std::fill_n(b1, f1(), T(0));
+      std::fill_n(b2, opt_.hidden, T(0));
+    }
+  }
+
+  /// y = act(x W1 + b1) W2 + b2 for every local expert; saves x W1 + b1.
+  template <class T>
+  void forward(cpu_executor& ex, const expert_batch<T>& b, matrix_view<T> y) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1(), E = b.experts();
+    check(b, y, "forward");
+    std::vector<gemm_problem<T>> probs;
+    probs.reserve(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) {
+      const index_t r0 = b.offsets[e], n = b.rows(e);
+      if (n == 0) continue;
+      auto [w1, b1, w2, b2] = split(b.params[e]);
+      probs.push_back({blas::op::n, blas::op::n, n, F1, H, T(1), b.x.row(r0), b.x.ld(), w1, F1, T(0),
+                       b.saved.row(r0), b.saved.ld()});
+    }
+    grouped_gemm<T>(probs);
+    if (opt_.bias)
+      for (index_t e = 0; e < E; ++e)
+        ex.parallel_for(b.rows(e), detail::add_bias_kernel<T>{b.saved.row(b.offsets[e]), b.saved.ld(), F1,
+                                                               split(b.params[e]).b1}, 16);
+    const index_t R = b.offsets[E] - b.offsets[0];
+    ex.parallel_for(R, detail::activation_forward_kernel<T, Act>{b.saved.row(b.offsets[0]), b.saved.ld(),
+                                                                 b.work.row(b.offsets[0]), b.work.ld(), F}, 16);
+    probs.clear();
+    for (index_t e = 0; e < E; ++e) {
+      const index_t r0 = b.offsets[e], n = b.rows(e);
+      if (n == 0) continue;
+      auto [w1, b1, w2, b2] = split(b.params[e]);
+      probs.push_back({blas::op::n, blas::op::n, n, H, F, T(1), b.work.row(r0), b.work.ld(), w2, H, T(0),
+                       y.row(r0), y.ld()});
+    }
+    grouped_gemm<T>(probs);
+    if (opt_.bias)
+      for (index_t e = 0; e < E; ++e)
+        ex.parallel_for(b.rows(e), detail::add_bias_kernel<T>{y.row(b.offsets[e]), y.ld(), H, split(b.params[e]).b2},
+                        16);
+  }
+
+  /// Accumulates parameter gradients into b.grads and writes dx. dx may alias
+  /// dy: dy's last use comes before dx is written. Destroys b.saved.
+  template <class T>
+  void backward(cpu_executor& ex, const expert_batch<T>& b, matrix_view<const T> dy, matrix_view<T> dx) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1(), E = b.experts();
+    check(b, dx, "backward");
+    std::vector<gemm_problem<T>> probs;
+    probs.reserve(static_cast<std::size_t>(2 * E));
+    // da = dy W2^T into work.
+    for (index_t e = 0; e < E; ++e) {
+      const index_t r0 = b.offsets[e], n = b.rows(e);
+      if (n == 0) continue;
+      auto [w1, b1, w2, b2] = split(b.params[e]);
+      probs.push_back({blas::op::n, blas::op::t, n, F, H, T(1), dy.row(r0), dy.ld(), w2, H, T(0), b.work.row(r0),
+                       b.work.ld()});
+    }
+    grouped_gemm<T>(probs);
+    // saved <- a, work <- dpre, in one pass.
+    const index_t R = b.offsets[E] - b.offsets[0];
+    ex.parallel_for(R, detail::activation_backward_kernel<T, Act>{b.saved.row(b.offsets[0]),
+                                                                  b.work.row(b.offsets[0]), b.work.ld(), F}, 16);
+    // dW2 += a^T dy, dW1 += x^T dpre.
+    probs.clear();
+    for (index_t e = 0; e < E; ++e) {
+      const index_t r0 = b.offsets[e], n = b.rows(e);
+      if (n == 0) continue;
+      auto [gw1, gb1, gw2, gb2] = split(b.grads[e]);
+      probs.push_back({blas::op::t, blas::op::n, F, H, n, T(1), b.saved.row(r0), b.saved.ld(), dy.row(r0), dy.ld(),
+                       T(1), gw2, H});
+      probs.push_back({blas::op::t, blas::op::n, H, F1, n, T(1), b.x.row(r0), b.x.ld(), b.work.row(r0), b.work.ld(),
+                       T(1), gw1, F1});
+      if (opt_.bias) {
+        detail::add_column_sums(ex, dy.row(r0), n, dy.ld(), H, gb2);
+        detail::add_column_sums(ex, b.work.row(r0), n, b.work.ld(), F1, gb1);
+      }
+    }
+    grouped_gemm<T>(probs);
+    // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
+    probs.clear();
+    for (index_t e = 0; e < E; ++e) {
+      const index_t r0 = b.offsets[e], n = b.rows(e);
+      if (n == 0) continue;
+      auto [w1, b1, w2, b2] = split(b.params[e]);
+      probs.push_back({blas::op::n, blas::op::t, n, H, F1, T(1), b.work.row(r0), b.work.ld(), w1, F1, T(0),
+                       dx.row(r0), dx.ld()});
+    }
+    grouped_gemm<T>(probs);
+  }
+
+  /// GEMM shapes of one forward + backward of an expert with n rows, for
+  /// benchmarks that time the bare GEMMs of exactly what the layer ran.
+  std::vector<gemm_problem<float>> gemm_shapes(index_t n) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
+    using blas::op;
+    return {{op::n, op::n, n, F1, H}, {op::n, op::n, n, H, F},  {op::n, op::t, n, F, H},
+            {op::t, op::n, F, H, n},  {op::t, op::n, H, F1, n}, {op::n, op::t, n, H, F1}};
+  }
+
+ private:
+  template <class P>
+  struct parts {
+    P w1, b1, w2, b2;
+  };
+  template <class P>
+  parts<P> split(P block) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
+    P w1 = block;
+    P w2 = w1 + H * F1;
+    P b1 = opt_.bias ? w2 + F * H : nullptr;
+    P b2 = opt_.bias ? b1 + F1 : nullptr;
+    return {w1, b1, w2, b2};
+  }
+
+  template <class T, class M>
+  void check(const expert_batch<T>& b, const M& out, const char* what) const {
+    const index_t R = b.offsets.empty() ? 0 : b.offsets.back();
+    SEMOE_CHECK(b.x.cols() == opt_.hidden && out.cols() == opt_.hidden, "semoe::expert::ffn::", what,
+                ": rows must have hidden = ", opt_.hidden, " columns, got ", b.x.cols(), " and ", out.cols());
+    SEMOE_CHECK(b.x.rows() >= R && out.rows() >= R && b.saved.rows() >= R && b.work.rows() >= R,
+                "semoe::expert::ffn::", what, ": buffers hold fewer than the ", R, " routed rows");
+    SEMOE_CHECK(b.saved.cols() >= saved_cols() && b.work.cols() >= work_cols(), "semoe::expert::ffn::", what,
+                ": saved/work need ", saved_cols(), " columns");
+  }
+
+  options opt_{};
+};
+
+static_assert(Expert<ffn<act::gelu>> && Expert<ffn<act::swiglu>> && Expert<ffn<act::relu>>);
+
+}  // namespace semoe::expert

@@ -1,0 +1,130 @@
+// semoe/layer/linear.hpp: y = x W^T + b, the dense projection.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <span>
+
+#include "semoe/core/blas.hpp"
+#include "semoe/core/buffer.hpp"
+#include "semoe/core/error.hpp"
+#include "semoe/core/executor.hpp"
+#include "semoe/core/parameter.hpp"
+#include "semoe/core/random.hpp"
+#include "semoe/core/tensor.hpp"
+#include "semoe/layer/concepts.hpp"
+
+namespace semoe::layer {
+
+/// A fully connected layer. W is [out, in] (PyTorch's layout, so checkpoints
+/// map one to one); W and b start uniform in ±1/sqrt(in), as in PyTorch.
+template <class T>
+class linear {
+ public:
+  using policy_kind = module_tag;
+  using value_type = T;
+
+  struct options {
+    index_t in = 0;
+    index_t out = 0;
+    bool bias = true;
+  };
+
+  static void validate(const options& o) {
+    SEMOE_CHECK(o.in > 0, "semoe::layer::linear: options.in = ", o.in, "; expected a positive number of input features");
+    SEMOE_CHECK(o.out > 0, "semoe::layer::linear: options.out = ", o.out,
+                "; expected a positive number of output features");
+  }
+
+  linear(cpu_executor& ex, const options& o, std::uint64_t seed) : ex_(&ex), opt_(o) {
+    validate(o);
+    w_.resize_discard(o.in * o.out);
+    gw_.assign(o.in * o.out, T(0));
+    if (o.bias) {
+      b_.resize_discard(o.out);
+      gb_.assign(o.out, T(0));
+    }
+    // Stream 0 draws W, stream 1 draws b: each a pure function of the seed.
+    const T bound = T(1) / std::sqrt(static_cast<T>(o.in));
+    const philox wr(seed, 0), br(seed, 1);
+    T* w = w_.data();
+    ex.parallel_for(w_.size(), [=](index_t k) {
+      w[k] = bound * (T(2) * static_cast<T>(wr.uniform(static_cast<std::uint64_t>(k) / 4, int(k % 4))) - T(1));
+    });
+    for (index_t k = 0; k < b_.size(); ++k)
+      b_[k] = bound * (T(2) * static_cast<T>(br.uniform(static_cast<std::uint64_t>(k) / 4, int(k % 4))) - T(1));
+  }
+
+  const options& opts() const { return opt_; }
+
+  index_t output_cols(index_t input_cols) const {
+    SEMOE_CHECK(input_cols == opt_.in, "semoe::layer::linear: input has ", input_cols,
+                " columns; expected options.in = ", opt_.in);
+    return opt_.out;
+  }
+
+  void forward(matrix_view<const T> x, matrix_view<T> y) {
+    check_shape(x, x.rows(), opt_.in, "semoe::layer::linear::forward: x");
+    check_shape(y, x.rows(), opt_.out, "semoe::layer::linear::forward: y");
+    blas::gemm<T>(blas::op::n, blas::op::t, T(1), x, weight(), T(0), y);
+    if (opt_.bias) {
+      const T* b = b_.data();
+      const index_t out = opt_.out;
+      ex_->parallel_for(x.rows(), [=](index_t i) {
+        T* yi = y.row(i);
+        for (index_t j = 0; j < out; ++j) yi[j] += b[j];
+      }, rows_grain());
+    }
+    x_ = x;
+    has_input_ = true;
+  }
+
+  void backward(matrix_view<const T> dy, matrix_view<T> dx) {
+    SEMOE_CHECK(has_input_, "semoe::layer::linear::backward: called before forward");
+    const index_t n = x_.rows();
+    check_shape(dy, n, opt_.out, "semoe::layer::linear::backward: dy");
+    if (dx.rows() != 0) check_shape(dx, n, opt_.in, "semoe::layer::linear::backward: dx");
+    // dW += dy^T x
+    blas::gemm<T>(blas::op::t, blas::op::n, T(1), dy, x_, T(1), weight_grad());
+    if (opt_.bias) {
+      // One column per index: each db[j] is a serial sum, so the result does
+      // not depend on the thread count.
+      T* gb = gb_.data();
+      ex_->parallel_for(opt_.out, [=](index_t j) {
+        T s = 0;
+        for (index_t i = 0; i < n; ++i) s += dy(i, j);
+        gb[j] += s;
+      }, std::max<index_t>(1, 16384 / std::max<index_t>(n, 1)));
+    }
+    if (dx.rows() != 0) blas::gemm<T>(blas::op::n, blas::op::n, T(1), dy, weight(), T(0), dx);
+  }
+
+  param_list<T> parameters() {
+    param_list<T> p{{"weight", w_.span(), gw_.span(), param_kind::dense}};
+    if (opt_.bias) p.push_back({"bias", b_.span(), gb_.span(), param_kind::dense});
+    return p;
+  }
+
+  void zero_grad() {
+    gw_.zero();
+    gb_.zero();
+  }
+
+  matrix_view<T> weight() { return w_.matrix(opt_.out, opt_.in); }
+  matrix_view<const T> weight() const { return w_.matrix(opt_.out, opt_.in); }
+  matrix_view<T> weight_grad() { return gw_.matrix(opt_.out, opt_.in); }
+  std::span<T> bias() { return b_.span(); }  ///< empty without bias
+  std::span<T> bias_grad() { return gb_.span(); }
+
+ private:
+  index_t rows_grain() const { return std::max<index_t>(1, 16384 / opt_.out); }
+
+  cpu_executor* ex_;
+  options opt_;
+  buffer<T> w_, gw_, b_, gb_;
+  matrix_view<const T> x_{};
+  bool has_input_ = false;
+};
+
+}  // namespace semoe::layer
