@@ -1,0 +1,189 @@
+// semoe/layer/dispatch.hpp: moving token rows between token order and the
+// expert-major dispatch order of a routing plan (SE-MoE §3.1: the permute
+// before global_scatter and the weighted combine after global_gather), each
+// with its exact backward. Every kernel is a SEMOE_HD body over one index.
+#pragma once
+
+#include <type_traits>
+
+#include "semoe/core/buffer.hpp"
+#include "semoe/core/executor.hpp"
+#include "semoe/gate/routing.hpp"
+
+namespace semoe::layer {
+
+/// Dispatch row of every assignment (offsets[e] + slot), or -1 when it is not
+/// kept. Computed once per step, read by every kernel below.
+template <class T>
+void dispatch_rows(const gate::routing_plan<T>& plan, buffer<index_t>& row) {
+  row.resize_discard(plan.assignments());
+  for (index_t a = 0; a < plan.assignments(); ++a)
+    row[a] = plan.slot[a] < 0 ? -1 : plan.offsets[plan.expert[a]] + plan.slot[a];
+}
+
+/// A const view whose T comes from the routing plan, so mutable views convert.
+template <class T>
+using cview = std::type_identity_t<matrix_view<const T>>;
+
+namespace detail {
+
+template <class T>
+SEMOE_HD inline void copy_row(T* SEMOE_RESTRICT dst, const T* SEMOE_RESTRICT src, index_t n) {
+  for (index_t j = 0; j < n; ++j) dst[j] = src[j];
+}
+
+/// x_disp[row(a)] = x[token(a)] for kept assignments.
+template <class T>
+struct permute_kernel {
+  const index_t* row;
+  index_t k, cols;
+  const T* x;
+  index_t x_ld;
+  T* out;
+  index_t out_ld;
+  SEMOE_HD void operator()(index_t a) const {
+    const index_t r = row[a];
+    if (r >= 0) copy_row(out + r * out_ld, x + (a / k) * x_ld, cols);
+  }
+};
+
+/// y[t] = sum over kept choices c of weight * y_disp[row(t, c)].
+template <class T>
+struct combine_kernel {
+  const index_t* row;
+  const T* weight;
+  index_t k, cols;
+  const T* y_disp;
+  index_t yd_ld;
+  T* y;
+  index_t y_ld;
+  SEMOE_HD void operator()(index_t t) const {
+    T* out = y + t * y_ld;
+    for (index_t j = 0; j < cols; ++j) out[j] = T(0);
+    for (index_t c = 0; c < k; ++c) {
+      const index_t a = t * k + c, r = row[a];
+      if (r < 0) continue;
+      const T w = weight[a];
+      const T* src = y_disp + r * yd_ld;
+      for (index_t j = 0; j < cols; ++j) out[j] += w * src[j];
+    }
+  }
+};
+
+/// Backward of combine: dy_disp[row(a)] = weight * dy[t] and
+/// dweight[a] = <dy[t], y_disp[row(a)]>; dweight is 0 for unkept choices.
+template <class T>
+struct combine_backward_kernel {
+  const index_t* row;
+  const T* weight;
+  index_t k, cols;
+  const T* dy;
+  index_t dy_ld;
+  const T* y_disp;
+  index_t yd_ld;
+  T* dy_disp;
+  index_t dd_ld;
+  T* dweight;
+  SEMOE_HD void operator()(index_t a) const {
+    const index_t r = row[a];
+    if (r < 0) {
+      dweight[a] = T(0);
+      return;
+    }
+    const T* g = dy + (a / k) * dy_ld;
+    const T* yr = y_disp + r * yd_ld;
+    T* out = dy_disp + r * dd_ld;
+    const T w = weight[a];
+    T dot = T(0);
+    for (index_t j = 0; j < cols; ++j) {
+      dot += g[j] * yr[j];
+      out[j] = w * g[j];
+    }
+    dweight[a] = dot;
+  }
+};
+
+/// Backward of permute: dx[t] = sum over kept choices of dx_disp[row(t, c)].
+template <class T>
+struct unpermute_sum_kernel {
+  const index_t* row;
+  index_t k, cols;
+  const T* dx_disp;
+  index_t dd_ld;
+  T* dx;
+  index_t dx_ld;
+  SEMOE_HD void operator()(index_t t) const {
+    T* out = dx + t * dx_ld;
+    for (index_t j = 0; j < cols; ++j) out[j] = T(0);
+    for (index_t c = 0; c < k; ++c) {
+      const index_t r = row[t * k + c];
+      if (r < 0) continue;
+      const T* src = dx_disp + r * dd_ld;
+      for (index_t j = 0; j < cols; ++j) out[j] += src[j];
+    }
+  }
+};
+
+/// out[dst(i)] = in[i] for a row permutation given as a destination map.
+template <class T>
+struct scatter_rows_kernel {
+  const index_t* dst;
+  index_t cols;
+  const T* in;
+  T* out;
+  SEMOE_HD void operator()(index_t i) const { copy_row(out + dst[i] * cols, in + i * cols, cols); }
+};
+
+/// out[i] = in[dst(i)]: the inverse of scatter_rows_kernel.
+template <class T>
+struct gather_rows_kernel {
+  const index_t* dst;
+  index_t cols;
+  const T* in;
+  T* out;
+  SEMOE_HD void operator()(index_t i) const { copy_row(out + i * cols, in + dst[i] * cols, cols); }
+};
+
+}  // namespace detail
+
+// Row kernels are memory-bound: a grain of 64 rows keeps scheduling cheap.
+inline constexpr index_t row_grain = 64;
+
+template <class T>
+void permute(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row, cview<T> x,
+             matrix_view<T> x_disp) {
+  ex.parallel_for(plan.assignments(),
+                  detail::permute_kernel<T>{row.data(), plan.k, x.cols(), x.data(), x.ld(), x_disp.data(), x_disp.ld()},
+                  row_grain);
+}
+
+template <class T>
+void combine(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row,
+             cview<T> y_disp, matrix_view<T> y) {
+  ex.parallel_for(plan.tokens,
+                  detail::combine_kernel<T>{row.data(), plan.weight.data(), plan.k, y.cols(), y_disp.data(),
+                                            y_disp.ld(), y.data(), y.ld()},
+                  row_grain);
+}
+
+template <class T>
+void combine_backward(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row,
+                      cview<T> dy, cview<T> y_disp, matrix_view<T> dy_disp,
+                      std::span<T> dweight) {
+  ex.parallel_for(plan.assignments(),
+                  detail::combine_backward_kernel<T>{row.data(), plan.weight.data(), plan.k, dy.cols(), dy.data(),
+                                                     dy.ld(), y_disp.data(), y_disp.ld(), dy_disp.data(),
+                                                     dy_disp.ld(), dweight.data()},
+                  row_grain);
+}
+
+template <class T>
+void unpermute_sum(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row,
+                   cview<T> dx_disp, matrix_view<T> dx) {
+  ex.parallel_for(plan.tokens,
+                  detail::unpermute_sum_kernel<T>{row.data(), plan.k, dx.cols(), dx_disp.data(), dx_disp.ld(),
+                                                  dx.data(), dx.ld()},
+                  row_grain);
+}
+
+}  // namespace semoe::layer

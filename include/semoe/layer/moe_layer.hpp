@@ -1,0 +1,450 @@
+// semoe/layer/moe_layer.hpp: the MoE layer of SE-MoE (§3.1), expert-parallel
+// over the ranks of a communicator. Forward: router GEMM -> gate (routing
+// plan) -> permute expert-major -> all-to-all -> grouped expert FFN ->
+// all-to-all back -> weighted combine. Backward mirrors it exactly; gate
+// gradients flow through the combine weights and the aux losses.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "semoe/comm/concepts.hpp"
+#include "semoe/comm/local.hpp"
+#include "semoe/core/backend.hpp"
+#include "semoe/core/blas.hpp"
+#include "semoe/core/parameter.hpp"
+#include "semoe/core/random.hpp"
+#include "semoe/core/trace.hpp"
+#include "semoe/expert/concepts.hpp"
+#include "semoe/expert/ffn.hpp"
+#include "semoe/gate/concepts.hpp"
+#include "semoe/gate/routing.hpp"
+#include "semoe/layer/concepts.hpp"
+#include "semoe/layer/dispatch.hpp"
+#include "semoe/prefetch/on_demand.hpp"
+#include "semoe/storage/resident.hpp"
+
+namespace semoe {
+
+/// The layer for scalar T. Most code names `moe_layer` (T = float) below.
+template <class T, Backend B, class Gate, class Expert = expert::ffn<act::gelu>, class Comm = comm::local,
+          class Storage = storage::resident, class Prefetch = prefetch::on_demand>
+class basic_moe_layer {
+  static_assert(gate::check_gate<Gate>());
+  static_assert(expert::check_expert<Expert>());
+  static_assert(comm::Communicator<Comm>,
+                "semoe::moe_layer: Comm must satisfy semoe::comm::Communicator; see comm/concepts.hpp");
+  static_assert(storage::Storage<Storage>,
+                "semoe::moe_layer: Storage must be a storage policy (policy_kind = storage_tag, store<T> with "
+                "add_layer/acquire/release); see storage/concepts.hpp");
+  static_assert(prefetch::Prefetcher<Prefetch>,
+                "semoe::moe_layer: Prefetch must provide before/after/end_step hooks; see prefetch/concepts.hpp");
+
+ public:
+  using value_type = T;
+  using policy_kind = layer::module_tag;
+  using backend = B;
+  using gate_type = Gate;
+  using expert_type = Expert;
+  using comm_type = Comm;
+  using store_type = typename Storage::template store<T>;
+  using prefetch_type = Prefetch;
+
+  struct options {
+    index_t hidden = 0;   ///< model width
+    index_t ffn = 0;      ///< expert hidden width
+    index_t experts = 0;  ///< experts over the whole expert-parallel group
+    typename Gate::options gate{};
+    typename Expert::options expert{};  ///< hidden and ffn are filled in from above
+    std::uint64_t seed = 0;             ///< parameter init and gate noise; same on every rank
+  };
+
+  static void validate(const options& o, int ranks) {
+    SEMOE_CHECK(o.hidden > 0, "semoe::moe_layer: options.hidden = ", o.hidden, ": expected > 0");
+    SEMOE_CHECK(o.ffn > 0, "semoe::moe_layer: options.ffn = ", o.ffn, ": expected > 0");
+    SEMOE_CHECK(o.experts > 0, "semoe::moe_layer: options.experts = ", o.experts, ": expected > 0");
+    SEMOE_CHECK(o.experts % ranks == 0, "semoe::moe_layer: options.experts = ", o.experts,
+                " must be a multiple of the expert-parallel ranks (", ranks, ")");
+    Gate::validate(o.gate);
+  }
+
+  /// `store` may be shared by several layers (one model-wide budget); by
+  /// default the layer makes its own.
+  basic_moe_layer(typename B::executor& ex, Comm& comm, options opt, std::shared_ptr<store_type> store = nullptr)
+      : ex_(&ex), comm_(&comm), opt_(fill(opt)), gate_(opt_.gate), expert_(opt_.expert),
+        store_(store ? std::move(store) : std::make_shared<store_type>()) {
+    validate(opt_, comm.size());
+    (void)gate_.choices(opt_.experts);  // k > experts fails here, not mid-step
+    local_experts_ = opt_.experts / comm.size();
+    first_expert_ = comm.rank() * local_experts_;
+    layer_id_ = store_->add_layer(local_experts_, expert_.block_elems());
+    const philox rng(opt_.seed, 0x5e30e);
+    for (index_t i = 0; i < local_experts_; ++i) {
+      auto blk = store_->acquire(layer_id_, i);
+      expert_.init(blk.params, rng, first_expert_ + i);
+      store_->release(layer_id_, i);
+    }
+    // Router: small uniform init, identical on every rank (seeded, not sent).
+    router_.resize_discard(opt_.hidden * opt_.experts);
+    router_grad_.assign(opt_.hidden * opt_.experts, T(0));
+    const philox rrng(opt_.seed, 0x7047e);
+    const T scale = T(1) / std::sqrt(T(opt_.hidden));
+    for (index_t i = 0; i < router_.size(); ++i)
+      router_[i] = scale * (T(2) * T(rrng.uniform(static_cast<std::uint64_t>(i))) - T(1));
+  }
+
+  // -- Module interface ---------------------------------------------------
+
+  index_t output_cols(index_t input_cols) const {
+    SEMOE_CHECK(input_cols == opt_.hidden, "semoe::moe_layer: input has ", input_cols, " columns, expected hidden = ",
+                opt_.hidden);
+    return opt_.hidden;
+  }
+
+  void forward(matrix_view<const T> x, matrix_view<T> y) {
+    const index_t tokens = x.rows(), H = opt_.hidden, E = opt_.experts;
+    SEMOE_CHECK(tokens > 0, "semoe::moe_layer::forward: empty batch (x has 0 rows)");
+    check_shape(x, tokens, H, "semoe::moe_layer::forward: x");
+    check_shape(matrix_view<const T>(y), tokens, H, "semoe::moe_layer::forward: y");
+    x_ = x;
+    agree_on_tokens(tokens);
+
+    {  // Router: logits = x' Wg, with x' = x * jitter when the gate asks for it.
+      trace::scope ts("router", "compute", comm_->rank());
+      matrix_view<const T> xr = x;
+      if (jitter() > 0) {
+        xj_.resize_discard(tokens * H);
+        apply_jitter(x, xj_.matrix(tokens, H), false);
+        xr = xj_.matrix(tokens, H);
+      }
+      logits_.resize_discard(tokens * E);
+      blas::gemm<T>(blas::op::n, blas::op::n, T(1), xr, router_.matrix(H, E), T(0), logits_.matrix(tokens, E));
+    }
+    {
+      trace::scope ts("gate", "compute", comm_->rank());
+      const auto ctx = context();
+      gate_.route(ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_);
+      layer::dispatch_rows(plan_, row_);
+    }
+    const index_t R = plan_.kept();
+    x_disp_.resize_discard(R * H);
+    y_disp_.resize_discard(R * H);
+    {
+      trace::scope ts("permute", "compute", comm_->rank());
+      layer::permute(*ex_, plan_, row_, x, x_disp_.matrix(R, H));
+    }
+    if (comm_->size() == 1) {
+      run_experts_forward(plan_.offsets.span(), x_disp_.matrix(R, H), y_disp_.matrix(R, H));
+    } else {
+      exchange_counts();
+      const index_t Rr = recv_rows_;
+      recv_.resize_discard(Rr * H);
+      expert_in_.resize_discard(Rr * H);
+      expert_out_.resize_discard(Rr * H);
+      all_to_all_rows(x_disp_.data(), send_elems_, recv_.data(), recv_elems_);
+      ex_->parallel_for(Rr, layer::detail::scatter_rows_kernel<T>{to_expert_major_.data(), H, recv_.data(),
+                                                                  expert_in_.data()}, layer::row_grain);
+      run_experts_forward(expert_offsets_.span(), expert_in_.matrix(Rr, H), expert_out_.matrix(Rr, H));
+      ex_->parallel_for(Rr, layer::detail::gather_rows_kernel<T>{to_expert_major_.data(), H, expert_out_.data(),
+                                                                 recv_.data()}, layer::row_grain);
+      all_to_all_rows(recv_.data(), recv_elems_, y_disp_.data(), send_elems_);
+    }
+    {
+      trace::scope ts("combine", "compute", comm_->rank());
+      layer::combine(*ex_, plan_, row_, y_disp_.matrix(R, H), y);
+    }
+  }
+
+  void backward(matrix_view<const T> dy, matrix_view<T> dx) {
+    const index_t tokens = plan_.tokens, H = opt_.hidden, E = opt_.experts, R = plan_.kept();
+    SEMOE_CHECK(tokens > 0 && x_.rows() == tokens, "semoe::moe_layer::backward: no forward to go back through");
+    check_shape(dy, tokens, H, "semoe::moe_layer::backward: dy");
+    const bool want_dx = dx.rows() > 0;
+    if (want_dx) check_shape(matrix_view<const T>(dx), tokens, H, "semoe::moe_layer::backward: dx");
+    dweight_.resize_discard(plan_.assignments());
+    {  // dy_disp overwrites y_disp row by row: each row is read before it is written.
+      trace::scope ts("combine_backward", "compute", comm_->rank());
+      layer::combine_backward(*ex_, plan_, row_, dy, matrix_view<const T>(y_disp_.matrix(R, H)),
+                              y_disp_.matrix(R, H), dweight_.span());
+    }
+    if (comm_->size() == 1) {
+      run_experts_backward(plan_.offsets.span(), x_disp_.matrix(R, H), y_disp_.matrix(R, H));
+    } else {
+      const index_t Rr = recv_rows_;
+      all_to_all_rows(y_disp_.data(), send_elems_, recv_.data(), recv_elems_);
+      ex_->parallel_for(Rr, layer::detail::scatter_rows_kernel<T>{to_expert_major_.data(), H, recv_.data(),
+                                                                  expert_out_.data()}, layer::row_grain);
+      run_experts_backward(expert_offsets_.span(), expert_in_.matrix(Rr, H), expert_out_.matrix(Rr, H));
+      ex_->parallel_for(Rr, layer::detail::gather_rows_kernel<T>{to_expert_major_.data(), H, expert_out_.data(),
+                                                                 recv_.data()}, layer::row_grain);
+      all_to_all_rows(recv_.data(), recv_elems_, y_disp_.data(), send_elems_);
+    }
+    if (want_dx) {
+      trace::scope ts("unpermute", "compute", comm_->rank());
+      layer::unpermute_sum(*ex_, plan_, row_, matrix_view<const T>(y_disp_.matrix(R, H)), dx);
+    }
+    {  // Gate: dlogits from the combine weights and aux losses, then the router GEMMs.
+      trace::scope ts("gate_backward", "compute", comm_->rank());
+      dlogits_.resize_discard(tokens * E);
+      const auto ctx = context();
+      gate_.backward(ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_,
+                     std::span<const T>(dweight_.span()), dlogits_.matrix(tokens, E));
+      const bool jit = jitter() > 0;
+      matrix_view<const T> xr = jit ? matrix_view<const T>(xj_.matrix(tokens, H)) : x_;
+      blas::gemm<T>(blas::op::t, blas::op::n, T(1), xr, matrix_view<const T>(dlogits_.matrix(tokens, E)), T(1),
+                    router_grad_.matrix(H, E));
+      if (want_dx) {
+        if (jit) {  // dx += (dlogits Wg^T) * noise; xj_ is free once dWg is done.
+          blas::gemm<T>(blas::op::n, blas::op::t, T(1), matrix_view<const T>(dlogits_.matrix(tokens, E)),
+                        matrix_view<const T>(router_.matrix(H, E)), T(0), xj_.matrix(tokens, H));
+          apply_jitter(matrix_view<const T>(xj_.matrix(tokens, H)), dx, true);
+        } else {
+          blas::gemm<T>(blas::op::n, blas::op::t, T(1), matrix_view<const T>(dlogits_.matrix(tokens, E)),
+                        matrix_view<const T>(router_.matrix(H, E)), T(1), dx);
+        }
+      }
+    }
+  }
+
+  /// The router weight is the only dense parameter; expert blocks live in the store.
+  param_list<T> parameters() {
+    return {{"router.weight", router_.span(), router_grad_.span(), param_kind::dense}};
+  }
+
+  void zero_grad() {
+    router_grad_.zero();
+    for (index_t i = 0; i < local_experts_; ++i) {
+      auto blk = store_->acquire(layer_id_, i);
+      std::fill(blk.grads.begin(), blk.grads.end(), T(0));
+      store_->release(layer_id_, i);
+    }
+  }
+
+  void train(bool on) { training_ = on; }
+  T aux_loss() const { return plan_.aux_loss(); }
+
+  /// Call once per optimizer step: gate state (aux-free bias), fresh noise,
+  /// and the prefetcher's predictions move on.
+  void end_step() {
+    if constexpr (requires(Gate& g, const gate::route_context& c) { g.end_step(c); }) gate_.end_step(context());
+    prefetch_.end_step(*store_);
+    ++step_;
+  }
+
+  // -- Introspection --------------------------------------------------------
+
+  const options& opts() const { return opt_; }
+  const gate::routing_plan<T>& plan() const { return plan_; }
+  Gate& gate() { return gate_; }
+  const Expert& expert_policy() const { return expert_; }
+  store_type& store() { return *store_; }
+  std::shared_ptr<store_type> shared_store() const { return store_; }
+  index_t layer_id() const { return layer_id_; }
+  index_t local_experts() const { return local_experts_; }
+  index_t first_expert() const { return first_expert_; }
+  Comm& communicator() { return *comm_; }
+  std::uint64_t step() const { return step_; }
+
+  /// Routed rows per global expert over the whole group in the last forward.
+  std::vector<index_t> expert_load() {
+    std::vector<double> load(static_cast<std::size_t>(opt_.experts));
+    for (index_t e = 0; e < opt_.experts; ++e) load[e] = static_cast<double>(plan_.counts[e]);
+    comm::all_reduce(*comm_, std::span<double>(load));
+    return {load.begin(), load.end()};
+  }
+
+ private:
+  static options fill(options o) {
+    if constexpr (requires { o.expert.hidden = o.hidden; o.expert.ffn = o.ffn; }) {
+      o.expert.hidden = o.hidden;
+      o.expert.ffn = o.ffn;
+    }
+    return o;
+  }
+
+  float jitter() const {
+    if constexpr (requires(const Gate& g) { g.input_jitter(); })
+      return training_ ? static_cast<float>(gate_.input_jitter()) : 0.0f;
+    else
+      return 0.0f;
+  }
+
+  /// out = in * u (or out += in * u when accumulate), u ~ U(1-eps, 1+eps),
+  /// keyed by (step, global token, feature) so the split never changes it.
+  void apply_jitter(matrix_view<const T> in, matrix_view<T> out, bool accumulate) {
+    const philox rng(opt_.seed ^ 0x717e4ull, step_);
+    const T eps = T(jitter());
+    const index_t H = in.cols(), base = token_offset_;
+    ex_->parallel_for(in.rows(), [=](index_t t) {
+      const T* src = in.row(t);
+      T* dst = out.row(t);
+      for (index_t j = 0; j < H; ++j) {
+        const auto c = static_cast<std::uint64_t>((base + t) * H + j);
+        const T u = T(1) - eps + T(2) * eps * T(rng.uniform(c));
+        dst[j] = accumulate ? dst[j] + src[j] * u : src[j] * u;
+      }
+    }, layer::row_grain);
+  }
+
+  void agree_on_tokens(index_t tokens) {
+    const int P = comm_->size();
+    if (P == 1) {
+      global_tokens_ = tokens;
+      token_offset_ = 0;
+      return;
+    }
+    std::vector<std::uint64_t> mine{static_cast<std::uint64_t>(tokens)}, all(static_cast<std::size_t>(P));
+    comm::all_gather(*comm_, std::span<const std::uint64_t>(mine), std::span<std::uint64_t>(all));
+    global_tokens_ = 0;
+    token_offset_ = 0;
+    for (int p = 0; p < P; ++p) {
+      if (p < comm_->rank()) token_offset_ += static_cast<index_t>(all[p]);
+      global_tokens_ += static_cast<index_t>(all[p]);
+    }
+  }
+
+  gate::route_context context() {
+    gate::route_context c;
+    c.rank = comm_->rank();
+    c.ranks = comm_->size();
+    c.global_tokens = global_tokens_;
+    c.token_offset = token_offset_;
+    c.seed = opt_.seed;
+    c.step = step_;
+    c.training = training_;
+    if (comm_->size() > 1) {
+      Comm* cm = comm_;
+      c.all_reduce_sum = [cm](std::span<double> v) { comm::all_reduce(*cm, v); };
+      c.all_reduce_sum_u64 = [cm](std::span<std::uint64_t> v) { comm::all_reduce(*cm, v); };
+      c.all_gather = [cm](std::span<const std::uint64_t> mine, std::span<std::uint64_t> all) {
+        comm::all_gather(*cm, mine, all);
+      };
+    }
+    return c;
+  }
+
+  /// All-to-all of per-expert row counts, then the maps between receive order
+  /// (source rank, then local expert) and expert-major order.
+  void exchange_counts() {
+    const int P = comm_->size();
+    const index_t L = local_experts_, H = opt_.hidden;
+    std::vector<index_t> send(static_cast<std::size_t>(P * L)), recv(static_cast<std::size_t>(P * L));
+    std::vector<index_t> per_rank(static_cast<std::size_t>(P), L);
+    for (index_t e = 0; e < opt_.experts; ++e) send[e] = plan_.counts[e];
+    comm::all_to_all_v(*comm_, std::span<const index_t>(send), std::span<const index_t>(per_rank),
+                       std::span<index_t>(recv), std::span<const index_t>(per_rank));
+    send_elems_.assign(static_cast<std::size_t>(P), 0);
+    recv_elems_.assign(static_cast<std::size_t>(P), 0);
+    for (int p = 0; p < P; ++p)
+      for (index_t i = 0; i < L; ++i) {
+        send_elems_[p] += plan_.counts[p * L + i] * H;
+        recv_elems_[p] += recv[p * L + i] * H;
+      }
+    expert_offsets_.resize_discard(L + 1);
+    expert_offsets_[0] = 0;
+    for (index_t i = 0; i < L; ++i) {
+      index_t n = 0;
+      for (int p = 0; p < P; ++p) n += recv[p * L + i];
+      expert_offsets_[i + 1] = expert_offsets_[i] + n;
+    }
+    recv_rows_ = expert_offsets_[L];
+    to_expert_major_.resize_discard(recv_rows_);
+    std::vector<index_t> cursor(expert_offsets_.begin(), expert_offsets_.end() - 1);
+    index_t r = 0;
+    for (int p = 0; p < P; ++p)
+      for (index_t i = 0; i < L; ++i)
+        for (index_t j = 0; j < recv[p * L + i]; ++j) to_expert_major_[r++] = cursor[i]++;
+  }
+
+  void all_to_all_rows(const T* send, const std::vector<index_t>& send_counts, T* recv,
+                       const std::vector<index_t>& recv_counts) {
+    trace::scope ts("all_to_all", "comm", comm_->rank());
+    index_t ns = 0, nr = 0;
+    for (auto c : send_counts) ns += c;
+    for (auto c : recv_counts) nr += c;
+    comm::all_to_all_v(*comm_, std::span<const T>(send, static_cast<std::size_t>(ns)),
+                       std::span<const index_t>(send_counts), std::span<T>(recv, static_cast<std::size_t>(nr)),
+                       std::span<const index_t>(recv_counts));
+  }
+
+  /// Local expert counts in the layout the prefetcher expects.
+  std::vector<std::int32_t> local_counts(std::span<const index_t> offsets) const {
+    std::vector<std::int32_t> c(static_cast<std::size_t>(local_experts_));
+    for (index_t i = 0; i < local_experts_; ++i) c[i] = static_cast<std::int32_t>(offsets[i + 1] - offsets[i]);
+    return c;
+  }
+
+  template <class F>
+  void with_blocks(std::span<const index_t> offsets, prefetch::phase ph, F f) {
+    const auto counts = local_counts(offsets);
+    prefetch_.before(*store_, layer_id_, ph, std::span<const std::int32_t>(counts));
+    params_.resize(static_cast<std::size_t>(local_experts_));
+    grads_.resize(static_cast<std::size_t>(local_experts_));
+    for (index_t i = 0; i < local_experts_; ++i) {
+      auto blk = store_->acquire(layer_id_, i);
+      params_[i] = blk.params.data();
+      grads_[i] = blk.grads.data();
+    }
+    f();
+    for (index_t i = 0; i < local_experts_; ++i) store_->release(layer_id_, i);
+    prefetch_.after(*store_, layer_id_, ph);
+  }
+
+  expert::expert_batch<T> batch(std::span<const index_t> offsets, matrix_view<const T> x) {
+    const index_t R = offsets.back();
+    saved_.resize_discard(R * expert_.saved_cols());
+    work_.resize_discard(R * expert_.work_cols());
+    return {offsets, std::span<T* const>(params_), std::span<T* const>(grads_), x,
+            saved_.matrix(R, expert_.saved_cols()), work_.matrix(R, expert_.work_cols())};
+  }
+
+  void run_experts_forward(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> y) {
+    trace::scope ts("experts_forward", "compute", comm_->rank());
+    with_blocks(offsets, prefetch::phase::forward, [&] { expert_.forward(*ex_, batch(offsets, x), y); });
+  }
+
+  void run_experts_backward(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> dy_dx) {
+    trace::scope ts("experts_backward", "compute", comm_->rank());
+    with_blocks(offsets, prefetch::phase::backward, [&] {
+      // saved_/work_ keep their forward contents: batch() does not resize them.
+      const index_t R = offsets.back();
+      expert::expert_batch<T> b{offsets, std::span<T* const>(params_), std::span<T* const>(grads_), x,
+                                saved_.matrix(R, expert_.saved_cols()), work_.matrix(R, expert_.work_cols())};
+      expert_.backward(*ex_, b, matrix_view<const T>(dy_dx), dy_dx);
+    });
+  }
+
+  typename B::executor* ex_;
+  Comm* comm_;
+  options opt_;
+  Gate gate_;
+  Expert expert_;
+  std::shared_ptr<store_type> store_;
+  Prefetch prefetch_{};
+  index_t layer_id_ = 0, local_experts_ = 0, first_expert_ = 0;
+  bool training_ = true;
+  std::uint64_t step_ = 0;
+  index_t global_tokens_ = 0, token_offset_ = 0;
+
+  buffer<T> router_, router_grad_;
+  gate::routing_plan<T> plan_;
+  buffer<index_t> row_;
+  matrix_view<const T> x_;
+  buffer<T> xj_, logits_, dlogits_, dweight_;
+  buffer<T> x_disp_, y_disp_, saved_, work_;
+  // Expert-parallel exchange (ranks > 1 only).
+  std::vector<index_t> send_elems_, recv_elems_;
+  buffer<index_t> expert_offsets_, to_expert_major_;
+  index_t recv_rows_ = 0;
+  buffer<T> recv_, expert_in_, expert_out_;
+  std::vector<T*> params_, grads_;
+};
+
+/// The float layer: `semoe::moe_layer<semoe::cpu, semoe::gate::top_k<2>>`.
+template <Backend B, class Gate, class Expert = expert::ffn<act::gelu>, class Comm = comm::local,
+          class Storage = storage::resident, class Prefetch = prefetch::on_demand>
+using moe_layer = basic_moe_layer<float, B, Gate, Expert, Comm, Storage, Prefetch>;
+
+}  // namespace semoe

@@ -1,0 +1,43 @@
+// semoe/storage/concepts.hpp: the storage contract (DESIGN.md §4a). A layer
+// never owns expert weights; it asks its store for the block of (layer,
+// expert) and holds the view only between acquire() and release(). The
+// resident store keeps everything in fast memory; tiered stores move blocks
+// between device, host and SSD behind the same calls.
+#pragma once
+
+#include <concepts>
+#include <span>
+
+#include "semoe/core/config.hpp"
+
+namespace semoe::storage {
+
+struct storage_tag {};
+
+/// One expert's parameter block: weights, gradients and optimizer state.
+/// `state` holds state_slots() arrays of the block's size (AdamW: m and v).
+template <class T>
+struct block_ref {
+  std::span<T> params;
+  std::span<T> grads;
+  std::span<T> state;
+};
+
+/// What a store of scalar T provides. `Storage::store<T>` is the store type a
+/// storage policy makes for a layer of scalar T.
+template <class S, class T>
+concept Store = requires(S& s, index_t i) {
+  { s.add_layer(i, i) } -> std::convertible_to<index_t>;
+  { s.layers() } -> std::convertible_to<index_t>;
+  { s.experts(i) } -> std::convertible_to<index_t>;
+  { s.block_elems(i) } -> std::convertible_to<index_t>;
+  { s.acquire(i, i) } -> std::same_as<block_ref<T>>;
+  { s.release(i, i) };
+  { s.reserve_state(i) };
+};
+
+template <class P>
+concept Storage = std::same_as<typename P::policy_kind, storage_tag> &&
+                  Store<typename P::template store<float>, float> && Store<typename P::template store<double>, double>;
+
+}  // namespace semoe::storage
