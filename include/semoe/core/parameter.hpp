@@ -17,6 +17,7 @@ enum class param_kind { dense, expert };
 
 template <class T>
 struct param_ref {
+  using value_type = T;
   std::string name;
   std::span<T> value;
   std::span<T> grad;

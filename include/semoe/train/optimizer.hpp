@@ -1,0 +1,241 @@
+// semoe/train/optimizer.hpp: SGD and AdamW over a model's dense parameters and
+// its experts' blocks, gradient reduction over data-parallel ranks, and
+// clipping by the global norm (dense norm plus expert norms reduced over the
+// expert-parallel ranks, so every rank scales by the same factor).
+#pragma once
+
+#include <cmath>
+#include <span>
+#include <vector>
+
+#include "semoe/comm/concepts.hpp"
+#include "semoe/core/buffer.hpp"
+#include "semoe/core/executor.hpp"
+#include "semoe/core/parameter.hpp"
+#include "semoe/storage/concepts.hpp"
+
+namespace semoe::train {
+
+/// f(layer) for every MoE layer inside model (sequential and residual nest).
+template <class Model, class F>
+void for_each_moe_layer(Model& m, F&& f) {
+  if constexpr (requires { m.store(); m.layer_id(); m.local_experts(); }) {
+    f(m);
+  } else if constexpr (requires { m.for_each_layer([](auto&) {}); }) {
+    m.for_each_layer([&](auto& l) { for_each_moe_layer(l, f); });
+  }
+}
+
+/// f(block_ref) for every local expert block of every MoE layer in model.
+template <class Model, class F>
+void for_each_expert_block(Model& m, F&& f) {
+  for_each_moe_layer(m, [&](auto& layer) {
+    auto& store = layer.store();
+    for (index_t i = 0; i < layer.local_experts(); ++i) {
+      auto blk = store.acquire(layer.layer_id(), i);
+      f(blk, store);
+      store.release(layer.layer_id(), i);
+    }
+  });
+}
+
+/// Sum dense gradients over the data-parallel ranks of `comm`, fused into one
+/// flat buffer so the reduction is one collective, not one per tensor.
+template <class Model, class Comm>
+void reduce_dense_grads(Model& m, Comm& comm) {
+  if (comm.size() == 1) return;
+  auto params = m.parameters();
+  using T = typename decltype(params)::value_type::value_type;
+  index_t n = 0;
+  for (auto& p : params) n += static_cast<index_t>(p.grad.size());
+  buffer<T> flat(n);
+  index_t off = 0;
+  for (auto& p : params) {
+    std::copy(p.grad.begin(), p.grad.end(), flat.data() + off);
+    off += static_cast<index_t>(p.grad.size());
+  }
+  comm::all_reduce(comm, flat.span());
+  off = 0;
+  for (auto& p : params) {
+    std::copy(flat.data() + off, flat.data() + off + p.grad.size(), p.grad.begin());
+    off += static_cast<index_t>(p.grad.size());
+  }
+}
+
+/// The global gradient norm: dense gradients (already reduced, so the same on
+/// every rank) plus every expert's gradients summed over `comm`.
+template <class Model, class Comm>
+double grad_norm(Model& m, Comm& comm) {
+  double dense = 0, experts = 0;
+  for (auto& p : m.parameters())
+    for (auto g : p.grad) dense += static_cast<double>(g) * static_cast<double>(g);
+  for_each_expert_block(m, [&](auto& blk, auto&) {
+    for (auto g : blk.grads) experts += static_cast<double>(g) * static_cast<double>(g);
+  });
+  if (comm.size() > 1) comm::all_reduce(comm, std::span<double>(&experts, 1));
+  return std::sqrt(dense + experts);
+}
+
+/// Scale every gradient so the global norm is at most max_norm; returns the
+/// norm before clipping.
+template <class Model, class Comm>
+double clip_grad_norm(Model& m, Comm& comm, double max_norm) {
+  SEMOE_CHECK(max_norm > 0, "semoe::train::clip_grad_norm: max_norm = ", max_norm, ": expected > 0");
+  const double norm = grad_norm(m, comm);
+  SEMOE_CHECK(std::isfinite(norm), "semoe::train::clip_grad_norm: the gradient norm is ", norm,
+              " (NaN or Inf in a gradient)");
+  if (norm > max_norm) {
+    const double s = max_norm / (norm + 1e-6);
+    auto scale = [s]<class U>(std::span<U> g) {
+      for (auto& v : g) v = static_cast<U>(v * s);
+    };
+    for (auto& p : m.parameters()) scale(p.grad);
+    for_each_expert_block(m, [&](auto& blk, auto&) { scale(blk.grads); });
+  }
+  return norm;
+}
+
+namespace detail {
+
+template <class T>
+struct sgd_kernel {
+  T* p;
+  const T* g;
+  T* mom;  // null without momentum
+  T lr, momentum, wd;
+  SEMOE_HD void operator()(index_t i) const {
+    T d = g[i] + wd * p[i];
+    if (mom) d = mom[i] = momentum * mom[i] + d;
+    p[i] -= lr * d;
+  }
+};
+
+/// AdamW (Loshchilov & Hutter): decoupled weight decay, bias-corrected moments.
+template <class T>
+struct adamw_kernel {
+  T* p;
+  const T* g;
+  T* m;
+  T* v;
+  T lr, b1, b2, eps, wd, bc1, bc2;
+  SEMOE_HD void operator()(index_t i) const {
+    const T gi = g[i];
+    m[i] = b1 * m[i] + (T(1) - b1) * gi;
+    v[i] = b2 * v[i] + (T(1) - b2) * gi * gi;
+    const T mh = m[i] / bc1, vh = v[i] / bc2;
+    p[i] -= lr * (mh / (std::sqrt(vh) + eps) + wd * p[i]);
+  }
+};
+
+}  // namespace detail
+
+/// Optimizer state of dense parameters lives in the optimizer; that of expert
+/// blocks lives in the block's `state` slots inside the store, next to the
+/// weights, so a tiered store moves it with them.
+template <class T, class Derived>
+class optimizer_base {
+ public:
+  explicit optimizer_base(cpu_executor& ex) : ex_(&ex) {}
+
+  /// One update of every dense parameter and every local expert block.
+  template <class Model>
+  void step(Model& m) {
+    ++t_;
+    auto params = m.parameters();
+    const index_t slots = Derived::state_slots;
+    if (dense_state_.size() != params.size()) dense_state_.assign(params.size(), buffer<T>());
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      auto& p = params[i];
+      auto& st = dense_state_[i];
+      if (st.size() != slots * static_cast<index_t>(p.value.size())) st.assign(slots * static_cast<index_t>(p.value.size()), T(0));
+      self().update(p.value, p.grad, st.span());
+    }
+    for_each_moe_layer(m, [&](auto& layer) { layer.store().reserve_state(slots); });
+    for_each_expert_block(m, [&](auto& blk, auto&) { self().update(blk.params, blk.grads, blk.state); });
+  }
+
+  std::uint64_t steps() const { return t_; }
+
+ protected:
+  Derived& self() { return static_cast<Derived&>(*this); }
+  cpu_executor* ex_;
+  std::uint64_t t_ = 0;
+  std::vector<buffer<T>> dense_state_;
+};
+
+template <class T>
+class sgd : public optimizer_base<T, sgd<T>> {
+ public:
+  struct options {
+    double lr = 0.01;
+    double momentum = 0;
+    double weight_decay = 0;
+  };
+  static void validate(const options& o) {
+    SEMOE_CHECK(o.lr > 0, "semoe::train::sgd: options.lr = ", o.lr, ": expected > 0");
+    SEMOE_CHECK(o.momentum >= 0 && o.momentum < 1, "semoe::train::sgd: options.momentum = ", o.momentum,
+                ": expected in [0, 1)");
+  }
+  static constexpr index_t state_slots = 1;
+
+  sgd(cpu_executor& ex, options o) : optimizer_base<T, sgd<T>>(ex), opt_(o) { validate(o); }
+  void set_lr(double lr) { opt_.lr = lr; }
+  double lr() const { return opt_.lr; }
+
+  void update(std::span<T> p, std::span<const T> g, std::span<T> state) {
+    this->ex_->parallel_for(static_cast<index_t>(p.size()),
+                            detail::sgd_kernel<T>{p.data(), g.data(), opt_.momentum > 0 ? state.data() : nullptr,
+                                                  T(opt_.lr), T(opt_.momentum), T(opt_.weight_decay)},
+                            4096);
+  }
+
+ private:
+  options opt_;
+};
+
+template <class T>
+class adamw : public optimizer_base<T, adamw<T>> {
+ public:
+  struct options {
+    double lr = 1e-3;
+    double beta1 = 0.9;
+    double beta2 = 0.999;
+    double eps = 1e-8;
+    double weight_decay = 0.01;
+  };
+  static void validate(const options& o) {
+    SEMOE_CHECK(o.lr > 0, "semoe::train::adamw: options.lr = ", o.lr, ": expected > 0");
+    SEMOE_CHECK(o.beta1 >= 0 && o.beta1 < 1, "semoe::train::adamw: options.beta1 = ", o.beta1, ": expected in [0, 1)");
+    SEMOE_CHECK(o.beta2 >= 0 && o.beta2 < 1, "semoe::train::adamw: options.beta2 = ", o.beta2, ": expected in [0, 1)");
+    SEMOE_CHECK(o.eps > 0, "semoe::train::adamw: options.eps = ", o.eps, ": expected > 0");
+  }
+  static constexpr index_t state_slots = 2;
+
+  adamw(cpu_executor& ex, options o) : optimizer_base<T, adamw<T>>(ex), opt_(o) { validate(o); }
+  void set_lr(double lr) { opt_.lr = lr; }
+  double lr() const { return opt_.lr; }
+
+  void update(std::span<T> p, std::span<const T> g, std::span<T> state) {
+    const auto n = static_cast<index_t>(p.size());
+    const double t = static_cast<double>(this->t_);
+    this->ex_->parallel_for(n,
+                            detail::adamw_kernel<T>{p.data(), g.data(), state.data(), state.data() + n, T(opt_.lr),
+                                                    T(opt_.beta1), T(opt_.beta2), T(opt_.eps), T(opt_.weight_decay),
+                                                    T(1 - std::pow(opt_.beta1, t)), T(1 - std::pow(opt_.beta2, t))},
+                            4096);
+  }
+
+ private:
+  options opt_;
+};
+
+/// Linear warm-up then cosine decay to `floor` x base.
+inline double cosine_lr(std::uint64_t step, std::uint64_t total, double base, std::uint64_t warmup = 0,
+                        double floor = 0.0) {
+  if (step < warmup) return base * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  const double span = static_cast<double>(total > warmup ? total - warmup : 1);
+  const double prog = std::min(1.0, static_cast<double>(step - warmup) / span);
+  return base * (floor + (1 - floor) * 0.5 * (1 + std::cos(3.14159265358979323846 * prog)));
+}
+
+}  // namespace semoe::train
