@@ -1,0 +1,88 @@
+// semoe/gate/detail/common.hpp: checks and steps every gate's route() shares.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <span>
+
+#include "semoe/core/error.hpp"
+#include "semoe/core/random.hpp"
+#include "semoe/core/tensor.hpp"
+#include "semoe/gate/balance.hpp"
+#include "semoe/gate/routing.hpp"
+
+namespace semoe::gate::detail {
+
+/// k choices per token over `experts`, or an error naming both.
+inline index_t check_choices(const char* gate, index_t k, index_t experts) {
+  SEMOE_CHECK(experts >= 1, gate, ": experts = ", experts, ": expected at least 1");
+  SEMOE_CHECK(k <= experts, gate, ": k = ", k, " exceeds experts = ", experts);
+  return k;
+}
+
+/// The fields every gate's options share.
+template <class O>
+void validate_common(const char* gate, const O& o) {
+  SEMOE_CHECK(o.dropless || (o.capacity_factor > 0 && std::isfinite(o.capacity_factor)), gate,
+              ": options.capacity_factor = ", o.capacity_factor, ": expected a finite value > 0 (or dropless = true)");
+  SEMOE_CHECK(o.drop == drop_policy::position || o.drop == drop_policy::probability, gate, ": options.drop = ",
+              static_cast<int>(o.drop), ": expected drop_policy::position or drop_policy::probability");
+  validate_balance(gate, o.balance, o.aux_loss_coef, o.z_loss_coef, o.bias_rate);
+}
+
+/// Checks shared by every route(), then plan.reset. Returns the context with
+/// global_tokens filled in when a single rank left it at 0.
+template <class T>
+route_context begin_route(const char* gate, const route_context& ctx, matrix_view<const T> logits,
+                          routing_plan<T>& plan, index_t k) {
+  const index_t n = logits.rows(), E = logits.cols();
+  SEMOE_CHECK(n > 0, gate, ": empty batch: logits have 0 tokens; expected at least 1");
+  for (index_t t = 0; t < n; ++t)
+    for (index_t e = 0; e < E; ++e)
+      if (!std::isfinite(logits(t, e)))
+        ::semoe::detail::fail(gate, ": gate logits contain NaN or Inf at token ", t, ", expert ", e, " (value ", logits(t, e), ")");
+  route_context g = ctx;
+  if (g.global_tokens == 0 && g.ranks == 1) g.global_tokens = n;
+  SEMOE_CHECK(g.ranks >= 1 && g.rank >= 0 && g.rank < g.ranks, gate, ": route_context.rank = ", g.rank,
+              " of ranks = ", g.ranks, ": expected 0 <= rank < ranks");
+  SEMOE_CHECK(g.token_offset >= 0 && g.token_offset + n <= g.global_tokens, gate,
+              ": route_context.global_tokens = ", g.global_tokens, ", token_offset = ", g.token_offset,
+              ": expected token_offset + tokens (", n, ") <= global_tokens");
+  plan.reset(n, E, k);
+  return g;
+}
+
+/// Checks shared by every backward(), then dlogits = 0.
+template <class T>
+void begin_backward(const char* gate, matrix_view<const T> logits, const routing_plan<T>& plan,
+                    std::span<const T> dweight, matrix_view<T> dlogits) {
+  SEMOE_CHECK(plan.tokens == logits.rows() && plan.experts == logits.cols(), gate,
+              ": backward: the plan routes [", plan.tokens, ", ", plan.experts, "] but logits are [", logits.rows(),
+              ", ", logits.cols(), "]; expected the plan route() made from these logits");
+  SEMOE_CHECK(static_cast<index_t>(dweight.size()) == plan.assignments(), gate, ": backward: dweight has ",
+              dweight.size(), " values; expected tokens * k = ", plan.assignments());
+  check_shape(dlogits, plan.tokens, plan.experts, "semoe::gate: backward: dlogits");
+  for (index_t t = 0; t < plan.tokens; ++t)
+    for (index_t e = 0; e < plan.experts; ++e) dlogits(t, e) = T(0);
+}
+
+/// Capacity of the plan (0: dropless), then the group-wide capacity limit.
+template <class T, class O>
+void apply_capacity(const route_context& ctx, routing_plan<T>& plan, const O& o) {
+  plan.capacity = o.dropless ? 0 : expert_capacity(o.capacity_factor, ctx.global_tokens, plan.k, plan.experts);
+  limit_by_capacity(plan, ctx, o.drop);
+}
+
+/// Gate noise is a pure function of (seed, step, global token, expert, use),
+/// so it is the same however the batch is split over ranks.
+enum class noise_use : std::uint64_t { gshard_second = 1, noisy_logits = 2 };
+
+inline philox noise_source(const route_context& ctx, noise_use use) {
+  return philox(ctx.seed ^ (static_cast<std::uint64_t>(use) * 0x9E3779B97F4A7C15ull), ctx.step);
+}
+inline std::uint64_t noise_counter(const route_context& ctx, index_t t, index_t experts, index_t e) {
+  return static_cast<std::uint64_t>(ctx.token_offset + t) * static_cast<std::uint64_t>(experts) +
+         static_cast<std::uint64_t>(e);
+}
+
+}  // namespace semoe::gate::detail

@@ -1,0 +1,73 @@
+// semoe/gate/switch.hpp: the Switch Transformer router (Fedus et al. 2021):
+// top-1, combine weight = the expert's softmax probability, multiplicative
+// jitter on the router input during training (applied by the layer).
+#pragma once
+
+#include <span>
+
+#include "semoe/core/tensor.hpp"
+#include "semoe/gate/balance.hpp"
+#include "semoe/gate/concepts.hpp"
+#include "semoe/gate/detail/common.hpp"
+#include "semoe/gate/detail/top_k_route.hpp"
+#include "semoe/gate/routing.hpp"
+
+namespace semoe::gate {
+
+struct switch_options {
+  double capacity_factor = 1.25;
+  bool dropless = false;
+  drop_policy drop = drop_policy::position;
+  balance_mode balance = balance_mode::aux_loss;
+  double aux_loss_coef = 1e-2;  ///< used when balance == aux_loss
+  double z_loss_coef = 1e-3;
+  double bias_rate = 1e-3;      ///< used when balance == aux_free
+  double jitter_eps = 1e-2;     ///< router input times U(1 - eps, 1 + eps) while training; 0 turns it off
+};
+
+class switch_gate {
+ public:
+  using policy_kind = gate_tag;
+  using options = switch_options;
+  static constexpr const char* name = "semoe::gate::switch_gate";
+
+  explicit switch_gate(options o = {}) : o_(o) { validate(o_); }
+  static void validate(const options& o) {
+    detail::validate_common(name, o);
+    SEMOE_CHECK(o.jitter_eps >= 0 && o.jitter_eps < 1, name, ": options.jitter_eps = ", o.jitter_eps,
+                ": expected a value in [0, 1)");
+  }
+  const options& opts() const { return o_; }
+
+  index_t choices(index_t experts) const { return detail::check_choices(name, 1, experts); }
+  float input_jitter() const { return static_cast<float>(o_.jitter_eps); }
+
+  template <class T>
+  void route(const route_context& ctx, matrix_view<const T> logits, routing_plan<T>& plan) {
+    const index_t k = choices(logits.cols());
+    const route_context g = detail::begin_route(name, ctx, logits, plan, k);
+    detail::router_probs(logits, plan);
+    detail::select_top_k(plan, false, o_.balance == balance_mode::aux_free ? &bias_ : nullptr);
+    detail::apply_capacity(g, plan, o_);
+    detail::router_losses(g, plan, o_.balance, o_.aux_loss_coef, o_.z_loss_coef, k, &bias_);
+  }
+
+  template <class T>
+  void backward(const route_context&, matrix_view<const T> logits, const routing_plan<T>& plan,
+                std::span<const T> dweight, matrix_view<T> dlogits) const {
+    detail::begin_backward(name, logits, plan, dweight, dlogits);
+    detail::top_k_backward(plan, dweight, false, [&](index_t a) { return plan.expert[a]; }, dlogits);
+  }
+
+  void end_step(const route_context&) {
+    if (o_.balance == balance_mode::aux_free) bias_.update(o_.bias_rate);
+  }
+  aux_free_bias& bias() { return bias_; }
+  const aux_free_bias& bias() const { return bias_; }
+
+ private:
+  options o_;
+  aux_free_bias bias_;
+};
+
+}  // namespace semoe::gate

@@ -1,0 +1,73 @@
+// semoe/gate/top_k.hpp: softmax top-k gating (Shazeer et al. 2017 without the
+// noise; the SE-MoE paper's default gate). Weights are the softmax
+// probabilities of the k picked experts, renormalized over them by default.
+#pragma once
+
+#include <span>
+
+#include "semoe/core/tensor.hpp"
+#include "semoe/gate/balance.hpp"
+#include "semoe/gate/concepts.hpp"
+#include "semoe/gate/detail/common.hpp"
+#include "semoe/gate/detail/top_k_route.hpp"
+#include "semoe/gate/routing.hpp"
+
+namespace semoe::gate {
+
+template <int K>
+struct top_k_options {
+  double capacity_factor = 1.25;
+  bool dropless = false;
+  drop_policy drop = drop_policy::position;
+  balance_mode balance = balance_mode::aux_loss;
+  double aux_loss_coef = 1e-2;  ///< used when balance == aux_loss
+  double z_loss_coef = 1e-3;
+  double bias_rate = 1e-3;      ///< used when balance == aux_free
+  bool normalize = K > 1;       ///< weights / sum over the K picked; with K = 1 it would make every weight 1
+};
+
+template <int K>
+class top_k {
+  static_assert(K >= 1, "semoe::gate::top_k<K>: K must be at least 1");
+
+ public:
+  using policy_kind = gate_tag;
+  using options = top_k_options<K>;
+  static constexpr const char* name = "semoe::gate::top_k";
+
+  explicit top_k(options o = {}) : o_(o) { validate(o_); }
+  static void validate(const options& o) { detail::validate_common(name, o); }
+  const options& opts() const { return o_; }
+
+  index_t choices(index_t experts) const { return detail::check_choices(name, K, experts); }
+
+  template <class T>
+  void route(const route_context& ctx, matrix_view<const T> logits, routing_plan<T>& plan) {
+    const index_t k = choices(logits.cols());
+    const route_context g = detail::begin_route(name, ctx, logits, plan, k);
+    detail::router_probs(logits, plan);
+    detail::select_top_k(plan, o_.normalize, o_.balance == balance_mode::aux_free ? &bias_ : nullptr);
+    detail::apply_capacity(g, plan, o_);
+    detail::router_losses(g, plan, o_.balance, o_.aux_loss_coef, o_.z_loss_coef, k, &bias_);
+  }
+
+  template <class T>
+  void backward(const route_context&, matrix_view<const T> logits, const routing_plan<T>& plan,
+                std::span<const T> dweight, matrix_view<T> dlogits) const {
+    detail::begin_backward(name, logits, plan, dweight, dlogits);
+    detail::top_k_backward(plan, dweight, o_.normalize, [&](index_t a) { return plan.expert[a]; }, dlogits);
+  }
+
+  void end_step(const route_context&) {
+    if (o_.balance == balance_mode::aux_free) bias_.update(o_.bias_rate);
+  }
+  /// The aux-loss-free selection bias (checkpoint it with the router weights).
+  aux_free_bias& bias() { return bias_; }
+  const aux_free_bias& bias() const { return bias_; }
+
+ private:
+  options o_;
+  aux_free_bias bias_;
+};
+
+}  // namespace semoe::gate
