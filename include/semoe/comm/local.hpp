@@ -40,6 +40,15 @@ inline const char* kind_name(local_kind k) {
   return "?";
 }
 
+inline const char* op_name(reduce_op op) {
+  switch (op) {
+    case reduce_op::sum: return "sum";
+    case reduce_op::max: return "max";
+    case reduce_op::min: return "min";
+  }
+  return "?";
+}
+
 /// One collective in flight: what each rank posted, and phase counters.
 struct local_op {
   explicit local_op(int n)
@@ -58,6 +67,7 @@ struct local_op {
   std::vector<std::byte> scratch;
   int phase[4] = {0, 0, 0, 0};
   int left = 0;
+  int reading = 0;  ///< ranks inside their work, reading peers' buffers
 };
 
 class local_world {
@@ -93,18 +103,32 @@ class local_world {
     cv_.wait(lock, [&] { return aborted_ || op.phase[phase] == size_; });
     throw_if_aborted();
   }
-  /// Wait until every rank has posted (phase 0) without counting again.
+  /// Wait until every rank has posted (phase 0) without counting again; the
+  /// caller then reads peers' buffers until done_reading().
   void wait_posted(local_op& op) {
     std::unique_lock lock(mutex_);
     cv_.wait(lock, [&] { return aborted_ || op.phase[0] == size_; });
-    throw_if_aborted();
+    if (aborted_) leave_aborted(lock, op);
+    ++op.reading;
+  }
+  void done_reading(local_op& op) {
+    std::lock_guard lock(mutex_);
+    if (--op.reading == 0) cv_.notify_all();
+  }
+  /// This rank's work failed: abort the job, and throw only once no peer still
+  /// reads this rank's buffers (the caller frees them when it unwinds).
+  void fail_reading(local_op& op, const std::string& why) {
+    abort(why);
+    done_reading(op);
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return op.reading == 0; });
   }
   /// The last phase: the last rank out frees the op.
   void finish(std::uint64_t seq, local_op& op) {
     std::unique_lock lock(mutex_);
     arrive(op, 3);
     cv_.wait(lock, [&] { return aborted_ || op.phase[3] == size_; });
-    throw_if_aborted();
+    if (op.phase[3] != size_) leave_aborted(lock, op);
     if (++op.left == size_) ops_.erase(seq);
   }
 
@@ -128,6 +152,11 @@ class local_world {
  private:
   void arrive(local_op& op, int phase) {
     if (++op.phase[phase] == size_) cv_.notify_all();
+  }
+  /// An aborted collective: wait until no rank reads from `op`'s buffers, then throw.
+  [[noreturn]] void leave_aborted(std::unique_lock<std::mutex>& lock, local_op& op) {
+    cv_.wait(lock, [&] { return op.reading == 0; });
+    semoe::detail::fail("semoe::comm::local: the job was aborted: ", reason_);
   }
   void throw_if_aborted() const {
     if (aborted_) semoe::detail::fail("semoe::comm::local: the job was aborted: ", reason_);
@@ -193,6 +222,9 @@ class local {
         } catch (const std::exception& e) {
           errors[r] = std::current_exception();
           handles[r].world_->abort(semoe::detail::concat("rank ", r, " failed: ", e.what()));
+        } catch (...) {  // not a std::exception: still abort, never std::terminate
+          errors[r] = std::current_exception();
+          handles[r].world_->abort(semoe::detail::concat("rank ", r, " failed: a non-standard exception"));
         }
       });
     for (auto& t : threads) t.join();
@@ -234,16 +266,16 @@ class local {
                    op.send_counts[rank_] = send_counts.data();
                    op.recv_counts[rank_] = recv_counts.data();
                  },
-                 [this, P](detail::local_op& op) {
-                   T* out = static_cast<T*>(op.recv[rank_]);
+                 [me = rank_, P](detail::local_op& op) {
+                   T* out = static_cast<T*>(op.recv[me]);
                    for (int p = 0; p < P; ++p) {
                      const index_t* sc = op.send_counts[p];
                      index_t src_off = 0;
-                     for (int q = 0; q < rank_; ++q) src_off += sc[q];
-                     const index_t n = sc[rank_];
-                     SEMOE_CHECK(n == op.recv_counts[rank_][p], "semoe::comm::local::all_to_all_v: rank ", p,
-                                 " sends ", n, " elements to rank ", rank_, ", which expects ",
-                                 op.recv_counts[rank_][p]);
+                     for (int q = 0; q < me; ++q) src_off += sc[q];
+                     const index_t n = sc[me];
+                     SEMOE_CHECK(n == op.recv_counts[me][p], "semoe::comm::local::all_to_all_v: rank ", p,
+                                 " sends ", n, " elements to rank ", me, ", which expects ",
+                                 op.recv_counts[me][p]);
                      if (n) std::memcpy(out, static_cast<const T*>(op.send[p]) + src_off, sizeof(T) * n);
                      out += n;
                    }
@@ -255,22 +287,23 @@ class local {
     const int P = size();
     return start(detail::local_kind::all_reduce, &typeid(T),
                  [&](detail::local_op& op) {
+                   check_same_op(op, rop, "all_reduce");
                    op.send[rank_] = data.data();
                    op.recv[rank_] = data.data();
                    op.elems[rank_] = data.size();
                    op.op = rop;
                  },
-                 [this, P](detail::local_op& op) {
-                   const std::size_t n = op.elems[rank_];
+                 [me = rank_, world = world_.get(), P](detail::local_op& op) {
+                   const std::size_t n = op.elems[me];
                    for (int p = 0; p < P; ++p)
                      SEMOE_CHECK(op.elems[p] == n, "semoe::comm::local::all_reduce: rank ", p, " reduces ",
-                                 op.elems[p], " elements, rank ", rank_, " ", n);
+                                 op.elems[p], " elements, rank ", me, " ", n);
                    // Rank r reduces chunk r of everyone's data in rank order (the
                    // same sum on every rank), then everyone copies all chunks back.
-                   world_->locked([&] {
+                   world->locked([&] {
                      if (op.scratch.size() != n * sizeof(T)) op.scratch.resize(n * sizeof(T));
                    });
-                   const std::size_t chunk = (n + P - 1) / P, b = std::min(n, chunk * rank_),
+                   const std::size_t chunk = (n + P - 1) / P, b = std::min(n, chunk * me),
                                      e = std::min(n, b + chunk);
                    T* acc = reinterpret_cast<T*>(op.scratch.data());
                    if (e > b) {
@@ -278,8 +311,8 @@ class local {
                      for (int p = 1; p < P; ++p)
                        detail::reduce_into(acc + b, static_cast<const T*>(op.send[p]) + b, e - b, op.op);
                    }
-                   world_->sync(op, 1);
-                   if (n) std::memcpy(op.recv[rank_], acc, sizeof(T) * n);
+                   world->sync(op, 1);
+                   if (n) std::memcpy(op.recv[me], acc, sizeof(T) * n);
                  });
   }
 
@@ -294,12 +327,12 @@ class local {
                    op.recv[rank_] = all.data();
                    op.elems[rank_] = mine.size();
                  },
-                 [this, P](detail::local_op& op) {
-                   const std::size_t n = op.elems[rank_];
+                 [me = rank_, P](detail::local_op& op) {
+                   const std::size_t n = op.elems[me];
                    for (int p = 0; p < P; ++p) {
                      SEMOE_CHECK(op.elems[p] == n, "semoe::comm::local::all_gather: rank ", p, " sends ", op.elems[p],
-                                 " elements, rank ", rank_, " ", n);
-                     if (n) std::memcpy(static_cast<T*>(op.recv[rank_]) + p * n, op.send[p], sizeof(T) * n);
+                                 " elements, rank ", me, " ", n);
+                     if (n) std::memcpy(static_cast<T*>(op.recv[me]) + p * n, op.send[p], sizeof(T) * n);
                    }
                  });
   }
@@ -311,21 +344,22 @@ class local {
                 in.size(), " elements, expected ", P, " x ", out.size());
     return start(detail::local_kind::reduce_scatter, &typeid(T),
                  [&](detail::local_op& op) {
+                   check_same_op(op, rop, "reduce_scatter");
                    op.send[rank_] = in.data();
                    op.recv[rank_] = out.data();
                    op.elems[rank_] = out.size();
                    op.op = rop;
                  },
-                 [this, P](detail::local_op& op) {
-                   const std::size_t n = op.elems[rank_];
-                   T* acc = static_cast<T*>(op.recv[rank_]);
+                 [me = rank_, P](detail::local_op& op) {
+                   const std::size_t n = op.elems[me];
+                   T* acc = static_cast<T*>(op.recv[me]);
                    for (int p = 0; p < P; ++p)
                      SEMOE_CHECK(op.elems[p] == n, "semoe::comm::local::reduce_scatter: rank ", p, " receives ",
-                                 op.elems[p], " elements, rank ", rank_, " ", n);
+                                 op.elems[p], " elements, rank ", me, " ", n);
                    if (!n) return;
-                   std::memcpy(acc, static_cast<const T*>(op.send[0]) + rank_ * n, sizeof(T) * n);
+                   std::memcpy(acc, static_cast<const T*>(op.send[0]) + me * n, sizeof(T) * n);
                    for (int p = 1; p < P; ++p)
-                     detail::reduce_into(acc, static_cast<const T*>(op.send[p]) + rank_ * n, n, op.op);
+                     detail::reduce_into(acc, static_cast<const T*>(op.send[p]) + me * n, n, op.op);
                  });
   }
 
@@ -335,17 +369,20 @@ class local {
                 size());
     return start(detail::local_kind::broadcast, &typeid(T),
                  [&](detail::local_op& op) {
+                   // Fill runs under the world lock; phase[0] counts the ranks posted before.
+                   SEMOE_CHECK(op.phase[0] == 0 || op.root == root, "semoe::comm::local::broadcast: rank ", rank_,
+                               " broadcasts from root ", root, " while an earlier rank used root ", op.root);
                    op.send[rank_] = data.data();
                    op.recv[rank_] = data.data();
                    op.elems[rank_] = data.size();
                    op.root = root;
                  },
-                 [this](detail::local_op& op) {
-                   const std::size_t n = op.elems[rank_];
+                 [me = rank_](detail::local_op& op) {
+                   const std::size_t n = op.elems[me];
                    SEMOE_CHECK(op.elems[op.root] == n, "semoe::comm::local::broadcast: root sends ", op.elems[op.root],
-                               " elements, rank ", rank_, " expects ", n);
-                   if (rank_ != op.root && n)
-                     std::memcpy(op.recv[rank_], op.send[op.root], sizeof(T) * n);
+                               " elements, rank ", me, " expects ", n);
+                   if (me != op.root && n)
+                     std::memcpy(op.recv[me], op.send[op.root], sizeof(T) * n);
                  });
   }
 
@@ -374,13 +411,18 @@ class local {
   }
 
   /// Complete every collective this rank has issued.
-  void drain() { complete_through(state_->next_seq); }
+  void drain() { complete_through(*state_, state_->next_seq); }
 
  private:
   struct rank_state {
     std::uint64_t next_seq = 0;
     std::map<std::uint64_t, std::function<void()>> pending;
   };
+
+  void check_same_op(const detail::local_op& op, reduce_op rop, const char* what) const {
+    SEMOE_CHECK(op.phase[0] == 0 || op.op == rop, "semoe::comm::local::", what, ": rank ", rank_, " reduces with ",
+                detail::op_name(rop), " while an earlier rank used ", detail::op_name(op.op));
+  }
 
   static void check_total(std::span<const index_t> counts, std::size_t have, const char* what) {
     index_t total = 0;
@@ -396,24 +438,26 @@ class local {
   request start(detail::local_kind kind, const std::type_info* type, Fill fill, Work work) {
     const std::uint64_t seq = state_->next_seq++;
     detail::local_op* op = &world_->post(seq, rank_, kind, type, fill);
-    state_->pending.emplace(seq, [this, seq, op, work]() mutable {
+    // Copies, not `this`: a handle may be moved while its requests are pending.
+    state_->pending.emplace(seq, [world = world_, me = rank_, seq, op, work]() mutable {
+      world->wait_posted(*op);
       try {
-        world_->wait_posted(*op);
         work(*op);
-        world_->finish(seq, *op);
       } catch (const std::exception& e) {
-        world_->abort(semoe::detail::concat("rank ", rank_, ": ", e.what()));
+        world->fail_reading(*op, semoe::detail::concat("rank ", me, ": ", e.what()));
         throw;
       }
+      world->done_reading(*op);
+      world->finish(seq, *op);
     });
-    return request([st = state_, seq, this] { complete_through(seq); });
+    return request([st = state_, seq] { complete_through(*st, seq); });
   }
 
   /// Collectives complete in issue order, whichever request is waited first.
-  void complete_through(std::uint64_t seq) {
-    while (!state_->pending.empty() && state_->pending.begin()->first <= seq) {
-      auto f = std::move(state_->pending.begin()->second);
-      state_->pending.erase(state_->pending.begin());
+  static void complete_through(rank_state& st, std::uint64_t seq) {
+    while (!st.pending.empty() && st.pending.begin()->first <= seq) {
+      auto f = std::move(st.pending.begin()->second);
+      st.pending.erase(st.pending.begin());
       f();
     }
   }

@@ -51,8 +51,11 @@ class philox {
     return std::sqrt(-2.0f * std::log(u1)) * std::cos(6.28318530717958647692f * u2);
   }
 
+  /// The top 23 bits, centred in their bin: (m + 1/2) / 2^23 needs 24
+  /// significant bits, so it is exact and lies in [2^-24, 1 - 2^-24]. (With 24
+  /// bits, m + 1/2 rounds and the top words gave exactly 1.0f.)
   SEMOE_HD static constexpr float to_unit(std::uint32_t x) {
-    return (static_cast<float>(x >> 8) + 0.5f) * (1.0f / 16777216.0f);
+    return (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f);
   }
 
  private:

@@ -4,6 +4,7 @@
 // atomically.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -97,7 +98,7 @@ class recorder {
   mutable std::mutex mutex_;
   std::vector<event> events_;
   std::string path_;
-  bool enabled_ = false;
+  std::atomic<bool> enabled_{false};  // read by every scope, unlocked
   std::chrono::steady_clock::time_point epoch_ = std::chrono::steady_clock::now();
 };
 

@@ -1,0 +1,118 @@
+#include "semoe/core/blas.hpp"
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+using semoe::index_t;
+using semoe::matrix_view;
+using semoe::blas::op;
+
+namespace {
+
+template <class T>
+std::vector<T> random_values(std::size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> d(-1, 1);
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(d(rng));
+  return v;
+}
+
+/// The element (i, j) of op(M) for a row-major M with leading dimension ld.
+template <class T>
+T at(op o, const T* m, index_t ld, index_t i, index_t j) {
+  return o == op::n ? m[i * ld + j] : m[j * ld + i];
+}
+
+/// Checks C = alpha op(A) op(B) + beta C0 against a double-precision loop,
+/// with every leading dimension padded past its row so ld handling shows.
+template <class T>
+void check_gemm(op ta, op tb, index_t m, index_t n, index_t k, T alpha, T beta) {
+  const index_t ar = ta == op::n ? m : k, ac = ta == op::n ? k : m;
+  const index_t br = tb == op::n ? k : n, bc = tb == op::n ? n : k;
+  const index_t lda = ac + 3, ldb = bc + 2, ldc = n + 5;
+  const auto a = random_values<T>(static_cast<std::size_t>(ar * lda), 1);
+  const auto b = random_values<T>(static_cast<std::size_t>(br * ldb), 2);
+  const auto c0 = random_values<T>(static_cast<std::size_t>(m * ldc), 3);
+  auto c = c0;
+  semoe::blas::gemm<T>(ta, tb, alpha, matrix_view<const T>(a.data(), {ar, ac}, {lda, 1}),
+                       matrix_view<const T>(b.data(), {br, bc}, {ldb, 1}), beta,
+                       matrix_view<T>(c.data(), {m, n}, {ldc, 1}));
+  const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-13;
+  for (index_t i = 0; i < m; ++i) {
+    for (index_t j = 0; j < ldc; ++j) {
+      const std::size_t ij = static_cast<std::size_t>(i * ldc + j);
+      if (j >= n) {  // the padding is not touched
+        CHECK(c[ij] == c0[ij]);
+        continue;
+      }
+      double s = 0;
+      for (index_t p = 0; p < k; ++p) s += double(at(ta, a.data(), lda, i, p)) * at(tb, b.data(), ldb, p, j);
+      const double want = double(alpha) * s + double(beta) * c0[ij];
+      CHECK(std::abs(c[ij] - want) <= tol * (1 + std::abs(want)) * std::sqrt(double(k + 1)));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("blas::gemm: all four transpose combinations match a loop reference", T, float, double) {
+  for (op ta : {op::n, op::t})
+    for (op tb : {op::n, op::t}) {
+      CAPTURE(int(ta));
+      CAPTURE(int(tb));
+      check_gemm<T>(ta, tb, 7, 5, 3, T(1), T(0));
+      check_gemm<T>(ta, tb, 13, 17, 29, T(0.5), T(-1.5));
+      check_gemm<T>(ta, tb, 1, 64, 65, T(-2), T(1));
+      check_gemm<T>(ta, tb, 33, 1, 8, T(1), T(0.25));
+    }
+}
+
+TEST_CASE_TEMPLATE("blas::gemm: k == 0 gives beta * C exactly, even over NaN when beta is 0", T, float, double) {
+  std::vector<T> a(1), b(1);
+  std::vector<T> c{1, 2, 3, 4, 5, 6, 7, 8};  // [2, 3] with ld 4
+  matrix_view<const T> a0(a.data(), {2, 0}), b0(b.data(), {0, 3});
+
+  SUBCASE("beta 2") {
+    semoe::blas::gemm<T>(op::n, op::n, T(1), a0, b0, T(2), matrix_view<T>(c.data(), {2, 3}, {4, 1}));
+    CHECK(c == std::vector<T>{2, 4, 6, 4, 10, 12, 14, 8});
+  }
+  SUBCASE("beta 0 overwrites NaN") {
+    c[1] = std::nan("");
+    semoe::blas::gemm<T>(op::n, op::n, T(1), a0, b0, T(0), matrix_view<T>(c.data(), {2, 3}, {4, 1}));
+    CHECK(c == std::vector<T>{0, 0, 0, 4, 0, 0, 0, 8});
+  }
+  SUBCASE("the raw form") {
+    semoe::blas::gemm<T>(op::t, op::t, 2, 3, 0, T(1), a.data(), 1, b.data(), 1, T(-1), c.data(), 4);
+    CHECK(c == std::vector<T>{-1, -2, -3, 4, -5, -6, -7, 8});
+  }
+}
+
+TEST_CASE("blas::gemm: an empty output is a no-op") {
+  std::vector<float> a(6, 1.0f), b(6, 1.0f), c(1, 42.0f);
+  semoe::blas::gemm<float>(op::n, op::n, 1.0f, semoe::as_matrix<const float>(a.data(), 0, 3),
+                           semoe::as_matrix<const float>(b.data(), 3, 2), 0.0f, semoe::as_matrix(c.data(), 0, 2));
+  CHECK(c[0] == 42.0f);
+}
+
+TEST_CASE("blas::gemm: shape mismatches and strided columns raise semoe::error") {
+  std::vector<double> a(64), b(64), c(64);
+  auto A = semoe::as_matrix<const double>(a.data(), 3, 4);
+  auto B = semoe::as_matrix<const double>(b.data(), 5, 2);
+  auto C = semoe::as_matrix(c.data(), 3, 2);
+  CHECK_THROWS_WITH_AS(semoe::blas::gemm<double>(op::n, op::n, 1.0, A, B, 0.0, C),
+                       "semoe::blas::gemm: shapes do not agree: op(A) is [3, 4], op(B) is [5, 2], C is [3, 2]",
+                       semoe::error);
+  // op(A) [4, 3] x B [3, 2] is fine, but C must then be [4, 2].
+  auto B3 = semoe::as_matrix<const double>(b.data(), 3, 2);
+  CHECK_THROWS_AS(semoe::blas::gemm<double>(op::t, op::n, 1.0, A, B3, 0.0, C), semoe::error);
+  CHECK_NOTHROW(semoe::blas::gemm<double>(op::t, op::n, 1.0, A, B3, 0.0, semoe::as_matrix(c.data(), 4, 2)));
+  // A column-strided (transposed) view is rejected rather than misread.
+  matrix_view<const double> At(a.data(), {4, 3}, {1, 4});
+  CHECK_THROWS_WITH_AS(semoe::blas::gemm<double>(op::n, op::n, 1.0, At, B3, 0.0, semoe::as_matrix(c.data(), 4, 2)),
+                       "semoe::blas::gemm: matrices must have unit column stride", semoe::error);
+}
