@@ -98,6 +98,11 @@ using matrix_view = tensor_view<T, 2>;
 template <class T>
 using vector_view = tensor_view<T, 1>;
 
+/// A const matrix view in a non-deduced context: in `f(matrix_view<T> out,
+/// in_view<T> in)` T comes from `out`, and a mutable view converts for `in`.
+template <class T>
+using in_view = std::type_identity_t<matrix_view<const T>>;
+
 /// A row-major [rows, cols] view of contiguous memory.
 template <class T>
 SEMOE_HD matrix_view<T> as_matrix(T* data, index_t rows, index_t cols) {

@@ -184,7 +184,7 @@ class ffn {
   /// Accumulates parameter gradients into b.grads and writes dx. dx may alias
   /// dy: dy's last use comes before dx is written. Destroys b.saved.
   template <class T>
-  void backward(cpu_executor& ex, const expert_batch<T>& b, matrix_view<const T> dy, matrix_view<T> dx) const {
+  void backward(cpu_executor& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1(), E = b.experts();
     check(b, dx, "backward");
     std::vector<gemm_problem<T>> probs;

@@ -4,8 +4,6 @@
 // with its exact backward. Every kernel is a SEMOE_HD body over one index.
 #pragma once
 
-#include <type_traits>
-
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/executor.hpp"
 #include "semoe/gate/routing.hpp"
@@ -20,10 +18,6 @@ void dispatch_rows(const gate::routing_plan<T>& plan, buffer<index_t>& row) {
   for (index_t a = 0; a < plan.assignments(); ++a)
     row[a] = plan.slot[a] < 0 ? -1 : plan.offsets[plan.expert[a]] + plan.slot[a];
 }
-
-/// A const view whose T comes from the routing plan, so mutable views convert.
-template <class T>
-using cview = std::type_identity_t<matrix_view<const T>>;
 
 namespace detail {
 
@@ -150,7 +144,7 @@ struct gather_rows_kernel {
 inline constexpr index_t row_grain = 64;
 
 template <class T>
-void permute(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row, cview<T> x,
+void permute(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row, in_view<T> x,
              matrix_view<T> x_disp) {
   ex.parallel_for(plan.assignments(),
                   detail::permute_kernel<T>{row.data(), plan.k, x.cols(), x.data(), x.ld(), x_disp.data(), x_disp.ld()},
@@ -159,7 +153,7 @@ void permute(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<i
 
 template <class T>
 void combine(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row,
-             cview<T> y_disp, matrix_view<T> y) {
+             in_view<T> y_disp, matrix_view<T> y) {
   ex.parallel_for(plan.tokens,
                   detail::combine_kernel<T>{row.data(), plan.weight.data(), plan.k, y.cols(), y_disp.data(),
                                             y_disp.ld(), y.data(), y.ld()},
@@ -168,7 +162,7 @@ void combine(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<i
 
 template <class T>
 void combine_backward(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row,
-                      cview<T> dy, cview<T> y_disp, matrix_view<T> dy_disp,
+                      in_view<T> dy, in_view<T> y_disp, matrix_view<T> dy_disp,
                       std::span<T> dweight) {
   ex.parallel_for(plan.assignments(),
                   detail::combine_backward_kernel<T>{row.data(), plan.weight.data(), plan.k, dy.cols(), dy.data(),
@@ -179,7 +173,7 @@ void combine_backward(cpu_executor& ex, const gate::routing_plan<T>& plan, const
 
 template <class T>
 void unpermute_sum(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row,
-                   cview<T> dx_disp, matrix_view<T> dx) {
+                   in_view<T> dx_disp, matrix_view<T> dx) {
   ex.parallel_for(plan.tokens,
                   detail::unpermute_sum_kernel<T>{row.data(), plan.k, dx.cols(), dx_disp.data(), dx_disp.ld(),
                                                   dx.data(), dx.ld()},
