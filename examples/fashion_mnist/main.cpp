@@ -56,7 +56,7 @@ struct config {
   std::fprintf(stderr,
                "%s\nusage: %s [--epochs N] [--batch B] [--lr X] [--ranks P] [--threads T] [--experts E]\n"
                "          [--hidden H] [--ffn F] [--limit N] [--seed S] [--data DIR]\n"
-               "Set SEMOE_TRACE=trace.json to record a Chrome trace of the first steps.\n",
+               "Set SEMOE_TRACE=trace.json to record a Chrome trace of the first 50 steps.\n",
                why.c_str(), argv0);
   std::exit(2);
 }
@@ -176,6 +176,7 @@ int main(int argc, char** argv) {
       std::vector<double> load(static_cast<std::size_t>(cfg.experts), 0.0);
       index_t dropped = 0, routed = 0;
       for (index_t s = 0; s < steps_per_epoch; ++s, ++step) {
+        if (step == 50 && rank == 0) trace::recorder::instance().stop();  // a timeline, not a log
         trace::scope ts("step", "train", rank);
         for (index_t i = 0; i < local_batch; ++i) {
           const index_t src = order[s * cfg.batch + rank * local_batch + i];

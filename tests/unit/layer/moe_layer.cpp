@@ -3,7 +3,9 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <map>
 #include <mutex>
+#include <set>
 #include <random>
 #include <vector>
 
@@ -234,4 +236,33 @@ TEST_CASE("moe_layer rejects bad input with a message naming it") {
   CHECK(msg([&] { moe.forward(empty.view(), empty.view()); }).find("empty batch") != std::string::npos);
   x(1, 2) = std::nanf("");
   CHECK(msg([&] { moe.forward(x.view(), y.view()); }).find("NaN or Inf") != std::string::npos);
+}
+
+TEST_CASE("a traced step records every stage of the layer as Chrome trace events") {
+  auto& rec = trace::recorder::instance();
+  rec.start("unused.json");
+  comm::local::run(2, [](comm::local& c) {
+    cpu_executor ex({.threads = 1});
+    moe_layer<cpu, gate::top_k<2>> moe(ex, c, {.hidden = 8, .ffn = 8, .experts = 4});
+    matrix<float> x(6, 8), y(6, 8), dx(6, 8);
+    x.fill(0.1f);
+    moe.forward(x.view(), y.view());
+    moe.backward(y.view(), dx.view());
+  });
+  rec.stop();
+  std::map<std::string, int> per_name;
+  std::set<int> pids;
+  for (const auto& e : rec.events()) {
+    ++per_name[e.name];
+    pids.insert(e.pid);
+    CHECK(e.duration_us >= 0);
+  }
+  for (const char* stage : {"router", "gate", "permute", "all_to_all", "experts_forward", "combine",
+                            "combine_backward", "experts_backward", "unpermute", "gate_backward"})
+    CHECK_MESSAGE(per_name[stage] >= 2, stage);  // on both ranks
+  CHECK(per_name["all_to_all"] == 8);              // 2 ranks x (2 forward + 2 backward)
+  CHECK(pids == std::set<int>{0, 1});              // one trace row (pid) per rank
+  const auto j = rec.to_json();
+  CHECK(j["traceEvents"].size() == rec.events().size());
+  CHECK(j["traceEvents"][0]["ph"] == "X");
 }

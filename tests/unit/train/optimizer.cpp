@@ -83,7 +83,8 @@ TEST_CASE("clip_grad_norm scales dense and expert gradients to the global norm")
   moe_t moe(ex, comms[0], {.hidden = 2, .ffn = 2, .experts = 2, .gate = {.dropless = true}});
   moe.zero_grad();
   double sq = 0;
-  for (auto& g : moe.parameters()[0].grad) sq += 1.0, g = 1.0;
+  auto dense = moe.parameters();  // range-for over a temporary's member would dangle
+  for (auto& g : dense[0].grad) sq += 1.0, g = 1.0;
   train::for_each_expert_block(moe, [&](auto& blk, auto&) {
     for (auto& g : blk.grads) sq += 4.0, g = 2.0;
   });
