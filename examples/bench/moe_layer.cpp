@@ -116,7 +116,7 @@ int main(int argc, char** argv) {
               static_cast<long long>(tokens * 2), static_cast<long long>(plan.dropped));
   std::printf("layer fwd+bwd   %8.1f ms  %6.1f GFLOP/s (expert GEMM flops / layer time)\n", 1e3 * t_layer,
               flops / t_layer * 1e-9);
-  std::printf("bare GEMMs      %8.1f ms  %6.1f GFLOP/s (OpenBLAS ceiling here ~130 GFLOP/s on 2 cores)\n",
+  std::printf("bare GEMMs      %8.1f ms  %6.1f GFLOP/s (the OpenBLAS ceiling of this machine; LIMITS.md lists ~130 on 2 Zen 3 cores)\n",
               1e3 * t_gemm, flops / t_gemm * 1e-9);
   std::printf("ratio layer / GEMM = %.3f   tokens/s = %.0f\n", t_layer / t_gemm, tokens / t_layer);
   std::printf("peak bytes %.1f MiB vs analytic minimum %.1f MiB (ratio %.3f)\n", peak / 1048576.0,

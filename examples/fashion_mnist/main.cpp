@@ -106,7 +106,7 @@ model_t make_model(cpu_executor& ex, comm::local& c, const config& cfg) {
                      ex, layer::layer_norm<float>(ex, {.dim = H}),
                      moe_t(ex, c,
                            {.hidden = H, .ffn = cfg.ffn, .experts = cfg.experts,
-                            .gate = {.capacity_factor = 1.25, .aux_loss_coef = 1e-2, .z_loss_coef = 1e-3},
+                            .gate = {.capacity_factor = 1.25, .aux_loss_coef = 5e-2, .z_loss_coef = 1e-3},
                             .expert = {.bias = true}, .seed = cfg.seed + 7})),
                  layer::layer_norm<float>(ex, {.dim = H}), layer::linear<float>(ex, {.in = H, .out = 10}, cfg.seed + 3));
 }
