@@ -39,12 +39,14 @@ void for_each_expert_block(Model& m, F&& f) {
   });
 }
 
-/// Sum dense gradients over the data-parallel ranks of `comm`, fused into one
-/// flat buffer so the reduction is one collective, not one per tensor.
+/// Sum replicated dense gradients over the data-parallel ranks of `comm`,
+/// fused into one flat buffer so the reduction is one collective, not one per
+/// tensor. Sharded parameters are skipped: their gradients are complete.
 template <class Model, class Comm>
 void reduce_dense_grads(Model& m, Comm& comm) {
   if (comm.size() == 1) return;
   auto params = m.parameters();
+  std::erase_if(params, [](const auto& p) { return p.scope == param_scope::sharded; });
   using T = typename decltype(params)::value_type::value_type;
   index_t n = 0;
   for (auto& p : params) n += static_cast<index_t>(p.grad.size());
@@ -62,26 +64,37 @@ void reduce_dense_grads(Model& m, Comm& comm) {
   }
 }
 
-/// The global gradient norm: dense gradients (already reduced, so the same on
-/// every rank) plus every expert's gradients summed over `comm`.
+/// The global gradient norm: replicated dense gradients (already reduced, so
+/// the same on every rank), plus every expert's gradients summed over the
+/// expert-parallel group `experts`, plus sharded dense gradients summed over
+/// the data-parallel group `shards` they are split across.
+template <class Model, class ExpertComm, class ShardComm>
+double grad_norm(Model& m, ExpertComm& experts, ShardComm& shards) {
+  double sq[3] = {0, 0, 0};  // replicated, experts, sharded
+  for (auto& p : m.parameters()) {
+    double& acc = sq[p.scope == param_scope::sharded ? 2 : 0];
+    for (auto g : p.grad) acc += static_cast<double>(g) * static_cast<double>(g);
+  }
+  for_each_expert_block(m, [&](auto& blk, auto&) {
+    for (auto g : blk.grads) sq[1] += static_cast<double>(g) * static_cast<double>(g);
+  });
+  if (experts.size() > 1) comm::all_reduce(experts, std::span<double>(&sq[1], 1));
+  if (shards.size() > 1) comm::all_reduce(shards, std::span<double>(&sq[2], 1));
+  return std::sqrt(sq[0] + sq[1] + sq[2]);
+}
+
+/// One communicator for both: expert parallelism spans the data-parallel ranks.
 template <class Model, class Comm>
 double grad_norm(Model& m, Comm& comm) {
-  double dense = 0, experts = 0;
-  for (auto& p : m.parameters())
-    for (auto g : p.grad) dense += static_cast<double>(g) * static_cast<double>(g);
-  for_each_expert_block(m, [&](auto& blk, auto&) {
-    for (auto g : blk.grads) experts += static_cast<double>(g) * static_cast<double>(g);
-  });
-  if (comm.size() > 1) comm::all_reduce(comm, std::span<double>(&experts, 1));
-  return std::sqrt(dense + experts);
+  return grad_norm(m, comm, comm);
 }
 
 /// Scale every gradient so the global norm is at most max_norm; returns the
 /// norm before clipping.
-template <class Model, class Comm>
-double clip_grad_norm(Model& m, Comm& comm, double max_norm) {
+template <class Model, class ExpertComm, class ShardComm>
+double clip_grad_norm(Model& m, ExpertComm& experts, ShardComm& shards, double max_norm) {
   SEMOE_CHECK(max_norm > 0, "semoe::train::clip_grad_norm: max_norm = ", max_norm, ": expected > 0");
-  const double norm = grad_norm(m, comm);
+  const double norm = grad_norm(m, experts, shards);
   SEMOE_CHECK(std::isfinite(norm), "semoe::train::clip_grad_norm: the gradient norm is ", norm,
               " (NaN or Inf in a gradient)");
   if (norm > max_norm) {
@@ -93,6 +106,11 @@ double clip_grad_norm(Model& m, Comm& comm, double max_norm) {
     for_each_expert_block(m, [&](auto& blk, auto&) { scale(blk.grads); });
   }
   return norm;
+}
+
+template <class Model, class Comm>
+double clip_grad_norm(Model& m, Comm& comm, double max_norm) {
+  return clip_grad_norm(m, comm, comm, max_norm);
 }
 
 namespace detail {

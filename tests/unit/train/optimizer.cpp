@@ -155,3 +155,21 @@ TEST_CASE("cosine schedule: warm-up, peak, floor") {
   CHECK(train::cosine_lr(55, 100, 1.0, 10) == doctest::Approx(0.5));
   CHECK(train::cosine_lr(100, 100, 1.0, 10, 0.1) == doctest::Approx(0.1));
 }
+
+TEST_CASE("sharded parameters are not all-reduced and their norms are summed over the ranks") {
+  comm::local::run(2, [](comm::local& c) {
+    struct model {
+      std::vector<double> rw{1, 2}, rg{0.5, 1.5}, sw{3}, sg{0};
+      param_list<double> parameters() {
+        return {{"replicated", rw, rg, param_kind::dense},
+                {"shard", sw, sg, param_kind::dense, param_scope::sharded}};
+      }
+    } m;
+    m.sg[0] = c.rank() == 0 ? 3.0 : 4.0;  // this rank's complete shard gradient
+    train::reduce_dense_grads(m, c);
+    CHECK(m.rg[0] == 1.0);  // summed over 2 ranks
+    CHECK(m.rg[1] == 3.0);
+    CHECK(m.sg[0] == (c.rank() == 0 ? 3.0 : 4.0));  // untouched
+    CHECK(train::grad_norm(m, c) == doctest::Approx(std::sqrt(1.0 + 9.0 + 9.0 + 16.0)));
+  });
+}

@@ -1,0 +1,112 @@
+// semoe/train/trainer.hpp: data + expert parallel training (SE-MoE §3).
+// Every rank of the world trains on its own slice of each global batch (data
+// parallel). Ranks form expert-parallel groups of size EP that shard the
+// experts of each MoE layer; the W / EP groups hold replicas of the same
+// experts. Dense gradients are summed over the world, expert gradients over
+// the replicas of their expert, and the global-norm clip sees every gradient
+// exactly once, so W ranks take the same step as one rank on the whole batch.
+#pragma once
+
+#include <span>
+#include <vector>
+
+#include "semoe/comm/concepts.hpp"
+#include "semoe/core/buffer.hpp"
+#include "semoe/core/trace.hpp"
+#include "semoe/train/optimizer.hpp"
+
+namespace semoe::train {
+
+/// The groups a rank belongs to. `expert` is the communicator MoE layers take.
+template <class Comm>
+struct parallel_groups {
+  Comm expert;   ///< ranks that shard one copy of the experts
+  Comm replica;  ///< ranks holding the same experts, one per expert group
+};
+
+/// Split `world` into expert-parallel groups of `expert_parallel` consecutive
+/// ranks (0: the whole world) and the replica groups across them.
+template <class Comm>
+parallel_groups<Comm> make_groups(Comm& world, int expert_parallel = 0) {
+  const int W = world.size(), ep = expert_parallel > 0 ? expert_parallel : W;
+  SEMOE_CHECK(W % ep == 0, "semoe::train::make_groups: expert_parallel = ", ep, " must divide the world size ", W);
+  const int r = world.rank();
+  Comm expert = world.split(r / ep, r % ep);
+  Comm replica = world.split(r % ep, r / ep);
+  return {std::move(expert), std::move(replica)};
+}
+
+/// Sum every local expert gradient over the replicas of its expert, in one
+/// flat collective.
+template <class Model, class Comm>
+void reduce_expert_grads(Model& m, Comm& replica) {
+  if (replica.size() == 1) return;
+  index_t n = 0;
+  for_each_expert_block(m, [&](auto& blk, auto&) { n += static_cast<index_t>(blk.grads.size()); });
+  using T = typename decltype(m.parameters())::value_type::value_type;
+  buffer<T> flat(n);
+  index_t off = 0;
+  for_each_expert_block(m, [&](auto& blk, auto&) {
+    std::copy(blk.grads.begin(), blk.grads.end(), flat.data() + off);
+    off += static_cast<index_t>(blk.grads.size());
+  });
+  comm::all_reduce(replica, flat.span());
+  off = 0;
+  for_each_expert_block(m, [&](auto& blk, auto&) {
+    std::copy(flat.data() + off, flat.data() + off + blk.grads.size(), blk.grads.begin());
+    off += static_cast<index_t>(blk.grads.size());
+  });
+}
+
+/// Runs optimizer steps of a model over the groups of one rank.
+template <class Model, class Optimizer, class Comm>
+class trainer {
+ public:
+  struct options {
+    double clip_norm = 1.0;  ///< 0: no clipping
+  };
+
+  trainer(Model& model, Optimizer& opt, Comm& world, parallel_groups<Comm>& groups)
+      : trainer(model, opt, world, groups, options{}) {}
+  trainer(Model& model, Optimizer& opt, Comm& world, parallel_groups<Comm>& groups, options o)
+      : model_(&model), opt_(&opt), world_(&world), groups_(&groups), opt_o_(o) {}
+
+  /// One step. `forward_backward(model)` runs forward, the loss and backward
+  /// on this rank's slice and returns this rank's share of the task loss
+  /// (its loss sum divided by the GLOBAL batch). Returns the global loss:
+  /// task loss plus the aux losses of the MoE layers.
+  template <class F>
+  double step(F&& forward_backward) {
+    trace::scope ts("train_step", "train", world_->rank());
+    model_->zero_grad();
+    double loss[2] = {static_cast<double>(forward_backward(*model_)), 0.0};
+    for_each_moe_layer(*model_, [&](auto& l) { loss[1] += static_cast<double>(l.aux_loss()); });
+    {
+      trace::scope tr("reduce_grads", "comm", world_->rank());
+      reduce_dense_grads(*model_, *world_);
+      reduce_expert_grads(*model_, groups_->replica);
+    }
+    // Each expert group computed the same aux loss on every member: count it once per group.
+    loss[1] /= static_cast<double>(groups_->expert.size());
+    comm::all_reduce(*world_, std::span<double>(loss, 2));
+    if (opt_o_.clip_norm > 0) last_norm_ = clip_grad_norm(*model_, groups_->expert, *world_, opt_o_.clip_norm);
+    opt_->step(*model_);
+    model_->end_step();
+    ++steps_;
+    return loss[0] + loss[1];
+  }
+
+  double last_grad_norm() const { return last_norm_; }
+  std::uint64_t steps() const { return steps_; }
+
+ private:
+  Model* model_;
+  Optimizer* opt_;
+  Comm* world_;
+  parallel_groups<Comm>* groups_;
+  options opt_o_;
+  double last_norm_ = 0;
+  std::uint64_t steps_ = 0;
+};
+
+}  // namespace semoe::train
