@@ -139,15 +139,24 @@ class local_world {
     f();
   }
 
+  /// Abort every collective of this world and of every group split from it,
+  /// so a rank blocked in a subgroup is released when the job fails.
   void abort(const std::string& why) {
+    std::vector<std::shared_ptr<local_world>> children;
     {
       std::lock_guard lock(mutex_);
       if (aborted_) return;
       aborted_ = true;
       reason_ = why;
+      for (auto& w : children_)
+        if (auto c = w.lock()) children.push_back(std::move(c));
     }
     cv_.notify_all();
+    for (auto& c : children) c->abort(why);
   }
+
+  /// Record a group split from this world; the caller holds the lock (locked()).
+  void adopt_locked(const std::shared_ptr<local_world>& child) { children_.push_back(child); }
 
  private:
   void arrive(local_op& op, int phase) {
@@ -168,6 +177,7 @@ class local_world {
   std::map<std::uint64_t, local_op> ops_;
   bool aborted_ = false;
   std::string reason_;
+  std::vector<std::weak_ptr<local_world>> children_;
 };
 
 template <class T>
@@ -474,6 +484,7 @@ class local {
       const int n = static_cast<int>(ranks.size());
       const int ls = (on_my_node > 0 && n % on_my_node == 0) ? on_my_node : n;
       auto w = std::make_shared<detail::local_world>(n, ls);
+      world_->adopt_locked(w);
       for (int i = 0; i < n; ++i) {
         op.groups[ranks[i]] = w;
         op.group_rank[ranks[i]] = i;

@@ -467,3 +467,17 @@ TEST_CASE("request: wait is idempotent and runs its completion once") {
   CHECK_FALSE(empty.pending());
   empty.wait();
 }
+
+TEST_CASE("a failure aborts collectives of split groups too, so no rank hangs in a subgroup") {
+  // Ranks 2 and 3 wait in a collective of their own group; rank 0 fails
+  // outside any collective. run() must return with rank 0's error.
+  auto run = [] {
+    semoe::comm::local::run(4, [](semoe::comm::local& c) {
+      auto group = c.split(c.rank() / 2, c.rank());
+      if (c.rank() == 0) throw semoe::error("rank 0 gave up");
+      group.barrier();  // rank 1 waits here for rank 0, which has failed
+      if (c.rank() >= 2) c.barrier();  // ranks 2, 3 wait in the world for ranks 0, 1
+    });
+  };
+  CHECK_THROWS_WITH_AS(run(), doctest::Contains("rank 0 gave up"), semoe::error);
+}
