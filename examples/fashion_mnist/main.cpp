@@ -3,9 +3,11 @@
 //   784 -> linear 512 -> gelu -> [x + MoE(layernorm x)] -> layernorm -> linear 10
 //
 // The MoE block has 8 GELU experts (ffn 1024) behind a top-2 gate with a
-// capacity factor, trained with AdamW and a cosine schedule. With --ranks P it
-// trains data + expert parallel over P thread-ranks (comm::local): each rank
-// takes 1/P of every batch and owns 1/P of the experts; results match P = 1.
+// capacity factor, trained with AdamW and a cosine schedule, data + expert
+// parallel: each rank takes 1/P of every batch and owns 1/P of the experts,
+// and the loss curve matches P = 1. Ranks are processes under the launcher
+// (`semoe-run -n 2 fashion_mnist`, comm::tcp) or, with --ranks P, threads of
+// this process (comm::local).
 //
 // Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist).
 #include <algorithm>
@@ -33,7 +35,11 @@
 #include "semoe/layer/moe_layer.hpp"
 #include "semoe/layer/norm.hpp"
 #include "semoe/layer/sequential.hpp"
-#include "semoe/train/optimizer.hpp"
+#include "semoe/train/trainer.hpp"
+#if __has_include("semoe/comm/tcp.hpp")
+#include "semoe/comm/tcp.hpp"
+#define FASHION_MNIST_TCP 1
+#endif
 
 using namespace semoe;
 
@@ -49,13 +55,16 @@ struct config {
   int threads = 2;
   index_t hidden = 512, ffn = 1024, experts = 8;
   index_t limit = 0;  // use only the first N training images (smoke runs)
+  index_t max_steps = 0;  // stop after this many steps (0: all epochs)
+  bool print_loss = false;
   std::uint64_t seed = 1;
 };
 
 [[noreturn]] void usage(const char* argv0, const std::string& why) {
   std::fprintf(stderr,
                "%s\nusage: %s [--epochs N] [--batch B] [--lr X] [--ranks P] [--threads T] [--experts E]\n"
-               "          [--hidden H] [--ffn F] [--limit N] [--seed S] [--data DIR]\n"
+               "          [--hidden H] [--ffn F] [--limit N] [--steps N] [--print-loss] [--seed S] [--data DIR]\n"
+               "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n"
                "Set SEMOE_TRACE=trace.json to record a Chrome trace of the first 50 steps.\n",
                why.c_str(), argv0);
   std::exit(2);
@@ -79,6 +88,8 @@ config parse(int argc, char** argv) {
       else if (a == "--hidden") c.hidden = std::stol(value());
       else if (a == "--ffn") c.ffn = std::stol(value());
       else if (a == "--limit") c.limit = std::stol(value());
+      else if (a == "--steps") c.max_steps = std::stol(value());
+      else if (a == "--print-loss") c.print_loss = true;
       else if (a == "--seed") c.seed = std::stoull(value());
       else if (a == "--data") c.data = value();
       else if (a == "--help" || a == "-h") usage(argv[0], "Train an MoE classifier on Fashion-MNIST.");
@@ -93,25 +104,31 @@ config parse(int argc, char** argv) {
 }
 
 using gate_t = gate::top_k<2>;
-using moe_t = moe_layer<cpu, gate_t, expert::ffn<act::gelu>, comm::local>;
+template <class Comm>
+using moe_t = moe_layer<cpu, gate_t, expert::ffn<act::gelu>, Comm>;
+template <class Comm>
 using model_t = layer::sequential<float, layer::linear<float>, layer::activation<float, act::gelu>,
-                                  layer::residual<float, layer::layer_norm<float>, moe_t>, layer::layer_norm<float>,
-                                  layer::linear<float>>;
+                                  layer::residual<float, layer::layer_norm<float>, moe_t<Comm>>,
+                                  layer::layer_norm<float>, layer::linear<float>>;
 
-model_t make_model(cpu_executor& ex, comm::local& c, const config& cfg) {
+template <class Comm>
+model_t<Comm> make_model(cpu_executor& ex, Comm& c, const config& cfg) {
   const index_t H = cfg.hidden;
-  return model_t(layer::linear<float>(ex, {.in = 784, .out = H}, cfg.seed),
+  return model_t<Comm>(layer::linear<float>(ex, {.in = 784, .out = H}, cfg.seed),
                  layer::activation<float, act::gelu>(ex),
-                 layer::residual<float, layer::layer_norm<float>, moe_t>(
+                 layer::residual<float, layer::layer_norm<float>, moe_t<Comm>>(
                      ex, layer::layer_norm<float>(ex, {.dim = H}),
-                     moe_t(ex, c,
+                     moe_t<Comm>(ex, c,
                            {.hidden = H, .ffn = cfg.ffn, .experts = cfg.experts,
                             .gate = {.capacity_factor = 1.25, .aux_loss_coef = 5e-2, .z_loss_coef = 1e-3},
                             .expert = {.bias = true}, .seed = cfg.seed + 7})),
                  layer::layer_norm<float>(ex, {.dim = H}), layer::linear<float>(ex, {.in = H, .out = 10}, cfg.seed + 3));
 }
 
-moe_t& moe_of(model_t& m) { return m.get<2>().get<1>(); }
+template <class Comm>
+moe_t<Comm>& moe_of(model_t<Comm>& m) {
+  return m.template get<2>().template get<1>();
+}
 
 /// Random horizontal flip: clothes look the same mirrored, and it is the one
 /// augmentation that reliably helps an MLP on this data set.
@@ -119,11 +136,121 @@ void flip_row(float* img) {
   for (int r = 0; r < 28; ++r) std::reverse(img + r * 28, img + r * 28 + 28);
 }
 
+struct outcome {
+  double accuracy = 0;
+  std::size_t parameters = 0;
+  index_t steps = 0;
+  int epochs = 0;
+};
+
+template <class Comm>
+outcome train_and_test(Comm& c, const config& cfg, const io::mnist_split& train, const io::mnist_split& test) {
+  const int P = c.size(), rank = c.rank();
+  SEMOE_CHECK(cfg.batch % P == 0, "fashion_mnist: --batch ", cfg.batch, " must be a multiple of the ", P, " ranks");
+  const index_t n_train = cfg.limit > 0 ? std::min(cfg.limit, train.size()) : train.size();
+  const index_t steps_per_epoch = n_train / cfg.batch;
+  const index_t total_steps = cfg.max_steps > 0 ? std::min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+                                                : steps_per_epoch * cfg.epochs;
+  const int epochs = static_cast<int>((total_steps + steps_per_epoch - 1) / steps_per_epoch);
+  if (rank == 0) {
+    std::printf("fashion_mnist: %lld train / %lld test images, %d epoch(s) of %lld steps, batch %lld, %d rank(s)\n",
+                static_cast<long long>(n_train), static_cast<long long>(test.size()), epochs,
+                static_cast<long long>(steps_per_epoch), static_cast<long long>(cfg.batch), P);
+    std::printf("model: 784 -> %lld -> MoE(%lld experts x ffn %lld, top-2, capacity 1.25) -> 10\n",
+                static_cast<long long>(cfg.hidden), static_cast<long long>(cfg.experts),
+                static_cast<long long>(cfg.ffn));
+    std::fflush(stdout);
+  }
+  auto groups = train::make_groups(c);
+  cpu_executor ex({.threads = std::max(1, cfg.threads)});
+  auto model = make_model(ex, groups.expert, cfg);
+  train::adamw<float> opt(ex, {.lr = cfg.lr, .weight_decay = cfg.weight_decay});
+  train::trainer tr(model, opt, c, groups, {.clip_norm = 1.0});
+  layer::softmax_cross_entropy<float> loss(ex, {.label_smoothing = 0.1});
+  outcome out;
+  {  // Dense parameters are replicated; experts are split over the ranks.
+    double dense = 0, experts = 0;
+    for (auto& p : model.parameters()) dense += static_cast<double>(p.value.size());
+    train::for_each_expert_block(model, [&](auto& blk, auto&) { experts += static_cast<double>(blk.params.size()); });
+    comm::all_reduce(c, std::span<double>(&experts, 1));
+    out.parameters = static_cast<std::size_t>(dense + experts);
+  }
+
+  const index_t local_batch = cfg.batch / P;
+  matrix<float> xb(local_batch, 784), dlogits(local_batch, 10);
+  std::vector<std::int32_t> yb(static_cast<std::size_t>(local_batch));
+  std::vector<index_t> order(static_cast<std::size_t>(n_train));
+  std::iota(order.begin(), order.end(), 0);
+  std::mt19937_64 shuffle_rng(cfg.seed);
+  index_t step = 0;
+
+  for (int epoch = 1; epoch <= epochs; ++epoch) {
+    std::shuffle(order.begin(), order.end(), shuffle_rng);  // same order on every rank
+    model.train(true);
+    const index_t steps_now = std::min(steps_per_epoch, total_steps - step);
+    std::unique_ptr<progress_bar> bar;
+    if (rank == 0 && !cfg.print_loss) bar = std::make_unique<progress_bar>("epoch " + std::to_string(epoch), steps_now);
+    double loss_sum = 0;
+    std::vector<double> load(static_cast<std::size_t>(cfg.experts), 0.0);
+    double drop_frac = 0;
+    for (index_t s = 0; s < steps_now; ++s, ++step) {
+      if (step == 50 && rank == 0) trace::recorder::instance().stop();  // a timeline, not a log
+      for (index_t i = 0; i < local_batch; ++i) {
+        const index_t src = order[s * cfg.batch + rank * local_batch + i];
+        std::copy_n(train.images.data() + src * 784, 784, xb.data() + i * 784);
+        if (philox(cfg.seed, 0xf11b).uniform(step * cfg.batch + rank * local_batch + i) < 0.5f)
+          flip_row(xb.data() + i * 784);
+        yb[i] = train.labels[src];
+      }
+      opt.set_lr(train::cosine_lr(step, total_steps, cfg.lr, total_steps / 50, 0.02));
+      const double l = tr.step([&](model_t<Comm>& m) {
+        auto logits = m.forward(xb.view());
+        const double v = loss.forward(logits, yb, cfg.batch);
+        loss.backward(dlogits.view());
+        m.backward(dlogits.view());
+        return v;
+      });
+      loss_sum += l;
+      const auto& plan = moe_of(model).plan();
+      for (index_t e = 0; e < cfg.experts; ++e) load[e] += plan.counts[e];
+      drop_frac += static_cast<double>(plan.dropped) / static_cast<double>(std::max<index_t>(plan.tokens * plan.k, 1));
+      if (rank == 0 && cfg.print_loss) std::printf("step %lld loss %.9g\n", static_cast<long long>(step), l);
+      if (bar) bar->tick(1, "loss " + std::to_string(loss_sum / static_cast<double>(s + 1)).substr(0, 6));
+    }
+    if (bar) bar->finish();
+    comm::all_reduce(c, std::span<double>(load));
+    comm::all_reduce(c, std::span<double>(&drop_frac, 1));
+
+    // Test accuracy: each rank classifies its share of the test set.
+    model.train(false);
+    const index_t eval_batch = 1000, n_test = test.size(), per_rank = n_test / P;
+    double correct = 0;
+    for (index_t b = rank * per_rank; b < (rank + 1) * per_rank; b += eval_batch) {
+      const index_t n = std::min(eval_batch, (rank + 1) * per_rank - b);
+      auto logits = model.forward(as_matrix<const float>(test.images.data() + b * 784, n, 784));
+      correct += static_cast<double>(layer::count_correct(logits, std::span<const std::int32_t>(test.labels.data() + b, n)));
+    }
+    comm::all_reduce(c, std::span<double>(&correct, 1));
+    out.accuracy = correct / static_cast<double>(P * per_rank);
+    if (rank == 0) {
+      const double total_load = std::accumulate(load.begin(), load.end(), 0.0);
+      std::printf("epoch %2d  loss %.4f  test accuracy %.2f %%  dropped %.2f %%  expert load", epoch,
+                  loss_sum / static_cast<double>(steps_now), 100.0 * out.accuracy,
+                  100.0 * drop_frac / static_cast<double>(P * steps_now));
+      for (double v : load) std::printf(" %.3f", v / total_load);
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+  }
+  out.steps = step;
+  out.epochs = epochs;
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const config cfg = parse(argc, argv);
-  blas::set_num_threads(std::max(1, cfg.threads / cfg.ranks));
   io::mnist_split train, test;
   try {
     train = io::load_mnist_split(cfg.data, "train");
@@ -132,115 +259,47 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "fashion_mnist: %s\n(install Debian's dataset-fashion-mnist, or pass --data DIR)\n", e.what());
     return 1;
   }
-  const index_t n_train = cfg.limit > 0 ? std::min(cfg.limit, train.size()) : train.size();
-  const index_t steps_per_epoch = n_train / cfg.batch, total_steps = steps_per_epoch * cfg.epochs;
-  std::printf("fashion_mnist: %lld train / %lld test images, %d epochs of %lld steps, batch %lld, %d rank(s)\n",
-              static_cast<long long>(n_train), static_cast<long long>(test.size()), cfg.epochs,
-              static_cast<long long>(steps_per_epoch), static_cast<long long>(cfg.batch), cfg.ranks);
-  std::printf("model: 784 -> %lld -> MoE(%lld experts x ffn %lld, top-2, capacity 1.25) -> 10\n",
-              static_cast<long long>(cfg.hidden), static_cast<long long>(cfg.experts), static_cast<long long>(cfg.ffn));
-
-  std::fflush(stdout);
   const auto t0 = std::chrono::steady_clock::now();
-  double final_accuracy = 0;
-  std::size_t param_count = 0;
-  std::mutex print;
-  comm::local::run(cfg.ranks, [&](comm::local& c) {
-    const int P = c.size(), rank = c.rank();
-    cpu_executor ex({.threads = std::max(1, cfg.threads / P)});
-    model_t model = make_model(ex, c, cfg);
-    train::adamw<float> opt(ex, {.lr = cfg.lr, .weight_decay = cfg.weight_decay});
-    layer::softmax_cross_entropy<float> loss(ex, {.label_smoothing = 0.1});
-    {  // Dense parameters are replicated; experts are split over the ranks.
-      double dense = 0, experts = 0;
-      for (auto& p : model.parameters()) dense += static_cast<double>(p.value.size());
-      train::for_each_expert_block(model, [&](auto& blk, auto&) { experts += static_cast<double>(blk.params.size()); });
-      comm::all_reduce(c, std::span<double>(&experts, 1));
-      if (rank == 0) param_count = static_cast<std::size_t>(dense + experts);
+  outcome result;
+  int ranks = cfg.ranks, rank = 0;
+  try {
+#ifdef FASHION_MNIST_TCP
+    if (std::getenv("SEMOE_WORLD_SIZE") || std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("SLURM_NTASKS")) {
+      auto world = comm::tcp::from_env();
+      ranks = world.size();
+      rank = world.rank();
+      blas::set_num_threads(cfg.threads);
+      result = train_and_test(world, cfg, train, test);
+    } else
+#endif
+    {
+      blas::set_num_threads(std::max(1, cfg.threads / cfg.ranks));
+      config per_rank = cfg;
+      per_rank.threads = std::max(1, cfg.threads / cfg.ranks);
+      std::mutex m;
+      comm::local::run(cfg.ranks, [&](comm::local& c) {
+        auto r = train_and_test(c, per_rank, train, test);
+        std::lock_guard lock(m);
+        if (c.rank() == 0) result = r;
+      });
     }
-
-    const index_t local_batch = cfg.batch / P;
-    matrix<float> xb(local_batch, 784), dlogits(local_batch, 10);
-    std::vector<std::int32_t> yb(static_cast<std::size_t>(local_batch));
-    std::vector<index_t> order(static_cast<std::size_t>(n_train));
-    std::iota(order.begin(), order.end(), 0);
-    std::mt19937_64 shuffle_rng(cfg.seed);
-    std::uint64_t step = 0;
-
-    for (int epoch = 1; epoch <= cfg.epochs; ++epoch) {
-      std::shuffle(order.begin(), order.end(), shuffle_rng);  // same order on every rank
-      model.train(true);
-      std::unique_ptr<progress_bar> bar;
-      if (rank == 0) bar = std::make_unique<progress_bar>("epoch " + std::to_string(epoch), steps_per_epoch);
-      double loss_sum = 0;
-      std::vector<double> load(static_cast<std::size_t>(cfg.experts), 0.0);
-      index_t dropped = 0, routed = 0;
-      for (index_t s = 0; s < steps_per_epoch; ++s, ++step) {
-        if (step == 50 && rank == 0) trace::recorder::instance().stop();  // a timeline, not a log
-        trace::scope ts("step", "train", rank);
-        for (index_t i = 0; i < local_batch; ++i) {
-          const index_t src = order[s * cfg.batch + rank * local_batch + i];
-          std::copy_n(train.images.data() + src * 784, 784, xb.data() + i * 784);
-          if (philox(cfg.seed, 0xf11b).uniform(step * cfg.batch + rank * local_batch + i) < 0.5f)
-            flip_row(xb.data() + i * 784);
-          yb[i] = train.labels[src];
-        }
-        opt.set_lr(train::cosine_lr(step, total_steps, cfg.lr, total_steps / 50, 0.02));
-        model.zero_grad();
-        auto logits = model.forward(xb.view());
-        double l = loss.forward(logits, yb, cfg.batch);
-        loss.backward(dlogits.view());
-        model.backward(dlogits.view());
-        train::reduce_dense_grads(model, c);
-        train::clip_grad_norm(model, c, 1.0);
-        opt.step(model);
-        comm::all_reduce(c, std::span<double>(&l, 1));
-        loss_sum += l + moe_of(model).aux_loss();
-        const auto& plan = moe_of(model).plan();
-        for (index_t e = 0; e < cfg.experts; ++e) load[e] += plan.counts[e];
-        dropped += plan.dropped;
-        routed += plan.tokens * plan.k;
-        model.end_step();
-        if (bar) bar->tick(1, "loss " + std::to_string(loss_sum / static_cast<double>(s + 1)).substr(0, 6));
-      }
-      if (bar) bar->finish();
-      comm::all_reduce(c, std::span<double>(load));
-
-      // Test accuracy: each rank classifies its share of the test set.
-      model.train(false);
-      const index_t eval_batch = 1000, n_test = test.size(), per_rank = n_test / P;
-      double correct = 0;
-      for (index_t b = rank * per_rank; b < (rank + 1) * per_rank; b += eval_batch) {
-        const index_t n = std::min(eval_batch, (rank + 1) * per_rank - b);
-        auto logits = model.forward(as_matrix<const float>(test.images.data() + b * 784, n, 784));
-        correct += static_cast<double>(layer::count_correct(logits, std::span<const std::int32_t>(test.labels.data() + b, n)));
-      }
-      comm::all_reduce(c, std::span<double>(&correct, 1));
-      double drop_frac = static_cast<double>(dropped) / static_cast<double>(std::max<index_t>(routed, 1));
-      comm::all_reduce(c, std::span<double>(&drop_frac, 1));
-      if (rank == 0) {
-        std::lock_guard lock(print);
-        const double total_load = std::accumulate(load.begin(), load.end(), 0.0);
-        std::printf("epoch %2d  loss %.4f  test accuracy %.2f %%  dropped %.2f %%  expert load", epoch,
-                    loss_sum / static_cast<double>(steps_per_epoch), 100.0 * correct / static_cast<double>(n_test),
-                    100.0 * drop_frac / P);
-        for (double v : load) std::printf(" %.3f", v / total_load);
-        std::printf("\n");
-        std::fflush(stdout);
-        final_accuracy = correct / static_cast<double>(n_test);
-      }
-    }
-  });
+  } catch (const semoe::error& e) {
+    std::fprintf(stderr, "fashion_mnist: %s\n", e.what());
+    return 1;
+  }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (trace::recorder::instance().enabled()) trace::recorder::instance().write();
-  std::printf("%s\n", nlohmann::json{{"example", "fashion_mnist"},
-                                     {"test_accuracy", final_accuracy},
-                                     {"epochs", cfg.epochs},
-                                     {"seconds", seconds},
-                                     {"ranks", cfg.ranks},
-                                     {"experts", cfg.experts},
-                                     {"parameters", param_count}}
-                          .dump()
-                          .c_str());
+  auto& rec = trace::recorder::instance();
+  if (rec.enabled() && rank == 0) rec.write();
+  if (rank == 0)
+    std::printf("%s\n", nlohmann::json{{"example", "fashion_mnist"},
+                                       {"test_accuracy", result.accuracy},
+                                       {"epochs", result.epochs},
+                                       {"steps", result.steps},
+                                       {"seconds", seconds},
+                                       {"ranks", ranks},
+                                       {"experts", cfg.experts},
+                                       {"parameters", result.parameters}}
+                            .dump()
+                            .c_str());
   return 0;
 }
