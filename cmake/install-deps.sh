@@ -4,7 +4,7 @@
 # Root: apt-get installs them. Otherwise: prints the one command to run and fails.
 set -euo pipefail
 
-packages=(libopenblas-dev doctest-dev nlohmann-json3-dev libboost-dev zlib1g-dev
+packages=(libopenblas-dev doctest-dev nlohmann-json3-dev libboost-dev zlib1g-dev libssl-dev
           libbenchmark-dev dataset-fashion-mnist "$@")
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
