@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(libopenblas-dev doctest-dev nlohmann-json3-dev libboost-dev zlib1g-dev libssl-dev
-          libbenchmark-dev dataset-fashion-mnist "$@")
+          libbenchmark-dev dataset-fashion-mnist fortunes "$@")
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
   echo "semoe: not a Debian system; make sure these (or their equivalents) are installed: ${packages[*]}" >&2

@@ -48,6 +48,8 @@ struct config {
   double lr = 2e-3;
   int ranks = 1, threads = 2, eval_every = 1000;
   double time_limit = 0;  // seconds; 0: none
+  index_t eval_bytes = 0;  // held-out bytes scored; 0: all
+  bool print_loss = false;
   std::uint64_t seed = 1;
 };
 
@@ -94,7 +96,7 @@ corpus load_fortunes(const std::string& dir) {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "%s\nusage: fortune_lm [--steps N] [--batch B] [--lr X] [--ranks P] [--threads T] [--experts E]\n"
-               "                  [--time-limit S] [--eval-every N] [--seed S] [--data DIR]\n"
+               "                  [--time-limit S] [--eval-every N] [--eval-bytes N] [--print-loss] [--seed S] [--data DIR]\n"
                "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n",
                why);
   std::exit(2);
@@ -117,6 +119,8 @@ config parse(int argc, char** argv) {
       else if (a == "--experts") c.experts = std::stol(value());
       else if (a == "--time-limit") c.time_limit = std::stod(value());
       else if (a == "--eval-every") c.eval_every = std::stoi(value());
+      else if (a == "--eval-bytes") c.eval_bytes = std::stol(value());
+      else if (a == "--print-loss") c.print_loss = true;
       else if (a == "--seed") c.seed = std::stoull(value());
       else if (a == "--data") c.data = value();
       else if (a == "--help" || a == "-h") usage("Train a byte-level MoE language model on fortunes.");
@@ -211,7 +215,8 @@ int train_lm(Comm& world, const config& cfg, const corpus& text) {
   // Held-out bits per byte: every byte of the held-out text, split over the ranks.
   auto evaluate = [&]() {
     model.train(false);
-    const index_t n = static_cast<index_t>(text.heldout.size());
+    const auto all = static_cast<index_t>(text.heldout.size());
+    const index_t n = cfg.eval_bytes > 0 ? std::min(cfg.eval_bytes, all) : all;
     double nats = 0;
     for (index_t b = 0; b < n; b += cfg.batch) {
       const index_t begin = b + rank * local, rows = std::clamp<index_t>(n - begin, 0, local);
@@ -245,7 +250,7 @@ int train_lm(Comm& world, const config& cfg, const corpus& text) {
   const auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   std::unique_ptr<progress_bar> bar;
-  if (rank == 0) bar = std::make_unique<progress_bar>("train", cfg.steps);
+  if (rank == 0 && !cfg.print_loss) bar = std::make_unique<progress_bar>("train", cfg.steps);
   const philox pick(cfg.seed, 0xb47c4);
   const auto train_n = static_cast<std::uint64_t>(text.train.size());
   index_t step = 0;
@@ -265,6 +270,7 @@ int train_lm(Comm& world, const config& cfg, const corpus& text) {
       return l;
     });
     recent = step == 0 ? loss : 0.98 * recent + 0.02 * loss;
+    if (rank == 0 && cfg.print_loss) std::printf("step %lld loss %.9g\n", static_cast<long long>(step), loss);
     if (bar) bar->tick(1, "train bits/byte " + std::to_string(recent / std::log(2.0)).substr(0, 5));
     double stop = cfg.time_limit > 0 && elapsed() > cfg.time_limit ? 1.0 : 0.0;
     comm::all_reduce(world, std::span<double>(&stop, 1), comm::reduce_op::max);  // all ranks stop together

@@ -326,12 +326,12 @@ class hierarchical {
       std::size_t bad = P;
       for (std::size_t src = 0; src < P && bad == P; ++src)
         if (vrecv[src] != rc[src]) bad = src;
-      // Agree on the verdict (rail, then node: that covers every rank) so no
-      // rank goes on into a data step whose peer has thrown.
+      // Agree on the verdict in one world collective, so no rank goes on into
+      // a data step whose peer has thrown, and no rank throws (aborting the
+      // job) while another still waits for the verdict and would lose the
+      // root cause to an "aborted" error.
       int failed = bad != P;
-      step(st, "rail verdict", [&] { st.rail.all_reduce_async(std::span<int>(&failed, 1), reduce_op::max).wait(); });
-      step(st, "intra-node verdict",
-           [&] { st.intra.all_reduce_async(std::span<int>(&failed, 1), reduce_op::max).wait(); });
+      step(st, "verdict", [&] { st.world.all_reduce_async(std::span<int>(&failed, 1), reduce_op::max).wait(); });
       SEMOE_CHECK(bad == P, "semoe::comm::hierarchical::all_to_all_v: rank ", bad, " sends ", vrecv[bad],
                   " elements to rank ", st.world.rank(), ", which expects ", bad < P ? rc[bad] : 0);
       SEMOE_CHECK(!failed, "semoe::comm::hierarchical::all_to_all_v was aborted: another rank's recv_counts "

@@ -50,12 +50,11 @@ TEST_CASE("every rank gets its rank, the world, the master and one shared secret
   const std::string text = out.text();
   std::set<std::string> secrets;
   for (int rank = 0; rank < 3; ++rank) {
-    const std::string head = "[" + std::to_string(rank) + "] env " + std::to_string(rank) + " 3 " +
-                             std::to_string(rank) + " 3 127.0.0.1 64 ";
+    const std::string head = semoe::detail::concat("[", rank, "] env ", rank, " 3 ", rank, " 3 127.0.0.1 64 ");
     const auto at = text.find(head);
     REQUIRE(at != std::string::npos);
     secrets.insert(text.substr(at + head.size(), 64));
-    CHECK(text.find("[" + std::to_string(rank) + "] tail\n") != std::string::npos);  // unterminated last line
+    CHECK(text.find(semoe::detail::concat("[", rank, "] tail\n")) != std::string::npos);  // unterminated last line
   }
   CHECK(secrets.size() == 1);  // the same fresh secret for every rank
 }

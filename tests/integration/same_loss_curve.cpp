@@ -1,0 +1,110 @@
+// Through the launcher: the Fashion-MNIST model and the fortune language model
+// trained for 50 steps on 2 and 4 tcp processes, and on 2 thread-ranks, follow
+// the loss curve of one process to 1e-4 relative per step. The example
+// programs are named by SEMOE_FASHION_MNIST and SEMOE_FORTUNE_LM (ctest sets them).
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "semoe/launch/launcher.hpp"
+
+namespace {
+
+std::string slurp(std::FILE* f) {
+  std::fflush(f);
+  std::rewind(f);
+  std::string s;
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+  return s;
+}
+
+/// "step N loss X" lines (rank 0's, with or without the launcher's prefix).
+std::vector<double> losses(const std::string& text) {
+  std::map<long, double> by_step;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto at = line.find("step ");
+    if (at == std::string::npos || (at != 0 && line.rfind("[0] ", 0) != 0)) continue;
+    long step;
+    double loss;
+    if (std::sscanf(line.c_str() + at, "step %ld loss %lf", &step, &loss) == 2) by_step[step] = loss;
+  }
+  std::vector<double> v;
+  for (auto& [s, l] : by_step) v.push_back(l);
+  return v;
+}
+
+std::vector<double> curve(const std::string& program, std::vector<std::string> args, int processes) {
+  std::FILE* out = std::tmpfile();
+  semoe::launch::options o;
+  o.ranks_per_node = processes;
+  o.out = out;
+  args.insert(args.begin(), program);
+  const auto r = semoe::launch::run(args, o);
+  const std::string text = slurp(out);
+  std::fclose(out);
+  INFO(text);
+  REQUIRE(r.exit_code == 0);
+  return losses(text);
+}
+
+void check_same(const std::vector<double>& one, const std::vector<double>& many, const char* what) {
+  REQUIRE(one.size() == 50);
+  REQUIRE(many.size() == one.size());
+  double worst = 0;
+  for (std::size_t s = 0; s < one.size(); ++s) worst = std::max(worst, std::abs(many[s] - one[s]) / std::abs(one[s]));
+  INFO(what << ": worst relative difference " << worst);
+  CHECK(worst <= 1e-4);
+  MESSAGE(what << ": worst relative difference per step " << worst);
+}
+
+const char* program(const char* var) {
+  const char* p = std::getenv(var);
+  return p && *p ? p : nullptr;
+}
+
+}  // namespace
+
+TEST_CASE("fashion_mnist: 2 and 4 tcp processes and 2 thread-ranks follow one process's loss curve") {
+  const char* fm = program("SEMOE_FASHION_MNIST");
+  if (!fm) {
+    MESSAGE("SEMOE_FASHION_MNIST is not set; run this through ctest");
+    return;
+  }
+  const std::vector<std::string> args = {"--steps", "50", "--limit", "8192", "--batch", "64", "--hidden", "128",
+                                         "--ffn", "256", "--threads", "1", "--print-loss"};
+  const auto one = curve(fm, args, 1);
+  check_same(one, curve(fm, args, 2), "fashion_mnist, 2 processes");
+  check_same(one, curve(fm, args, 4), "fashion_mnist, 4 processes");
+  // One process without the launcher's variables runs --ranks thread-ranks.
+  std::vector<std::string> threads = {"env", "-u", "SEMOE_WORLD_SIZE", fm, "--ranks", "2"};
+  threads.insert(threads.end(), args.begin(), args.end());
+  std::FILE* out = std::tmpfile();
+  semoe::launch::options o;
+  o.out = out;
+  REQUIRE(semoe::launch::run(threads, o).exit_code == 0);
+  check_same(one, losses(slurp(out)), "fashion_mnist, 2 thread-ranks");
+  std::fclose(out);
+}
+
+TEST_CASE("fortune_lm: 2 and 4 tcp processes follow one process's loss curve") {
+  const char* lm = program("SEMOE_FORTUNE_LM");
+  if (!lm) {
+    MESSAGE("SEMOE_FORTUNE_LM is not set; run this through ctest");
+    return;
+  }
+  const std::vector<std::string> args = {"--steps", "50", "--batch", "64", "--eval-every", "0", "--eval-bytes",
+                                         "1024", "--threads", "1", "--print-loss"};
+  const auto one = curve(lm, args, 1);
+  check_same(one, curve(lm, args, 2), "fortune_lm, 2 processes");
+  check_same(one, curve(lm, args, 4), "fortune_lm, 4 processes");
+}
