@@ -44,7 +44,7 @@ namespace {
 
 struct config {
   std::string data = "/usr/share/games/fortunes";
-  index_t steps = 6000, batch = 256, context = 16, embed = 32, hidden = 384, ffn = 768, experts = 8;
+  index_t steps = 7000, batch = 1024, context = 16, embed = 32, hidden = 384, ffn = 768, experts = 8;
   double lr = 2e-3;
   int ranks = 1, threads = 2, eval_every = 1000;
   double time_limit = 0;  // seconds; 0: none

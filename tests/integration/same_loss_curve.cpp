@@ -57,7 +57,7 @@ std::vector<double> curve(const std::string& program, std::vector<std::string> a
   return losses(text);
 }
 
-void check_same(const std::vector<double>& one, const std::vector<double>& many, const char* what) {
+void check_same(const std::vector<double>& one, const std::vector<double>& many, const std::string& what) {
   REQUIRE(one.size() == 50);
   REQUIRE(many.size() == one.size());
   double worst = 0;
