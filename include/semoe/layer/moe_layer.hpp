@@ -105,11 +105,16 @@ class basic_moe_layer {
 
   void forward(matrix_view<const T> x, matrix_view<T> y) {
     const index_t tokens = x.rows(), H = opt_.hidden, E = opt_.experts;
-    SEMOE_CHECK(tokens > 0, "semoe::moe_layer::forward: empty batch (x has 0 rows)");
+    SEMOE_CHECK(tokens > 0 || comm_->size() > 1, "semoe::moe_layer::forward: empty batch (x has 0 rows)");
     check_shape(x, tokens, H, "semoe::moe_layer::forward: x");
     check_shape(matrix_view<const T>(y), tokens, H, "semoe::moe_layer::forward: y");
     x_ = x;
+    // Uneven batches are fine, a rank with no tokens included: every rank
+    // learns every rank's count here, and capacity is computed from the total.
     agree_on_tokens(tokens);
+    SEMOE_CHECK(global_tokens_ > 0, "semoe::moe_layer::forward: empty batch (0 tokens on every one of the ",
+                comm_->size(), " ranks)");
+    has_forward_ = true;
 
     {  // Router: logits = x' Wg, with x' = x * jitter when the gate asks for it.
       trace::scope ts("router", "compute", comm_->rank());
@@ -159,7 +164,7 @@ class basic_moe_layer {
 
   void backward(matrix_view<const T> dy, matrix_view<T> dx) {
     const index_t tokens = plan_.tokens, H = opt_.hidden, E = opt_.experts, R = plan_.kept();
-    SEMOE_CHECK(tokens > 0 && x_.rows() == tokens, "semoe::moe_layer::backward: no forward to go back through");
+    SEMOE_CHECK(has_forward_ && x_.rows() == tokens, "semoe::moe_layer::backward: no forward to go back through");
     check_shape(dy, tokens, H, "semoe::moe_layer::backward: dy");
     const bool want_dx = dx.rows() > 0;
     if (want_dx) check_shape(matrix_view<const T>(dx), tokens, H, "semoe::moe_layer::backward: dx");
@@ -425,6 +430,7 @@ class basic_moe_layer {
   Prefetch prefetch_{};
   index_t layer_id_ = 0, local_experts_ = 0, first_expert_ = 0;
   bool training_ = true;
+  bool has_forward_ = false;
   std::uint64_t step_ = 0;
   index_t global_tokens_ = 0, token_offset_ = 0;
 

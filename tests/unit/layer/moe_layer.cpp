@@ -210,6 +210,44 @@ TEST_CASE_TEMPLATE("moe_layer over 1, 2 and 4 ranks equals one rank", Gate, gate
   for (int P : {2, 4}) check_ranks<Gate>(o, P);
 }
 
+TEST_CASE("uneven batches over 2 ranks, one of them empty, equal one rank") {
+  using layer_t = moe_layer<cpu, gate::top_k<2>>;
+  const index_t T = 24, H = 8, E = 4;
+  layer_t::options opt{.hidden = H, .ffn = 12, .experts = E, .gate = {.capacity_factor = 1.0}, .seed = 4};
+  matrix<float> x(T, H), dy(T, H), y1(T, H), dx1(T, H);
+  fill(x.span(), 1);
+  fill(dy.span(), 2);
+  comm::local::run(1, [&](comm::local& c) {
+    cpu_executor ex({.threads = 1});
+    layer_t moe(ex, c, opt);
+    moe.forward(x.view(), y1.view());
+    moe.backward(dy.view(), dx1.view());
+  });
+  for (index_t split : {index_t{0}, index_t{5}, T}) {  // rank 0 takes `split` tokens, rank 1 the rest
+    matrix<float> y2(T, H), dx2(T, H);
+    comm::local::run(2, [&](comm::local& c) {
+      cpu_executor ex({.threads = 1});
+      layer_t moe(ex, c, opt);
+      const index_t t0 = c.rank() == 0 ? 0 : split, n = c.rank() == 0 ? split : T - split;
+      moe.forward(as_matrix<const float>(x.data() + t0 * H, n, H), as_matrix(y2.data() + t0 * H, n, H));
+      moe.backward(as_matrix<const float>(dy.data() + t0 * H, n, H), as_matrix(dx2.data() + t0 * H, n, H));
+    });
+    double worst = 0;
+    for (index_t i = 0; i < T * H; ++i)
+      worst = std::max({worst, rel(y1.data()[i], y2.data()[i]), rel(dx1.data()[i], dx2.data()[i])});
+    INFO("rank 0 holds " << split << " of " << T << " tokens");
+    CHECK(worst < 1e-5);
+  }
+  CHECK_THROWS_WITH_AS(comm::local::run(2,
+                                        [&](comm::local& c) {
+                                          cpu_executor ex({.threads = 1});
+                                          layer_t moe(ex, c, opt);
+                                          matrix<float> none(0, H);
+                                          moe.forward(none.view(), none.view());
+                                        }),
+                       doctest::Contains("0 tokens on every one of the 2 ranks"), semoe::error);
+}
+
 TEST_CASE("moe_layer rejects bad input with a message naming it") {
   cpu_executor ex({.threads = 1});
   auto comms = comm::local::make_world(1);

@@ -36,7 +36,10 @@ template <class T>
 route_context begin_route(const char* gate, const route_context& ctx, matrix_view<const T> logits,
                           routing_plan<T>& plan, index_t k) {
   const index_t n = logits.rows(), E = logits.cols();
-  SEMOE_CHECK(n > 0, gate, ": empty batch: logits have 0 tokens; expected at least 1");
+  // A rank may hold no tokens in a step when its peers do: it still joins
+  // every collective of the routing. An empty batch over all ranks is an error.
+  SEMOE_CHECK(n > 0 || (ctx.ranks > 1 && ctx.global_tokens > 0), gate,
+              ": empty batch: logits have 0 tokens; expected at least 1");
   for (index_t t = 0; t < n; ++t)
     for (index_t e = 0; e < E; ++e)
       if (!std::isfinite(logits(t, e)))
