@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <functional>
 #include <cstddef>
 #include <string>
 #include <tuple>
@@ -84,6 +85,11 @@ class sequential {
     backward_from<count - 1>(dy, dx);
   }
 
+  /// Called with layer i once layer i's backward has finished, i.e. once its
+  /// parameter gradients are final: a trainer launches the reduction of the
+  /// gradient buckets they fill while earlier layers still run backward.
+  void set_backward_hook(std::function<void(std::size_t)> hook) { hook_ = std::move(hook); }
+
   /// Every layer's parameters, named "<index>.<name>" ("0.weight", "2.1.bias").
   param_list<T> parameters() {
     param_list<T> all;
@@ -147,6 +153,7 @@ class sequential {
   void backward_from(matrix_view<const T> dy, matrix_view<T> dx_first) {
     if constexpr (I == 0) {
       std::get<0>(layers_).backward(dy, dx_first);
+      if (hook_) hook_(0);
     } else {
       // Two buffers in turn: layer I writes one while reading the other.
       buffer<T>& g = grads_[I % 2];
@@ -154,6 +161,7 @@ class sequential {
       if (g.size() < need) g.resize_discard(need);
       const matrix_view<T> dx = as_matrix(g.data(), rows_, cols_[I]);
       std::get<I>(layers_).backward(dy, dx);
+      if (hook_) hook_(I);
       backward_from<I - 1>(dx, dx_first);
     }
   }
@@ -164,6 +172,7 @@ class sequential {
   std::array<index_t, count + 1> cols_{};
   index_t rows_ = 0;
   bool has_input_ = false;
+  std::function<void(std::size_t)> hook_;
 };
 
 template <class L0, class... Ls>

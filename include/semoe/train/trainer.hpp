@@ -7,9 +7,12 @@
 // exactly once, so W ranks take the same step as one rank on the whole batch.
 #pragma once
 
+#include <functional>
+#include <optional>
 #include <span>
 #include <vector>
 
+#include "semoe/comm/bucket.hpp"
 #include "semoe/comm/concepts.hpp"
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/trace.hpp"
@@ -64,12 +67,20 @@ class trainer {
  public:
   struct options {
     double clip_norm = 1.0;  ///< 0: no clipping
+    /// Reduce dense gradients in buckets of this size, each launched as soon as
+    /// backward has finished the layers that fill it (SE-MoE's fusion
+    /// communication), when the model reports finished layers
+    /// (set_backward_hook). 0: one fused all-reduce after backward.
+    std::size_t bucket_bytes = std::size_t{4} << 20;
   };
 
   trainer(Model& model, Optimizer& opt, Comm& world, parallel_groups<Comm>& groups)
       : trainer(model, opt, world, groups, options{}) {}
   trainer(Model& model, Optimizer& opt, Comm& world, parallel_groups<Comm>& groups, options o)
       : model_(&model), opt_(&opt), world_(&world), groups_(&groups), opt_o_(o) {}
+  // The model's backward hook points at this trainer: it stays where it is.
+  trainer(const trainer&) = delete;
+  trainer& operator=(const trainer&) = delete;
 
   /// One step. `forward_backward(model)` runs forward, the loss and backward
   /// on this rank's slice and returns this rank's share of the task loss
@@ -79,11 +90,17 @@ class trainer {
   double step(F&& forward_backward) {
     trace::scope ts("train_step", "train", world_->rank());
     model_->zero_grad();
+    const bool overlap = prepare_buckets();
     double loss[2] = {static_cast<double>(forward_backward(*model_)), 0.0};
     for_each_moe_layer(*model_, [&](auto& l) { loss[1] += static_cast<double>(l.aux_loss()); });
     {
       trace::scope tr("reduce_grads", "comm", world_->rank());
-      reduce_dense_grads(*model_, *world_);
+      if (overlap) {
+        buckets_->mark_all_ready();  // layers the hook did not report (none, normally)
+        buckets_->finish();
+      } else {
+        reduce_dense_grads(*model_, *world_);
+      }
       reduce_expert_grads(*model_, groups_->replica);
     }
     // Each expert group computed the same aux loss on every member: count it once per group.
@@ -98,8 +115,32 @@ class trainer {
 
   double last_grad_norm() const { return last_norm_; }
   std::uint64_t steps() const { return steps_; }
+  /// Gradient buckets reduced while backward runs (0: not overlapping).
+  std::size_t overlapped_buckets() const { return buckets_ ? buckets_->bucket_count() : 0; }
 
  private:
+  using value_type = typename decltype(std::declval<Model&>().parameters())::value_type::value_type;
+
+  /// Buckets and the backward hook that fills them, made on the first step
+  /// (parameter spans are stable from then on). False: reduce after backward.
+  bool prepare_buckets() {
+    if constexpr (requires { model_->set_backward_hook(std::function<void(std::size_t)>{}); }) {
+      if (opt_o_.bucket_bytes == 0 || world_->size() == 1) return false;
+      if (!buckets_) {
+        // Parameters of top-level layer i are params[first_[i] .. first_[i + 1]).
+        first_.assign(1, 0);
+        model_->for_each_layer([&](auto& l) { first_.push_back(first_.back() + l.parameters().size()); });
+        buckets_.emplace(model_->parameters(), *world_, comm::bucket_options{.bucket_bytes = opt_o_.bucket_bytes});
+        model_->set_backward_hook([this](std::size_t layer) {
+          for (std::size_t p = first_[layer]; p < first_[layer + 1]; ++p) buckets_->mark_ready(p);
+        });
+      }
+      return true;
+    } else {
+      return false;
+    }
+  }
+
   Model* model_;
   Optimizer* opt_;
   Comm* world_;
@@ -107,6 +148,8 @@ class trainer {
   options opt_o_;
   double last_norm_ = 0;
   std::uint64_t steps_ = 0;
+  std::optional<comm::gradient_buckets<value_type, Comm>> buckets_;
+  std::vector<std::size_t> first_;
 };
 
 }  // namespace semoe::train

@@ -51,7 +51,8 @@ std::vector<double> loss_curve(int world_size, int expert_parallel, int steps, g
                              .gate = gopt, .seed = 9})),
                   layer::linear<float>(ex, {.in = hidden, .out = classes}, 2));
     train::adamw<float> opt(ex, {.lr = 3e-3});
-    train::trainer tr(model, opt, world, groups, {.clip_norm = 0.5});
+    // Small buckets: several reductions launch while backward still runs.
+    train::trainer tr(model, opt, world, groups, {.clip_norm = 0.5, .bucket_bytes = 256});
     layer::softmax_cross_entropy<float> ce(ex);
     const index_t n = batch / world_size, t0 = world.rank() * n;
     matrix<float> x(batch, in), dlogits(n, classes);
@@ -67,6 +68,7 @@ std::vector<double> loss_curve(int world_size, int expert_parallel, int steps, g
       });
       if (world.rank() == 0) curve.push_back(loss);
     }
+    if (world_size > 1) CHECK(tr.overlapped_buckets() > 2);
   });
   return curve;
 }
