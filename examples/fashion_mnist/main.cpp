@@ -268,8 +268,10 @@ int main(int argc, char** argv) {
       auto world = comm::tcp::from_env();
       ranks = world.size();
       rank = world.rank();
-      blas::set_num_threads(cfg.threads);
-      result = train_and_test(world, cfg, train, test);
+      config per_process = cfg;  // the host's cores are shared by its ranks
+      per_process.threads = std::max(1, cfg.threads / world.local_size());
+      blas::set_num_threads(per_process.threads);
+      result = train_and_test(world, per_process, train, test);
     } else
 #endif
     {

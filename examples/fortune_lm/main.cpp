@@ -309,19 +309,24 @@ int main(int argc, char** argv) {
   const config cfg = parse(argc, argv);
   try {
     const corpus text = load_fortunes(cfg.data);
-    blas::set_num_threads(std::max(1, cfg.threads));
 #ifdef FORTUNE_LM_TCP
     if (std::getenv("SEMOE_WORLD_SIZE") || std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("SLURM_NTASKS")) {
       auto world = comm::tcp::from_env();
       auto& rec = trace::recorder::instance();  // one trace file per process
       if (rec.enabled() && world.size() > 1) rec.start(rec.path() + ".rank" + std::to_string(world.rank()));
-      const int rc = train_lm(world, cfg, text);
+      config per_process = cfg;  // the host's cores are shared by its ranks
+      per_process.threads = std::max(1, cfg.threads / world.local_size());
+      blas::set_num_threads(per_process.threads);
+      const int rc = train_lm(world, per_process, text);
       if (rec.enabled()) rec.write();
       return rc;
     }
 #endif
     int rc = 0;
-    comm::local::run(cfg.ranks, [&](comm::local& world) { rc |= train_lm(world, cfg, text); });
+    config per_rank = cfg;
+    per_rank.threads = std::max(1, cfg.threads / cfg.ranks);
+    blas::set_num_threads(per_rank.threads);
+    comm::local::run(cfg.ranks, [&](comm::local& world) { rc |= train_lm(world, per_rank, text); });
     if (trace::recorder::instance().enabled()) trace::recorder::instance().write();
     return rc;
   } catch (const semoe::error& e) {

@@ -16,6 +16,7 @@ namespace semoe::gate {
 
 struct switch_options {
   double capacity_factor = 1.25;
+  double eval_capacity_factor = 2.0;  ///< used when not training (GShard's evaluation capacity)
   bool dropless = false;
   drop_policy drop = drop_policy::position;
   balance_mode balance = balance_mode::aux_loss;

@@ -25,6 +25,10 @@ template <class O>
 void validate_common(const char* gate, const O& o) {
   SEMOE_CHECK(o.dropless || (o.capacity_factor > 0 && std::isfinite(o.capacity_factor)), gate,
               ": options.capacity_factor = ", o.capacity_factor, ": expected a finite value > 0 (or dropless = true)");
+  if constexpr (requires { o.eval_capacity_factor; })
+    SEMOE_CHECK(o.dropless || (o.eval_capacity_factor > 0 && std::isfinite(o.eval_capacity_factor)), gate,
+                ": options.eval_capacity_factor = ", o.eval_capacity_factor,
+                ": expected a finite value > 0 (or dropless = true)");
   SEMOE_CHECK(o.drop == drop_policy::position || o.drop == drop_policy::probability, gate, ": options.drop = ",
               static_cast<int>(o.drop), ": expected drop_policy::position or drop_policy::probability");
   validate_balance(gate, o.balance, o.aux_loss_coef, o.z_loss_coef, o.bias_rate);
@@ -70,9 +74,15 @@ void begin_backward(const char* gate, matrix_view<const T> logits, const routing
 }
 
 /// Capacity of the plan (0: dropless), then the group-wide capacity limit.
+/// Outside training, gates that have one use eval_capacity_factor (GShard
+/// evaluates with a larger capacity: dropping a token costs accuracy there,
+/// and no gradient step needs the compute bound).
 template <class T, class O>
 void apply_capacity(const route_context& ctx, routing_plan<T>& plan, const O& o) {
-  plan.capacity = o.dropless ? 0 : expert_capacity(o.capacity_factor, ctx.global_tokens, plan.k, plan.experts);
+  double factor = o.capacity_factor;
+  if constexpr (requires { o.eval_capacity_factor; })
+    if (!ctx.training) factor = o.eval_capacity_factor;
+  plan.capacity = o.dropless ? 0 : expert_capacity(factor, ctx.global_tokens, plan.k, plan.experts);
   limit_by_capacity(plan, ctx, o.drop);
 }
 
