@@ -65,6 +65,27 @@ class aux_free_bias {
 
 namespace detail {
 
+/// What every softmax gate keeps besides its routing code: its options, the
+/// aux-loss-free selection bias, and the end_step that moves the bias. The
+/// gates derive from it so the state and its update are written once.
+template <class Options>
+class balanced_gate {
+ public:
+  const Options& opts() const { return o_; }
+  /// Call after each optimizer step: the aux-free bias follows the last load.
+  void end_step(const route_context&) {
+    if (o_.balance == balance_mode::aux_free) bias_.update(o_.bias_rate);
+  }
+  /// The aux-loss-free selection bias (checkpoint it with the router weights).
+  aux_free_bias& bias() { return bias_; }
+  const aux_free_bias& bias() const { return bias_; }
+
+ protected:
+  explicit balanced_gate(const Options& o) : o_(o) {}
+  Options o_;
+  aux_free_bias bias_;
+};
+
 inline void validate_balance(const char* gate, balance_mode mode, double aux_loss_coef, double z_loss_coef,
                              double bias_rate) {
   SEMOE_CHECK(mode == balance_mode::aux_loss || mode == balance_mode::aux_free || mode == balance_mode::none,

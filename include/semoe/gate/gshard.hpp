@@ -28,15 +28,14 @@ struct gshard_options {
   bool random_routing = true;   ///< route the 2nd expert with probability 2 * w2 while training
 };
 
-class gshard {
+class gshard : public detail::balanced_gate<gshard_options> {
  public:
   using policy_kind = gate_tag;
   using options = gshard_options;
   static constexpr const char* name = "semoe::gate::gshard";
 
-  explicit gshard(options o = {}) : o_(o) { validate(o_); }
+  explicit gshard(options o = {}) : detail::balanced_gate<gshard_options>(o) { validate(o_); }
   static void validate(const options& o) { detail::validate_common(name, o); }
-  const options& opts() const { return o_; }
 
   index_t choices(index_t experts) const { return detail::check_choices(name, 2, experts); }
 
@@ -75,15 +74,10 @@ class gshard {
     detail::top_k_backward(plan, dweight, true, selected, dlogits);
   }
 
-  void end_step(const route_context&) {
-    if (o_.balance == balance_mode::aux_free) bias_.update(o_.bias_rate);
-  }
-  aux_free_bias& bias() { return bias_; }
-  const aux_free_bias& bias() const { return bias_; }
 
  private:
-  options o_;
-  aux_free_bias bias_;
+  using detail::balanced_gate<gshard_options>::o_;
+  using detail::balanced_gate<gshard_options>::bias_;
 };
 
 }  // namespace semoe::gate

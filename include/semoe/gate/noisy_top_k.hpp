@@ -31,7 +31,7 @@ struct noisy_top_k_options {
 };
 
 template <int K>
-class noisy_top_k {
+class noisy_top_k : public detail::balanced_gate<noisy_top_k_options> {
   static_assert(K >= 1, "semoe::gate::noisy_top_k<K>: K must be at least 1");
 
  public:
@@ -39,13 +39,12 @@ class noisy_top_k {
   using options = noisy_top_k_options;
   static constexpr const char* name = "semoe::gate::noisy_top_k";
 
-  explicit noisy_top_k(options o = {}) : o_(o) { validate(o_); }
+  explicit noisy_top_k(options o = {}) : detail::balanced_gate<noisy_top_k_options>(o) { validate(o_); }
   static void validate(const options& o) {
     detail::validate_common(name, o);
     SEMOE_CHECK(o.noise_std >= 0 && std::isfinite(o.noise_std), name, ": options.noise_std = ", o.noise_std,
                 ": expected a finite value >= 0");
   }
-  const options& opts() const { return o_; }
 
   index_t choices(index_t experts) const { return detail::check_choices(name, K, experts); }
 
@@ -97,15 +96,10 @@ class noisy_top_k {
     }
   }
 
-  void end_step(const route_context&) {
-    if (o_.balance == balance_mode::aux_free) bias_.update(o_.bias_rate);
-  }
-  aux_free_bias& bias() { return bias_; }
-  const aux_free_bias& bias() const { return bias_; }
 
  private:
-  options o_;
-  aux_free_bias bias_;
+  using detail::balanced_gate<noisy_top_k_options>::o_;
+  using detail::balanced_gate<noisy_top_k_options>::bias_;
 };
 
 }  // namespace semoe::gate

@@ -26,19 +26,18 @@ struct switch_options {
   double jitter_eps = 1e-2;     ///< router input times U(1 - eps, 1 + eps) while training; 0 turns it off
 };
 
-class switch_gate {
+class switch_gate : public detail::balanced_gate<switch_options> {
  public:
   using policy_kind = gate_tag;
   using options = switch_options;
   static constexpr const char* name = "semoe::gate::switch_gate";
 
-  explicit switch_gate(options o = {}) : o_(o) { validate(o_); }
+  explicit switch_gate(options o = {}) : detail::balanced_gate<switch_options>(o) { validate(o_); }
   static void validate(const options& o) {
     detail::validate_common(name, o);
     SEMOE_CHECK(o.jitter_eps >= 0 && o.jitter_eps < 1, name, ": options.jitter_eps = ", o.jitter_eps,
                 ": expected a value in [0, 1)");
   }
-  const options& opts() const { return o_; }
 
   index_t choices(index_t experts) const { return detail::check_choices(name, 1, experts); }
   float input_jitter() const { return static_cast<float>(o_.jitter_eps); }
@@ -60,15 +59,10 @@ class switch_gate {
     detail::top_k_backward(plan, dweight, false, [&](index_t a) { return plan.expert[a]; }, dlogits);
   }
 
-  void end_step(const route_context&) {
-    if (o_.balance == balance_mode::aux_free) bias_.update(o_.bias_rate);
-  }
-  aux_free_bias& bias() { return bias_; }
-  const aux_free_bias& bias() const { return bias_; }
 
  private:
-  options o_;
-  aux_free_bias bias_;
+  using detail::balanced_gate<switch_options>::o_;
+  using detail::balanced_gate<switch_options>::bias_;
 };
 
 }  // namespace semoe::gate

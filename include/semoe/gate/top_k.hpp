@@ -28,7 +28,7 @@ struct top_k_options {
 };
 
 template <int K>
-class top_k {
+class top_k : public detail::balanced_gate<top_k_options<K>> {
   static_assert(K >= 1, "semoe::gate::top_k<K>: K must be at least 1");
 
  public:
@@ -36,9 +36,8 @@ class top_k {
   using options = top_k_options<K>;
   static constexpr const char* name = "semoe::gate::top_k";
 
-  explicit top_k(options o = {}) : o_(o) { validate(o_); }
+  explicit top_k(options o = {}) : detail::balanced_gate<top_k_options<K>>(o) { validate(o_); }
   static void validate(const options& o) { detail::validate_common(name, o); }
-  const options& opts() const { return o_; }
 
   index_t choices(index_t experts) const { return detail::check_choices(name, K, experts); }
 
@@ -59,16 +58,10 @@ class top_k {
     detail::top_k_backward(plan, dweight, o_.normalize, [&](index_t a) { return plan.expert[a]; }, dlogits);
   }
 
-  void end_step(const route_context&) {
-    if (o_.balance == balance_mode::aux_free) bias_.update(o_.bias_rate);
-  }
-  /// The aux-loss-free selection bias (checkpoint it with the router weights).
-  aux_free_bias& bias() { return bias_; }
-  const aux_free_bias& bias() const { return bias_; }
 
  private:
-  options o_;
-  aux_free_bias bias_;
+  using detail::balanced_gate<top_k_options<K>>::o_;
+  using detail::balanced_gate<top_k_options<K>>::bias_;
 };
 
 }  // namespace semoe::gate
