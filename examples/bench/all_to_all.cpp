@@ -15,6 +15,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -132,8 +133,13 @@ int worker() {
 int main(int argc, char** argv) {
   if (std::getenv("SEMOE_WORLD_SIZE")) return worker();
   std::printf("all_to_all over comm::tcp on loopback (2 simulated nodes), against one socket pair\n");
+  // The socket pair is the noisier side of the ratio on a shared box: median of 3.
   std::vector<double> raw;
-  for (std::size_t b : sizes) raw.push_back(socket_pair_gbps(b));
+  for (std::size_t b : sizes) {
+    double r[3] = {socket_pair_gbps(b), socket_pair_gbps(b), socket_pair_gbps(b)};
+    std::sort(r, r + 3);
+    raw.push_back(r[1]);
+  }
   nlohmann::json results = nlohmann::json::array();
   for (int P : {2, 4}) {
     std::FILE* out = std::tmpfile();

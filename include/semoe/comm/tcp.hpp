@@ -113,10 +113,29 @@ struct recv_slot {
 };
 
 /// A message that arrived before its receive was posted (the peer ran ahead).
+/// Frames that arrived before their receive was posted. The bytes are not
+/// zero-filled and grow by doubling up to the message's total, so staging a
+/// large early message costs one extra copy, not a fill plus a copy per
+/// reallocation; memory stays within twice what actually arrived.
 struct staged_msg {
   wire::header first;
-  std::vector<std::byte> data;
+  std::unique_ptr<std::byte[]> bytes;
+  std::size_t size = 0, capacity = 0;
   bool in_read = false;
+
+  /// Room for n more bytes (never beyond `total`); returns where they go.
+  std::byte* extend(std::size_t n, std::uint64_t total) {
+    if (size + n > capacity) {
+      const std::size_t want = std::max(size + n, std::min<std::size_t>(static_cast<std::size_t>(total), 2 * capacity));
+      auto grown = std::unique_ptr<std::byte[]>(new std::byte[want]);
+      if (size) std::memcpy(grown.get(), bytes.get(), size);
+      bytes = std::move(grown);
+      capacity = want;
+    }
+    std::byte* at = bytes.get() + size;
+    size += n;
+    return at;
+  }
 };
 
 struct tcp_link {
@@ -740,12 +759,12 @@ class tcp_world {
       fail(peer_problem(l, "changed a message's header between its frames"));
       return;
     }
-    if (st.data.size() + h.length > h.total) {
+    if (st.size + h.length > h.total) {
       fail(peer_problem(l, "sent more data than its message holds"));
       return;
     }
-    const std::size_t old = st.data.size();
-    st.data.resize(old + h.length);  // bounded: length <= max_frame_bytes, total <= max_unexpected_bytes
+    // Bounded: length <= max_frame_bytes, staged bytes <= max_unexpected_bytes.
+    std::byte* into = st.extend(h.length, h.total);
     unexpected_bytes_ += h.length;
     if (h.length == 0) {
       read_header(l);
@@ -753,7 +772,7 @@ class tcp_world {
       return;
     }
     st.in_read = true;
-    boost::asio::async_read(l.sock, boost::asio::buffer(st.data.data() + old, h.length),
+    boost::asio::async_read(l.sock, boost::asio::buffer(into, h.length),
                             [this, &l, k](const boost::system::error_code& ec, std::size_t n) {
                               if (closing_ || failed_) return;
                               if (ec) {
@@ -781,8 +800,8 @@ class tcp_world {
       fail(count_mismatch(op, s, st->second.first.total));
       return;
     }
-    const std::size_t n = st->second.data.size();
-    if (n) std::memcpy(s.dst + s.got, st->second.data.data(), n);
+    const std::size_t n = st->second.size;
+    if (n) std::memcpy(s.dst + s.got, st->second.bytes.get(), n);
     s.got += n;
     unexpected_bytes_ -= n;
     l.staged.erase(st);
