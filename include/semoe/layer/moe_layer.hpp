@@ -148,13 +148,9 @@ class basic_moe_layer {
       recv_.resize_discard(Rr * H);
       expert_in_.resize_discard(Rr * H);
       expert_out_.resize_discard(Rr * H);
-      all_to_all_rows(x_disp_.data(), send_elems_, recv_.data(), recv_elems_);
-      ex_->parallel_for(Rr, layer::detail::scatter_rows_kernel<T>{to_expert_major_.data(), H, recv_.data(),
-                                                                  expert_in_.data()}, layer::row_grain);
+      to_experts(x_disp_.data(), expert_in_.data());
       run_experts_forward(expert_offsets_.span(), expert_in_.matrix(Rr, H), expert_out_.matrix(Rr, H));
-      ex_->parallel_for(Rr, layer::detail::gather_rows_kernel<T>{to_expert_major_.data(), H, expert_out_.data(),
-                                                                 recv_.data()}, layer::row_grain);
-      all_to_all_rows(recv_.data(), recv_elems_, y_disp_.data(), send_elems_);
+      from_experts(expert_out_.data(), y_disp_.data());
     }
     {
       trace::scope ts("combine", "compute", comm_->rank());
@@ -178,13 +174,9 @@ class basic_moe_layer {
       run_experts_backward(plan_.offsets.span(), x_disp_.matrix(R, H), y_disp_.matrix(R, H));
     } else {
       const index_t Rr = recv_rows_;
-      all_to_all_rows(y_disp_.data(), send_elems_, recv_.data(), recv_elems_);
-      ex_->parallel_for(Rr, layer::detail::scatter_rows_kernel<T>{to_expert_major_.data(), H, recv_.data(),
-                                                                  expert_out_.data()}, layer::row_grain);
+      to_experts(y_disp_.data(), expert_out_.data());
       run_experts_backward(expert_offsets_.span(), expert_in_.matrix(Rr, H), expert_out_.matrix(Rr, H));
-      ex_->parallel_for(Rr, layer::detail::gather_rows_kernel<T>{to_expert_major_.data(), H, expert_out_.data(),
-                                                                 recv_.data()}, layer::row_grain);
-      all_to_all_rows(recv_.data(), recv_elems_, y_disp_.data(), send_elems_);
+      from_experts(expert_out_.data(), y_disp_.data());
     }
     if (want_dx) {
       trace::scope ts("unpermute", "compute", comm_->rank());
@@ -361,6 +353,23 @@ class basic_moe_layer {
     for (int p = 0; p < P; ++p)
       for (index_t i = 0; i < L; ++i)
         for (index_t j = 0; j < recv[p * L + i]; ++j) to_expert_major_[r++] = cursor[i]++;
+  }
+
+  /// Rows of this rank's dispatch order (destination-rank-major) to the
+  /// local experts' rows, expert-major: all-to-all, then regroup.
+  void to_experts(const T* dispatched, T* expert_major) {
+    all_to_all_rows(dispatched, send_elems_, recv_.data(), recv_elems_);
+    ex_->parallel_for(recv_rows_, layer::detail::scatter_rows_kernel<T>{to_expert_major_.data(), opt_.hidden,
+                                                                        recv_.data(), expert_major},
+                      layer::row_grain);
+  }
+
+  /// The way back: expert-major rows regrouped by source rank, then returned.
+  void from_experts(const T* expert_major, T* dispatched) {
+    ex_->parallel_for(recv_rows_, layer::detail::gather_rows_kernel<T>{to_expert_major_.data(), opt_.hidden,
+                                                                       expert_major, recv_.data()},
+                      layer::row_grain);
+    all_to_all_rows(recv_.data(), recv_elems_, dispatched, send_elems_);
   }
 
   void all_to_all_rows(const T* send, const std::vector<index_t>& send_counts, T* recv,

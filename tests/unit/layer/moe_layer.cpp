@@ -14,6 +14,7 @@
 #include "semoe/gate/switch.hpp"
 #include "semoe/gate/top_k.hpp"
 #include "semoe/layer/moe_layer.hpp"
+#include "gradcheck.hpp"
 
 using namespace semoe;
 
@@ -104,16 +105,7 @@ void check_layer_gradients(typename Gate::options gopt, bool bias) {
   loss();
   moe.zero_grad();
   moe.backward(r.view(), dx.view());
-  const double h = 1e-6;
-  auto fd = [&](double& v) {
-    const double v0 = v;
-    v = v0 + h;
-    const double up = loss();
-    v = v0 - h;
-    const double dn = loss();
-    v = v0;
-    return (up - dn) / (2 * h);
-  };
+  auto fd = [&](double& v) { return test::central_difference(v, loss); };
   double worst = 0;
   for (index_t i = 0; i < T * H; ++i) worst = std::max(worst, rel(fd(x.data()[i]), dx.data()[i]));
   auto router = moe.parameters()[0];
