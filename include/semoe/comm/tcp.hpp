@@ -877,9 +877,17 @@ class tcp {
                 " and ", recv_counts.size());
     check_total(send_counts, send.size(), "send");
     check_total(recv_counts, recv.size(), "receive");
+    const int me = rank();
+    SEMOE_CHECK(send_counts[me] == recv_counts[me], "semoe::comm::tcp::all_to_all_v: rank ", me, " sends ",
+                send_counts[me], " elements to itself but expects ", recv_counts[me]);
+    std::size_t self_send = 0, self_recv = 0;
+    for (int q = 0; q < me; ++q) {
+      self_send += static_cast<std::size_t>(send_counts[q]);
+      self_recv += static_cast<std::size_t>(recv_counts[q]);
+    }
     // Copies: the counts may die before the io thread reads them.
     std::vector<index_t> sc(send_counts.begin(), send_counts.end()), rc(recv_counts.begin(), recv_counts.end());
-    return start<T>(wire::kind::all_to_all_v, 0,
+    request req = start<T>(wire::kind::all_to_all_v, 0,
                     {[w = world_.get(), sc = std::move(sc), rc = std::move(rc), s = send.data(),
                       r = recv.data()](detail::tcp_op& op) {
                       const int P = static_cast<int>(sc.size()), me = op.group->rank;
@@ -888,9 +896,6 @@ class tcp {
                         soff[q + 1] = soff[q] + static_cast<std::size_t>(sc[q]);
                         roff[q + 1] = roff[q] + static_cast<std::size_t>(rc[q]);
                       }
-                      SEMOE_CHECK(sc[me] == rc[me], "rank ", me, " sends ", sc[me], " elements to rank ", me,
-                                  ", which expects ", rc[me]);
-                      if (sc[me]) std::memcpy(r + roff[me], s + soff[me], sizeof(T) * sc[me]);
                       // Receives first, so data lands straight in place; each rank
                       // starts with a different peer to spread the load.
                       for (int i = 1; i < P; ++i) {
@@ -902,6 +907,11 @@ class tcp {
                         w->send(op, q, s + soff[q], sizeof(T) * sc[q]);
                       }
                     }});
+    // This rank's own part is copied here, by the caller, while the io thread
+    // moves the peers' parts: on the io thread it would delay every send.
+    if (send_counts[me])
+      std::memcpy(recv.data() + self_recv, send.data() + self_send, sizeof(T) * static_cast<std::size_t>(send_counts[me]));
+    return req;
   }
 
   template <class T>
