@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(libopenblas-dev doctest-dev nlohmann-json3-dev libboost-dev zlib1g-dev libssl-dev
-          libxxhash-dev liburing-dev
+          libxxhash-dev liburing-dev python3-matplotlib
           libbenchmark-dev dataset-fashion-mnist fortunes "$@")
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
