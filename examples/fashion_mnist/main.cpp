@@ -171,7 +171,8 @@ outcome train_and_test(Comm& c, const config& cfg, const io::mnist_split& train,
   {  // Dense parameters are replicated; experts are split over the ranks.
     double dense = 0, experts = 0;
     for (auto& p : model.parameters()) dense += static_cast<double>(p.value.size());
-    train::for_each_expert_block(model, [&](auto& blk, auto&) { experts += static_cast<double>(blk.params.size()); });
+    train::for_each_expert_block(
+        model, [&](auto& blk, auto&) { experts += static_cast<double>(blk.params.size()); }, train::block_access::read);
     comm::all_reduce(c, std::span<double>(&experts, 1));
     out.parameters = static_cast<std::size_t>(dense + experts);
   }

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -59,6 +60,12 @@ class recorder {
     events_.push_back(std::move(e));
   }
 
+  /// Give lane (pid, tid) a name in viewers ("copy engine", "ssd io").
+  void name_lane(int pid, int tid, std::string name) {
+    std::lock_guard lock(mutex_);
+    lanes_[{pid, tid}] = std::move(name);
+  }
+
   std::vector<event> events() const {
     std::lock_guard lock(mutex_);
     return events_;
@@ -70,6 +77,9 @@ class recorder {
     for (const auto& e : events_)
       list.push_back({{"name", e.name}, {"cat", e.category}, {"ph", "X"}, {"ts", e.begin_us},
                       {"dur", e.duration_us}, {"pid", e.pid}, {"tid", e.tid}});
+    for (const auto& [key, name] : lanes_)
+      list.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", key.first}, {"tid", key.second},
+                      {"args", {{"name", name}}}});
     return {{"traceEvents", std::move(list)}, {"displayTimeUnit", "ms"}};
   }
 
@@ -97,6 +107,7 @@ class recorder {
   }
   mutable std::mutex mutex_;
   std::vector<event> events_;
+  std::map<std::pair<int, int>, std::string> lanes_;
   std::string path_;
   std::atomic<bool> enabled_{false};  // read by every scope, unlocked
   std::chrono::steady_clock::time_point epoch_ = std::chrono::steady_clock::now();

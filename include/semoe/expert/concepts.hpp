@@ -21,8 +21,8 @@ struct expert_tag {};
 template <class T>
 struct expert_batch {
   std::span<const index_t> offsets;  ///< [local experts + 1]
-  std::span<T* const> params;        ///< parameter block of each local expert
-  std::span<T* const> grads;         ///< gradient block of each local expert (backward accumulates)
+  std::span<T* const> params;        ///< parameter block of each local expert (null when it has no rows)
+  std::span<T* const> grads;         ///< gradient block of each local expert (backward accumulates; null when no rows)
   matrix_view<const T> x;            ///< [rows, hidden] expert inputs
   matrix_view<T> saved;              ///< [rows, saved_cols()] written by forward, read by backward
   matrix_view<T> work;               ///< [rows, work_cols()] scratch for forward and backward

@@ -81,11 +81,8 @@ class basic_moe_layer {
     first_expert_ = comm.rank() * local_experts_;
     layer_id_ = store_->add_layer(local_experts_, expert_.block_elems());
     const philox rng(opt_.seed, 0x5e30e);
-    for (index_t i = 0; i < local_experts_; ++i) {
-      auto blk = store_->acquire(layer_id_, i);
-      expert_.init(blk.params, rng, first_expert_ + i);
-      store_->release(layer_id_, i);
-    }
+    for (index_t i = 0; i < local_experts_; ++i)
+      store_->visit(layer_id_, i, [&](storage::block_ref<T> blk) { expert_.init(blk.params, rng, first_expert_ + i); });
     // Router: small uniform init, identical on every rank (seeded, not sent).
     router_.resize_discard(opt_.hidden * opt_.experts);
     router_grad_.assign(opt_.hidden * opt_.experts, T(0));
@@ -212,11 +209,7 @@ class basic_moe_layer {
 
   void zero_grad() {
     router_grad_.zero();
-    for (index_t i = 0; i < local_experts_; ++i) {
-      auto blk = store_->acquire(layer_id_, i);
-      std::fill(blk.grads.begin(), blk.grads.end(), T(0));
-      store_->release(layer_id_, i);
-    }
+    store_->zero_grads(layer_id_);
   }
 
   void train(bool on) { training_ = on; }
@@ -226,6 +219,7 @@ class basic_moe_layer {
   /// and the prefetcher's predictions move on.
   void end_step() {
     if constexpr (requires(Gate& g, const gate::route_context& c) { g.end_step(c); }) gate_.end_step(context());
+    if constexpr (requires { store_->end_step(layer_id_); }) store_->end_step(layer_id_);
     prefetch_.end_step(*store_);
     ++step_;
   }
@@ -396,13 +390,17 @@ class basic_moe_layer {
     prefetch_.before(*store_, layer_id_, ph, std::span<const std::int32_t>(counts));
     params_.resize(static_cast<std::size_t>(local_experts_));
     grads_.resize(static_cast<std::size_t>(local_experts_));
+    // An expert without rows this step is not brought into fast memory.
     for (index_t i = 0; i < local_experts_; ++i) {
+      params_[i] = grads_[i] = nullptr;
+      if (counts[i] == 0) continue;
       auto blk = store_->acquire(layer_id_, i);
       params_[i] = blk.params.data();
       grads_[i] = blk.grads.data();
     }
     f();
-    for (index_t i = 0; i < local_experts_; ++i) store_->release(layer_id_, i);
+    for (index_t i = 0; i < local_experts_; ++i)
+      if (counts[i] > 0) store_->release(layer_id_, i);
     prefetch_.after(*store_, layer_id_, ph);
   }
 

@@ -7,12 +7,24 @@
 
 #include <concepts>
 #include <span>
+#include <string_view>
 
 #include "semoe/core/config.hpp"
 
 namespace semoe::storage {
 
 struct storage_tag {};
+struct tier_tag {};
+
+/// Where a prefetch should bring a block.
+enum class tier_level { device, host };
+
+/// A level of the memory hierarchy (device_tier, host_tier, ssd_tier): it says
+/// what it is (tier_kind) and its name; what it holds is the store's business.
+template <class T>
+concept Tier = std::same_as<typename T::tier_kind, tier_tag> && requires {
+  { T::name } -> std::convertible_to<std::string_view>;
+};
 
 /// One expert's parameter block: weights, gradients and optimizer state.
 /// `state` holds state_slots() arrays of the block's size (AdamW: m and v).
@@ -25,6 +37,11 @@ struct block_ref {
 
 /// What a store of scalar T provides. `Storage::store<T>` is the store type a
 /// storage policy makes for a layer of scalar T.
+///  * acquire/release: the block in fast memory for compute (params, grads;
+///    `state` may be empty where the optimizer state does not live there);
+///  * visit(layer, expert, f): f(block_ref) on the whole block where its
+///    optimizer state lives (host DRAM for offloaded blocks);
+///  * zero_grads(layer): every gradient of the layer's blocks reads as zero.
 template <class S, class T>
 concept Store = requires(S& s, index_t i) {
   { s.add_layer(i, i) } -> std::convertible_to<index_t>;
@@ -34,6 +51,8 @@ concept Store = requires(S& s, index_t i) {
   { s.acquire(i, i) } -> std::same_as<block_ref<T>>;
   { s.release(i, i) };
   { s.reserve_state(i) };
+  { s.zero_grads(i) };
+  { s.visit(i, i, [](block_ref<T>) {}) };
 };
 
 template <class P>

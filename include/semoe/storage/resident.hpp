@@ -15,6 +15,10 @@ struct resident {
   template <class T>
   class store {
    public:
+    using value_type = T;
+    struct options {};  ///< nothing to configure: every block in fast memory
+    store() = default;
+    explicit store(options) {}
     index_t add_layer(index_t experts, index_t block_elems) {
       SEMOE_CHECK(experts >= 0 && block_elems > 0, "semoe::storage::resident: add_layer(experts = ", experts,
                   ", block_elems = ", block_elems, "): expected experts >= 0 and block_elems > 0");
@@ -50,6 +54,13 @@ struct resident {
     }
     void release(index_t, index_t) {}
 
+    template <class F>
+    void visit(index_t layer, index_t expert, F&& f) {
+      f(acquire(layer, expert));
+    }
+
+    /// Zero the gradients of one layer's blocks.
+    void zero_grads(index_t layer) { at(layer).grads.zero(); }
     /// Zero every gradient block.
     void zero_grads() {
       for (auto& l : layers_) l.grads.zero();

@@ -26,15 +26,40 @@ void for_each_moe_layer(Model& m, F&& f) {
   }
 }
 
-/// f(block_ref) for every local expert block of every MoE layer in model.
+namespace detail {
+/// Blocks the optimizer pass asks ahead for: the layer's prefetch policy says
+/// (prefetch::on_demand: none).
+template <class Layer>
+constexpr index_t read_ahead_of() {
+  if constexpr (requires { Layer::prefetch_type::read_ahead; })
+    return Layer::prefetch_type::read_ahead;
+  else
+    return 0;
+}
+}  // namespace detail
+
+/// Whether f of for_each_expert_block changes the blocks.
+enum class block_access { read, write };
+
+/// f(block_ref, store) for every local expert block of every MoE layer in
+/// model, on the whole block where its optimizer state lives (host DRAM for
+/// offloaded blocks, as ZeRO-Offload updates them). A store that can prefetch
+/// is asked for the next blocks to host memory while f runs on this one.
 template <class Model, class F>
-void for_each_expert_block(Model& m, F&& f) {
+void for_each_expert_block(Model& m, F&& f, block_access access = block_access::write) {
   for_each_moe_layer(m, [&](auto& layer) {
     auto& store = layer.store();
-    for (index_t i = 0; i < layer.local_experts(); ++i) {
-      auto blk = store.acquire(layer.layer_id(), i);
-      f(blk, store);
-      store.release(layer.layer_id(), i);
+    const index_t L = layer.local_experts(), id = layer.layer_id();
+    using layer_t = std::remove_cvref_t<decltype(layer)>;
+    constexpr index_t ahead = detail::read_ahead_of<layer_t>();
+    for (index_t i = 0; i < L; ++i) {
+      if constexpr (ahead > 0 && requires { store.prefetch(id, i, storage::tier_level::host); })
+        for (index_t a = i + 1; a < std::min(L, i + 1 + ahead); ++a) store.prefetch(id, a, storage::tier_level::host);
+      auto g = [&](storage::block_ref<typename std::remove_cvref_t<decltype(store)>::value_type> blk) { f(blk, store); };
+      if constexpr (requires { store.visit(id, i, g, true); })
+        store.visit(id, i, g, access == block_access::write);
+      else
+        store.visit(id, i, g);
     }
   });
 }
@@ -75,9 +100,11 @@ double grad_norm(Model& m, ExpertComm& experts, ShardComm& shards) {
     double& acc = sq[p.scope == param_scope::sharded ? 2 : 0];
     for (auto g : p.grad) acc += static_cast<double>(g) * static_cast<double>(g);
   }
-  for_each_expert_block(m, [&](auto& blk, auto&) {
-    for (auto g : blk.grads) sq[1] += static_cast<double>(g) * static_cast<double>(g);
-  });
+  for_each_expert_block(
+      m, [&](auto& blk, auto&) {
+        for (auto g : blk.grads) sq[1] += static_cast<double>(g) * static_cast<double>(g);
+      },
+      block_access::read);
   if (experts.size() > 1) comm::all_reduce(experts, std::span<double>(&sq[1], 1));
   if (shards.size() > 1) comm::all_reduce(shards, std::span<double>(&sq[2], 1));
   return std::sqrt(sq[0] + sq[1] + sq[2]);

@@ -45,14 +45,16 @@ template <class Model, class Comm>
 void reduce_expert_grads(Model& m, Comm& replica) {
   if (replica.size() == 1) return;
   index_t n = 0;
-  for_each_expert_block(m, [&](auto& blk, auto&) { n += static_cast<index_t>(blk.grads.size()); });
+  for_each_expert_block(m, [&](auto& blk, auto&) { n += static_cast<index_t>(blk.grads.size()); }, block_access::read);
   using T = typename decltype(m.parameters())::value_type::value_type;
   buffer<T> flat(n);
   index_t off = 0;
-  for_each_expert_block(m, [&](auto& blk, auto&) {
-    std::copy(blk.grads.begin(), blk.grads.end(), flat.data() + off);
-    off += static_cast<index_t>(blk.grads.size());
-  });
+  for_each_expert_block(
+      m, [&](auto& blk, auto&) {
+        std::copy(blk.grads.begin(), blk.grads.end(), flat.data() + off);
+        off += static_cast<index_t>(blk.grads.size());
+      },
+      block_access::read);
   comm::all_reduce(replica, flat.span());
   off = 0;
   for_each_expert_block(m, [&](auto& blk, auto&) {

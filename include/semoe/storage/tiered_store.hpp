@@ -1,0 +1,779 @@
+// semoe/storage/tiered_store.hpp: SE-MoE's hierarchical storage (§3.2).
+// Every expert block (weights, gradients, optimizer moments) has its home on
+// SSD (or in host DRAM when there is no SSD tier); host DRAM caches blocks
+// under a byte budget with the LFU-with-decay policy of cache.hpp; the device
+// tier holds the weights and gradients of the blocks compute works on, under
+// its own budget. Blocks move on demand (acquire) or ahead of need when a
+// prefetcher asks (prefetch), on mover threads that stand for copy engines.
+//
+// Invariants (all under one mutex):
+//  * a block on the device is also in host DRAM (inclusive, as ZeRO-Offload
+//    keeps master weights and optimizer state on the host), so evicting it
+//    from the device only copies its gradients back and never needs memory;
+//    host eviction of such a block evicts it from the device first;
+//  * a block being moved is `busy`; nobody else touches its copies until the
+//    move finishes;
+//  * prefetch never waits for memory: a prefetch that finds no room gives up
+//    (a later acquire loads on demand), so compute can never wait on a mover
+//    that waits on compute;
+//  * budgets are checked on every allocation and never exceeded.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <variant>
+#include <vector>
+
+#include <unistd.h>
+
+#include "semoe/core/trace.hpp"
+#include "semoe/storage/cache.hpp"
+#include "semoe/storage/concepts.hpp"
+#include "semoe/storage/device_tier.hpp"
+#include "semoe/storage/host_tier.hpp"
+#include "semoe/storage/ssd_tier.hpp"
+
+namespace semoe::storage {
+
+/// Per-tier figures of a tiered store since the last reset_stats().
+struct tier_stats {
+  std::size_t budget_bytes = 0;  ///< 0: unbounded
+  std::size_t used_bytes = 0;
+  std::size_t peak_bytes = 0;
+  std::uint64_t bytes_in = 0;   ///< moved into this tier
+  std::uint64_t bytes_out = 0;  ///< written back out of it
+};
+
+struct store_stats {
+  tier_stats device, host, ssd;
+  std::uint64_t hits = 0;      ///< acquires that found the block on the device
+  std::uint64_t misses = 0;    ///< acquires that loaded or waited
+  std::uint64_t prefetches = 0;
+  double wait_seconds = 0;     ///< compute time spent in acquire waiting for blocks
+  double hit_rate() const { return hits + misses ? double(hits) / double(hits + misses) : 1.0; }
+};
+
+enum class cache_kind { lfu, lru };
+
+namespace detail {
+
+/// Trace lanes of the store's movers.
+inline constexpr int copy_lane = 1001;
+inline constexpr int ssd_lane = 1002;
+
+template <bool HasSsd>
+struct tiered_policy {
+  using policy_kind = storage_tag;
+
+  struct store_options {
+    device_tier::options device{};
+    host_tier::options host{};
+    ssd_options ssd{};               ///< used when the tier list has ssd_tier; dir defaults to a temp dir
+    std::size_t state_slots = 2;     ///< optimizer arrays per block (AdamW: 2), fixed up front
+    cache_kind cache = cache_kind::lfu;
+    lfu::options lfu_options{};
+    int movers = 1;                  ///< threads serving prefetches (copy engines)
+    int rank = 0;                    ///< trace process id
+  };
+
+  template <class T>
+  class store {
+   public:
+    using value_type = T;
+    using options = store_options;
+    store() : store(options{}) {}
+    explicit store(options o)
+        : opt_(std::move(o)), device_(opt_.device), host_(opt_.host) {
+      SEMOE_CHECK(opt_.movers >= 1 && opt_.movers <= 16, "semoe::storage::tiered: options.movers = ", opt_.movers,
+                  ": expected in [1, 16]");
+      SEMOE_CHECK(opt_.state_slots >= 0 && opt_.state_slots <= 8, "semoe::storage::tiered: options.state_slots = ",
+                  opt_.state_slots, ": expected in [0, 8]");
+      if (opt_.cache == cache_kind::lfu)
+        cache_.template emplace<lfu>(opt_.lfu_options);
+      else
+        cache_.template emplace<lru>();
+      if constexpr (HasSsd) {
+        if (opt_.ssd.dir.empty())
+          opt_.ssd.dir = std::filesystem::temp_directory_path() / ("semoe-ssd-" + std::to_string(::getpid()));
+      }
+      auto& rec = trace::recorder::instance();
+      rec.name_lane(opt_.rank, copy_lane, "copy engine");
+      if constexpr (HasSsd) rec.name_lane(opt_.rank, ssd_lane, "ssd io");
+      for (int i = 0; i < opt_.movers; ++i) movers_.emplace_back([this] { mover_loop(); });
+    }
+    store(const store&) = delete;
+    store& operator=(const store&) = delete;
+    ~store() {
+      {
+        std::lock_guard lk(m_);
+        stopping_ = true;
+      }
+      cv_.notify_all();
+      for (auto& t : movers_) t.join();
+      for (auto& b : blocks_) {
+        device_.deallocate(b.dev, dev_bytes(b));
+        host_.deallocate(b.host, host_bytes(b));
+      }
+    }
+
+    // -- Store interface ------------------------------------------------------
+
+    index_t add_layer(index_t experts, index_t block_elems) {
+      SEMOE_CHECK(experts >= 0 && block_elems > 0, "semoe::storage::tiered: add_layer(experts = ", experts,
+                  ", block_elems = ", block_elems, "): expected experts >= 0 and block_elems > 0");
+      std::unique_lock lk(m_);
+      layer_info li{static_cast<std::size_t>(blocks_.size()), experts, block_elems};
+      const std::size_t hb = host_block_bytes(block_elems);
+      SEMOE_CHECK(host_.fits(hb) && device_.fits(2 * sizeof(T) * static_cast<std::size_t>(block_elems)),
+                  "semoe::storage::tiered: one block of ", block_elems, " elements (", hb,
+                  " bytes with its optimizer state) does not fit the host budget (", host_.budget(),
+                  " bytes) or its weights and gradients the device budget (", device_.budget(), " bytes)");
+      if constexpr (HasSsd) {
+        SEMOE_CHECK(!ssd_ || hb <= ssd_->block_bytes(), "semoe::storage::tiered: layer ", layers_.size(),
+                    " has blocks of ", hb, " bytes, larger than the SSD file's ", ssd_->block_bytes(),
+                    " (add the largest layer first)");
+        if (ssd_) ssd_->grow(blocks_.size() + static_cast<std::size_t>(experts));
+      }
+      for (index_t e = 0; e < experts; ++e) {
+        block b;
+        b.layer = static_cast<index_t>(layers_.size());
+        b.elems = block_elems;
+        b.id = blocks_.size();
+        b.grads_zero = true;
+        blocks_.push_back(b);
+      }
+      std::visit([&](auto& c) { c.resize(blocks_.size()); }, cache_);
+      layers_.push_back(li);
+      counts_.emplace_back();
+      return static_cast<index_t>(layers_.size()) - 1;
+    }
+    index_t layers() const { return static_cast<index_t>(layers_.size()); }
+    index_t experts(index_t layer) const { return info(layer).experts; }
+    index_t block_elems(index_t layer) const { return info(layer).elems; }
+    index_t state_slots() const { return static_cast<index_t>(opt_.state_slots); }
+
+    void reserve_state(index_t slots) {
+      SEMOE_CHECK(slots <= state_slots(), "semoe::storage::tiered: the optimizer needs ", slots,
+                  " state arrays per block, the store was made with options.state_slots = ", state_slots(),
+                  " (set it up front: the block layout on SSD is fixed)");
+    }
+
+    /// The block's weights and gradients in device memory, loaded now if a
+    /// prefetch has not brought them; valid until release().
+    block_ref<T> acquire(index_t layer, index_t expert) {
+      block& b = at(layer, expert);
+      std::unique_lock lk(m_);
+      const bool hit = b.dev && !b.busy;
+      if (hit) {
+        ++stats_.hits;
+      } else {
+        ++stats_.misses;
+        const double t0 = trace::recorder::instance().now_us();
+        ensure_device(lk, b, false);
+        const double t1 = trace::recorder::instance().now_us();
+        stats_.wait_seconds += (t1 - t0) * 1e-6;
+        trace::recorder::instance().add({"wait " + label(b), "wait", t0, t1 - t0, opt_.rank, compute_lane()});
+      }
+      if (b.grads_zero) {  // zeroed since it came to the device
+        const auto n = static_cast<std::size_t>(b.elems);
+        std::fill(reinterpret_cast<T*>(b.dev) + n, reinterpret_cast<T*>(b.dev) + 2 * n, T(0));
+        b.grads_zero = false;
+      }
+      ++b.pins;
+      b.fresh = false;
+      b.dev_use = ++dev_clock_;
+      b.dev_dirty = true;  // compute may write gradients
+      touch(b);
+      const auto n = static_cast<std::size_t>(b.elems);
+      T* d = reinterpret_cast<T*>(b.dev);
+      return {std::span<T>(d, n), std::span<T>(d + n, n), {}};
+    }
+
+    void release(index_t layer, index_t expert) {
+      block& b = at(layer, expert);
+      std::lock_guard lk(m_);
+      SEMOE_CHECK(b.pins > 0, "semoe::storage::tiered: release of ", label(b), " without acquire");
+      --b.pins;
+      cv_.notify_all();
+    }
+
+    /// f(block_ref) on the whole block in host DRAM, where its optimizer
+    /// state lives. `writes`: f changes it (marks it for write-back and drops
+    /// a now stale device copy).
+    template <class F>
+    void visit(index_t layer, index_t expert, F&& f, bool writes = true) {
+      block& b = at(layer, expert);
+      std::unique_lock lk(m_);
+      ensure_host(lk, b, false);
+      b.busy = true;
+      const bool pull_grads = b.dev && b.dev_dirty;
+      const bool zero = b.grads_zero;
+      lk.unlock();
+      const auto n = static_cast<std::size_t>(b.elems);
+      T* h = reinterpret_cast<T*>(b.host);
+      if (pull_grads) copy_traced(h + n, reinterpret_cast<const T*>(b.dev) + n, n, "grads to host " + label(b));
+      if (zero) std::fill(h + n, h + 2 * n, T(0));
+      try {
+        f(block_ref<T>{std::span<T>(h, n), std::span<T>(h + n, n),
+                       std::span<T>(h + 2 * n, n * static_cast<std::size_t>(opt_.state_slots))});
+      } catch (...) {
+        lk.lock();
+        settle_after_visit(b, pull_grads, zero, true);
+        throw;
+      }
+      lk.lock();
+      settle_after_visit(b, pull_grads, zero, writes);
+    }
+
+    void zero_grads(index_t layer) {
+      const layer_info& li = info(layer);
+      std::unique_lock lk(m_);
+      for (index_t e = 0; e < li.experts; ++e) {
+        block& b = blocks_[li.first + static_cast<std::size_t>(e)];
+        cv_.wait(lk, [&] { return !b.busy; });
+        b.grads_zero = true;
+        b.dev_dirty = false;
+      }
+    }
+
+    // -- Prefetch interface ---------------------------------------------------
+
+    /// Bring a block to `to` ahead of need, on a mover thread. Gives up
+    /// quietly when there is no room (acquire then loads on demand).
+    void prefetch(index_t layer, index_t expert, tier_level to) {
+      block& b = at(layer, expert);
+      std::lock_guard lk(m_);
+      if (b.queued || (to == tier_level::device ? b.dev != nullptr : b.host != nullptr)) return;
+      b.queued = true;
+      queue_.push_back({&b, to});
+      ++stats_.prefetches;
+      cv_.notify_all();
+    }
+
+    /// Routed rows per local expert of `layer` in its latest forward; the
+    /// vertical prefetcher predicts the next use from it.
+    void record_counts(index_t layer, std::span<const std::int32_t> counts) {
+      std::lock_guard lk(m_);
+      auto& c = counts_.at(static_cast<std::size_t>(layer));
+      c.assign(counts.begin(), counts.end());
+    }
+    /// Experts of `layer` expected to get rows: those with rows in its latest
+    /// recorded forward, or all of them before any.
+    std::vector<index_t> predicted_experts(index_t layer) const {
+      std::lock_guard lk(m_);
+      const auto& c = counts_.at(static_cast<std::size_t>(layer));
+      std::vector<index_t> out;
+      for (index_t e = 0; e < info(layer).experts; ++e)
+        if (c.empty() || c[static_cast<std::size_t>(e)] > 0) out.push_back(e);
+      return out;
+    }
+
+    /// Once per optimizer step per layer; after the last layer's call the
+    /// step's cycle ends: cache counters decay and dirty host blocks are
+    /// written back to SSD on the movers (SE-MoE writes back at the end of
+    /// each update cycle).
+    void end_step(index_t layer) {
+      (void)info(layer);
+      std::lock_guard lk(m_);
+      if (++end_calls_ < layers_.size()) return;
+      end_calls_ = 0;
+      std::visit([](auto& c) { c.end_step(); }, cache_);
+      if constexpr (HasSsd) {
+        for (auto& b : blocks_)
+          if (b.host && b.host_dirty && !b.queued_writeback) {
+            b.queued_writeback = true;
+            writebacks_.push_back(&b);
+          }
+        cv_.notify_all();
+      }
+    }
+
+    /// Write every dirty block to SSD, wait, and make the SSD file's current
+    /// versions the committed ones; returns their records for a checkpoint.
+    std::vector<ssd_block_record> checkpoint()
+      requires HasSsd
+    {
+      std::unique_lock lk(m_);
+      cv_.wait(lk, [&] { return queue_.empty() && writebacks_.empty() && active_movers_ == 0; });
+      for (auto& b : blocks_) {
+        cv_.wait(lk, [&] { return !b.busy; });
+        if (b.host && (b.host_dirty || !b.on_ssd)) write_back(lk, b);
+      }
+      ensure_ssd();
+      return ssd_->commit();
+    }
+
+    /// Restart from a checkpoint: every block comes from the SSD file at the
+    /// committed versions (verified by checksum), nothing from memory.
+    void restore(std::span<const ssd_block_record> records)
+      requires HasSsd
+    {
+      std::unique_lock lk(m_);
+      SEMOE_CHECK(records.size() == blocks_.size(), "semoe::storage::tiered: the checkpoint has ", records.size(),
+                  " block records, this model has ", blocks_.size(), " blocks");
+      cv_.wait(lk, [&] { return queue_.empty() && writebacks_.empty() && active_movers_ == 0; });
+      for (auto& b : blocks_) {
+        SEMOE_CHECK(b.pins == 0 && !b.busy, "semoe::storage::tiered: restore while ", label(b), " is in use");
+        device_.deallocate(b.dev, dev_bytes(b));
+        host_.deallocate(b.host, host_bytes(b));
+        b.dev = b.host = nullptr;
+        b.on_ssd = true;
+        b.host_dirty = b.dev_dirty = b.grads_zero = false;
+      }
+      ssd_.reset();
+      ssd_.emplace(ssd_tier::reopen(opt_.ssd, ssd_block_bytes(), records));
+    }
+
+    /// Wait until no prefetch or write-back is queued or running.
+    void drain() {
+      std::unique_lock lk(m_);
+      cv_.wait(lk, [&] { return queue_.empty() && writebacks_.empty() && active_movers_ == 0; });
+    }
+
+    store_stats stats() const {
+      std::lock_guard lk(m_);
+      store_stats s = stats_;
+      s.device.budget_bytes = device_.budget();
+      s.device.used_bytes = device_.used();
+      s.device.peak_bytes = device_.peak();
+      s.host.budget_bytes = host_.budget();
+      s.host.used_bytes = host_.used();
+      s.host.peak_bytes = host_.peak();
+      if constexpr (HasSsd)
+        if (ssd_) {
+          s.ssd.bytes_in = ssd_->bytes_written() - ssd_base_[0];
+          s.ssd.bytes_out = ssd_->bytes_read() - ssd_base_[1];
+        }
+      return s;
+    }
+    void reset_stats() {
+      std::lock_guard lk(m_);
+      stats_ = {};
+      device_.reset_peak();
+      host_.reset_peak();
+      if constexpr (HasSsd)
+        if (ssd_) ssd_base_ = {ssd_->bytes_written(), ssd_->bytes_read()};
+    }
+
+    /// Where block (layer, expert) is now, for tests and tools.
+    bool on_device(index_t layer, index_t expert) const {
+      std::lock_guard lk(m_);
+      return at(layer, expert).dev != nullptr;
+    }
+    bool in_host(index_t layer, index_t expert) const {
+      std::lock_guard lk(m_);
+      return at(layer, expert).host != nullptr;
+    }
+    const options& opts() const { return opt_; }
+    std::filesystem::path ssd_path() const
+      requires HasSsd
+    {
+      std::lock_guard lk(m_);
+      return ssd_ ? ssd_->path() : std::filesystem::path{};
+    }
+
+   private:
+    struct layer_info {
+      std::size_t first = 0;
+      index_t experts = 0, elems = 0;
+    };
+    struct block {
+      index_t layer = 0, elems = 0;
+      std::size_t id = 0;
+      std::byte* host = nullptr;  ///< whole block: params | grads | state
+      std::byte* dev = nullptr;   ///< params | grads
+      bool on_ssd = false;        ///< SSD holds a copy (host may be newer: host_dirty)
+      bool host_dirty = false;
+      bool dev_dirty = false;     ///< device gradients newer than host's
+      bool grads_zero = false;    ///< gradients read as zero wherever they are
+      bool busy = false;
+      bool queued = false, queued_writeback = false;
+      bool fresh = false;         ///< prefetched to the device and not used yet
+      int pins = 0;
+      std::uint64_t dev_use = 0;
+    };
+    struct task {
+      block* b;
+      tier_level to;
+    };
+
+    static std::size_t host_block_bytes_of(index_t elems, std::size_t slots) {
+      const std::size_t raw = (2 + slots) * sizeof(T) * static_cast<std::size_t>(elems);
+      return (raw + 4095) / 4096 * 4096;
+    }
+    std::size_t host_block_bytes(index_t elems) const { return host_block_bytes_of(elems, opt_.state_slots); }
+    std::size_t host_bytes(const block& b) const { return host_block_bytes(b.elems); }
+    static std::size_t dev_bytes(const block& b) { return 2 * sizeof(T) * static_cast<std::size_t>(b.elems); }
+    std::size_t ssd_block_bytes() const {
+      std::size_t m = 4096;
+      for (const auto& l : layers_) m = std::max(m, host_block_bytes(l.elems));
+      return m;
+    }
+
+    const layer_info& info(index_t layer) const {
+      SEMOE_CHECK(layer >= 0 && layer < static_cast<index_t>(layers_.size()), "semoe::storage::tiered: no layer ",
+                  layer);
+      return layers_[static_cast<std::size_t>(layer)];
+    }
+    block& at(index_t layer, index_t expert) {
+      const layer_info& li = info(layer);
+      SEMOE_CHECK(expert >= 0 && expert < li.experts, "semoe::storage::tiered: expert ", expert,
+                  " is not one of the ", li.experts, " local experts of layer ", layer);
+      return blocks_[li.first + static_cast<std::size_t>(expert)];
+    }
+    const block& at(index_t layer, index_t expert) const { return const_cast<store*>(this)->at(layer, expert); }
+    std::string label(const block& b) const {
+      return "L" + std::to_string(b.layer) + ".E" + std::to_string(b.id - layers_[static_cast<std::size_t>(b.layer)].first);
+    }
+    static int compute_lane() {
+      return static_cast<int>(std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000);
+    }
+    void touch(const block& b) {
+      std::visit([&](auto& c) { c.touch(b.id); }, cache_);
+    }
+
+    void copy_traced(T* dst, const T* src, std::size_t n, std::string what) {
+      const double t0 = trace::recorder::instance().now_us();
+      std::memcpy(dst, src, n * sizeof(T));
+      trace::recorder::instance().add({std::move(what), "load", t0, trace::recorder::instance().now_us() - t0,
+                                       opt_.rank, copy_lane});
+    }
+
+    void settle_after_visit(block& b, bool pulled, bool zeroed, bool writes) {
+      if (pulled) {  // host holds the newest gradients now, the SSD copy does not
+        b.dev_dirty = false;
+        b.host_dirty = true;
+      }
+      if (zeroed) {
+        b.grads_zero = false;
+        b.host_dirty = true;
+      }
+      if (writes) {
+        b.host_dirty = true;
+        if (b.dev && b.pins == 0) {  // its weights are stale now
+          device_.deallocate(b.dev, dev_bytes(b));
+          b.dev = nullptr;
+          b.dev_dirty = false;
+        }
+      }
+      touch(b);
+      b.busy = false;
+      cv_.notify_all();
+    }
+
+    // -- moves (called with lk held; they unlock around copies and I/O) -------
+
+    /// Make b resident in host DRAM. `prefetch`: give up (false) rather than
+    /// wait for room.
+    bool ensure_host(std::unique_lock<std::mutex>& lk, block& b, bool prefetch) {
+      for (;;) {
+        if (prefetch && b.busy) return false;  // a mover never waits: its waiter may be the one moving b
+        cv_.wait(lk, [&] { return !b.busy; });
+        if (b.host) return true;
+        b.busy = true;  // reserve b while making room
+        std::byte* slot = alloc_for(lk, b, host_, host_bytes(b), prefetch,
+                                    [&](block& v) { return host_victim_ok(v, b, prefetch); },
+                                    [&](std::unique_lock<std::mutex>& l, block& v) { evict_host(l, v); });
+        if (!slot) {
+          b.busy = false;
+          cv_.notify_all();
+          return false;
+        }
+        b.host = slot;
+        if (b.on_ssd) {
+          if constexpr (HasSsd) {
+            lk.unlock();
+            const double t0 = trace::recorder::instance().now_us();
+            std::optional<std::string> failure;
+            try {
+              ssd_->read(b.id, slot).wait();
+            } catch (const std::exception& e) {
+              failure = e.what();
+            }
+            trace::recorder::instance().add(
+                {"ssd read " + label(b), "load", t0, trace::recorder::instance().now_us() - t0, opt_.rank, ssd_lane});
+            lk.lock();
+            if (failure) {
+              host_.deallocate(slot, host_bytes(b));
+              b.host = nullptr;
+              b.busy = false;
+              cv_.notify_all();
+              throw error(*failure);
+            }
+          }
+        } else {
+          std::memset(slot, 0, host_bytes(b));  // a new block: the layer initializes its weights
+        }
+        b.busy = false;
+        cv_.notify_all();
+        return true;
+      }
+    }
+
+    /// Make b's weights and gradients resident on the device.
+    bool ensure_device(std::unique_lock<std::mutex>& lk, block& b, bool prefetch) {
+      for (;;) {
+        if (prefetch && b.busy) return false;
+        cv_.wait(lk, [&] { return !b.busy; });
+        if (b.dev) return true;
+        if (!ensure_host(lk, b, prefetch)) return false;
+        if (b.busy || b.dev) continue;  // someone moved it while we waited
+        b.busy = true;
+        std::byte* slot = alloc_for(lk, b, device_, dev_bytes(b), prefetch,
+                                    [&](block& v) { return dev_victim_ok(v, prefetch); },
+                                    [&](std::unique_lock<std::mutex>& l, block& v) { evict_device(l, v); });
+        if (!slot) {
+          b.busy = false;
+          cv_.notify_all();
+          return false;
+        }
+        const bool zero = b.grads_zero;
+        lk.unlock();
+        const auto n = static_cast<std::size_t>(b.elems);
+        T* d = reinterpret_cast<T*>(slot);
+        const T* h = reinterpret_cast<const T*>(b.host);
+        copy_traced(d, h, n, "to device " + label(b));
+        if (zero)
+          std::fill(d + n, d + 2 * n, T(0));
+        else
+          std::memcpy(d + n, h + n, n * sizeof(T));
+        lk.lock();
+        stats_.device.bytes_in += (zero ? 1 : 2) * n * sizeof(T);
+        stats_.host.bytes_out += (zero ? 1 : 2) * n * sizeof(T);
+        b.dev = slot;
+        if (zero) {
+          b.grads_zero = false;
+          b.dev_dirty = true;  // the zeros live on the device now
+        }
+        b.fresh = prefetch;
+        b.dev_use = ++dev_clock_;
+        b.busy = false;
+        cv_.notify_all();
+        return true;
+      }
+    }
+
+    bool host_victim_ok(const block& v, const block& self, bool prefetch) const {
+      return &v != &self && v.host && !v.busy && v.pins == 0 && !(prefetch && v.fresh);
+    }
+    bool dev_victim_ok(const block& v, bool prefetch) const {
+      return v.dev && !v.busy && v.pins == 0 && !(prefetch && v.fresh);
+    }
+
+    /// alloc() for block b, which the caller marked busy: b is unmarked if it throws.
+    template <class Arena, class Ok, class Evict>
+    std::byte* alloc_for(std::unique_lock<std::mutex>& lk, block& b, Arena& arena, std::size_t bytes, bool prefetch,
+                         Ok ok, Evict evict) {
+      try {
+        return alloc(lk, arena, bytes, prefetch, b, ok, evict);
+      } catch (...) {
+        if (!lk.owns_lock()) lk.lock();
+        b.busy = false;
+        cv_.notify_all();
+        throw;
+      }
+    }
+
+    /// Memory from `arena`, evicting victims chosen by the cache policy
+    /// (host) or least recent device use (device) until it fits.
+    template <class Arena, class Ok, class Evict>
+    std::byte* alloc(std::unique_lock<std::mutex>& lk, Arena& arena, std::size_t bytes, bool prefetch,
+                     const block& self, Ok ok, Evict evict) {
+      constexpr bool is_host = std::is_same_v<Arena, host_tier::arena>;
+      for (;;) {
+        if (std::byte* p = arena.allocate(bytes)) return p;
+        std::vector<std::size_t> cand;
+        for (auto& v : blocks_)
+          if (ok(v)) cand.push_back(v.id);
+        if (!cand.empty()) {
+          std::size_t victim;
+          if constexpr (is_host) {
+            victim = std::visit([&](auto& c) { return c.pick(std::span<const std::size_t>(cand)); }, cache_);
+          } else {
+            victim = *std::min_element(cand.begin(), cand.end(),
+                                       [&](auto a, auto c) { return blocks_[a].dev_use < blocks_[c].dev_use; });
+          }
+          evict(lk, blocks_[victim]);
+          continue;
+        }
+        if (prefetch) return nullptr;
+        // Wait only for a move that will end by itself: another block's, or a
+        // mover's (movers never wait for memory). Pins end when compute
+        // releases, which may be this very thread: no waiting on those.
+        const bool progress_possible =
+            std::any_of(blocks_.begin(), blocks_.end(), [&](const block& v) { return v.busy && &v != &self; }) ||
+            active_movers_ > 0;
+        if (!progress_possible) {
+          std::size_t pinned = 0;
+          for (auto& v : blocks_) pinned += v.pins > 0;
+          semoe::detail::fail("semoe::storage::tiered: the ", is_host ? "host" : "device", " budget (", arena.budget(),
+                     " bytes, ", arena.used(), " in use) cannot take a block of ", bytes, " bytes: ", pinned,
+                     " blocks are in use by compute",
+                     is_host ? (HasSsd ? " or on the device" : " and there is no SSD tier to evict to") : "",
+                     "; raise the budget");
+        }
+        cv_.wait(lk);
+      }
+    }
+
+    void evict_device(std::unique_lock<std::mutex>& lk, block& v) {
+      v.busy = true;
+      if (v.dev_dirty) {
+        lk.unlock();
+        const auto n = static_cast<std::size_t>(v.elems);
+        copy_traced(reinterpret_cast<T*>(v.host) + n, reinterpret_cast<const T*>(v.dev) + n, n,
+                    "grads to host " + label(v));
+        lk.lock();
+        stats_.device.bytes_out += n * sizeof(T);
+        stats_.host.bytes_in += n * sizeof(T);
+        v.host_dirty = true;
+        v.dev_dirty = false;
+      }
+      device_.deallocate(v.dev, dev_bytes(v));
+      v.dev = nullptr;
+      v.fresh = false;
+      v.busy = false;
+      cv_.notify_all();
+    }
+
+    void evict_host(std::unique_lock<std::mutex>& lk, block& v) {
+      if constexpr (HasSsd) {
+        if (v.dev) evict_device(lk, v);  // inclusive: leaves the device first
+        if (v.host_dirty || !v.on_ssd) write_back(lk, v);
+        v.busy = true;
+        host_.deallocate(v.host, host_bytes(v));
+        v.host = nullptr;
+        v.busy = false;
+        cv_.notify_all();
+      } else {
+        (void)lk;
+        (void)v;  // never chosen: host_victim_ok holds, but there is nowhere to go
+        semoe::detail::fail("semoe::storage::tiered: the host budget (", host_.budget(),
+                   " bytes) must hold every block when there is no SSD tier");
+      }
+    }
+
+    /// Write v's host copy to SSD (v stays in host DRAM, clean).
+    void write_back(std::unique_lock<std::mutex>& lk, block& v) {
+      if constexpr (HasSsd) {
+        ensure_ssd();
+        v.busy = true;
+        const bool zero = v.grads_zero;
+        lk.unlock();
+        if (zero) {  // the file holds the true block: its gradients are zero
+          const auto n = static_cast<std::size_t>(v.elems);
+          std::fill(reinterpret_cast<T*>(v.host) + n, reinterpret_cast<T*>(v.host) + 2 * n, T(0));
+        }
+        const double t0 = trace::recorder::instance().now_us();
+        std::optional<std::string> failure;
+        try {
+          ssd_->write(v.id, v.host).wait();
+        } catch (const std::exception& e) {
+          failure = e.what();
+        }
+        trace::recorder::instance().add(
+            {"ssd write " + label(v), "store", t0, trace::recorder::instance().now_us() - t0, opt_.rank, ssd_lane});
+        lk.lock();
+        v.busy = false;
+        cv_.notify_all();
+        if (failure) throw error(*failure);
+        v.on_ssd = true;
+        v.host_dirty = false;
+      } else {
+        (void)lk;
+        (void)v;
+      }
+    }
+
+    void ensure_ssd() {
+      if constexpr (HasSsd) {
+        if (!ssd_) {
+          ssd_.emplace(opt_.ssd, ssd_block_bytes(), blocks_.size());
+          ssd_base_ = {0, 0};
+        }
+      }
+    }
+
+    void mover_loop() {
+      std::unique_lock lk(m_);
+      for (;;) {
+        cv_.wait(lk, [&] { return stopping_ || !queue_.empty() || !writebacks_.empty(); });
+        if (stopping_) return;
+        ++active_movers_;
+        try {
+          if (!queue_.empty()) {
+            task t = queue_.front();
+            queue_.pop_front();
+            t.b->queued = false;
+            if (t.to == tier_level::device)
+              ensure_device(lk, *t.b, true);
+            else
+              ensure_host(lk, *t.b, true);
+          } else {
+            block* b = writebacks_.front();
+            writebacks_.pop_front();
+            b->queued_writeback = false;
+            // A busy block is being used or moved: it is written back when it
+            // leaves host DRAM or in the next cycle, and a mover never waits.
+            if (!b->busy && b->host && b->host_dirty) write_back(lk, *b);
+          }
+        } catch (const std::exception& e) {
+          // A failed prefetch or write-back: the block stays where it was, and
+          // the next acquire or checkpoint meets the same error in its thread.
+          trace::recorder::instance().add({std::string("mover error: ") + e.what(), "error",
+                                           trace::recorder::instance().now_us(), 0, opt_.rank, copy_lane});
+        }
+        --active_movers_;
+        cv_.notify_all();
+      }
+    }
+
+    options opt_;
+    device_tier::arena device_;
+    host_tier::arena host_;
+    std::conditional_t<HasSsd, std::optional<ssd_tier>, std::monostate> ssd_{};
+    std::array<std::uint64_t, 2> ssd_base_{0, 0};
+    std::variant<lfu, lru> cache_;
+    std::vector<layer_info> layers_;
+    std::deque<block> blocks_;  // stable addresses: movers hold block*
+    std::vector<std::vector<std::int32_t>> counts_;
+    std::deque<task> queue_;
+    std::deque<block*> writebacks_;
+    std::size_t end_calls_ = 0;
+    std::uint64_t dev_clock_ = 0;
+    store_stats stats_;
+    mutable std::mutex m_;
+    std::condition_variable cv_;
+    bool stopping_ = false;
+    int active_movers_ = 0;
+    std::vector<std::thread> movers_;
+  };
+};
+
+}  // namespace detail
+
+/// The tier list of a tiered store, fastest first.
+template <class... Tiers>
+struct tiered {
+  static_assert(sizeof...(Tiers) == 0 && false,
+                "semoe::storage::tiered: the supported tier lists are <device_tier, host_tier> and "
+                "<device_tier, host_tier, ssd_tier>");
+};
+template <>
+struct tiered<device_tier, host_tier> : detail::tiered_policy<false> {};
+template <>
+struct tiered<device_tier, host_tier, ssd_tier> : detail::tiered_policy<true> {};
+
+static_assert(Storage<tiered<device_tier, host_tier>>);
+
+}  // namespace semoe::storage

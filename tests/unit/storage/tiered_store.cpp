@@ -1,0 +1,261 @@
+// Training with expert blocks offloaded (device budget two layers of experts,
+// host DRAM a quarter of all expert state, the rest on SSD) ends with bitwise
+// the same parameters as training with everything resident, for every
+// prefetch policy and both cache policies; budgets hold, measured.
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <vector>
+
+#include "semoe/gate/top_k.hpp"
+#include "semoe/layer/activation.hpp"
+#include "semoe/layer/linear.hpp"
+#include "semoe/layer/loss.hpp"
+#include "semoe/layer/moe_layer.hpp"
+#include "semoe/layer/norm.hpp"
+#include "semoe/layer/repeated.hpp"
+#include "semoe/layer/sequential.hpp"
+#include "semoe/prefetch/vertical.hpp"
+#include "semoe/storage/tiered_store.hpp"
+#include "semoe/train/trainer.hpp"
+
+using namespace semoe;
+
+namespace {
+
+constexpr index_t in = 12, hidden = 16, ffn = 240, classes = 5, batch = 64, experts = 4, depth = 8;
+// ffn<gelu> block: 2 * hidden * ffn = 7680 elements; with grads and two AdamW
+// moments 122,880 bytes, a whole number of 4 KiB pages.
+constexpr std::size_t elems = 2 * hidden * ffn;
+constexpr std::size_t full_block = 4 * elems * sizeof(float), device_block = 2 * elems * sizeof(float);
+constexpr std::size_t all_state = depth * experts * full_block;
+
+template <class Storage, class Prefetch>
+using moe_t = basic_moe_layer<float, cpu, gate::top_k<2>, expert::ffn<act::gelu>, comm::local, Storage, Prefetch>;
+template <class Storage, class Prefetch>
+using block_t = layer::residual<float, layer::layer_norm<float>, moe_t<Storage, Prefetch>>;
+template <class Storage, class Prefetch>
+using model_t = layer::sequential<float, layer::linear<float>, layer::repeated<float, block_t<Storage, Prefetch>>,
+                                  layer::linear<float>>;
+
+using ssd_store = storage::tiered<storage::device_tier, storage::host_tier, storage::ssd_tier>;
+using dram_store = storage::tiered<storage::device_tier, storage::host_tier>;
+
+void make_batch(std::uint64_t step, matrix<float>& x, std::vector<std::int32_t>& y) {
+  const philox rng(5, step);
+  for (index_t i = 0; i < batch; ++i) {
+    float s = 0;
+    for (index_t j = 0; j < in; ++j)
+      s += (x(i, j) = 2 * rng.uniform(static_cast<std::uint64_t>(i * in + j)) - 1) * (j % 3 - 1.0f);
+    y[i] = static_cast<std::int32_t>(std::clamp<index_t>(static_cast<index_t>((s + 2.5f) / 5.0f * classes), 0, classes - 1));
+  }
+}
+
+struct run_result {
+  std::vector<float> params;  // dense then every expert block, in order
+  storage::store_stats stats;
+};
+
+/// `steps` steps of AdamW with clipping; every parameter at the end.
+template <class Storage, class Prefetch>
+run_result run_training(int steps, typename Storage::template store<float>::options* o = nullptr) {
+  using store_t = typename Storage::template store<float>;
+  using M = model_t<Storage, Prefetch>;
+  auto store = o ? std::make_shared<store_t>(*o) : std::make_shared<store_t>();
+  run_result out;
+  comm::local::run(1, [&](comm::local& world) {
+    auto groups = train::make_groups(world);
+    cpu_executor ex({.threads = 2});
+    M model(layer::linear<float>(ex, {.in = in, .out = hidden}, 1),
+            layer::repeated<float, block_t<Storage, Prefetch>>(depth, [&](index_t i) {
+              return block_t<Storage, Prefetch>(
+                  ex, layer::layer_norm<float>(ex, {.dim = hidden}),
+                  moe_t<Storage, Prefetch>(ex, groups.expert,
+                                           {.hidden = hidden, .ffn = ffn, .experts = experts,
+                                            .seed = 100 + static_cast<std::uint64_t>(i)},
+                                           store));
+            }),
+            layer::linear<float>(ex, {.in = hidden, .out = classes}, 2));
+    train::adamw<float> opt(ex, {.lr = 3e-3});
+    train::trainer tr(model, opt, world, groups, {.clip_norm = 0.5});
+    layer::softmax_cross_entropy<float> ce(ex);
+    matrix<float> x(batch, in), dlogits(batch, classes);
+    std::vector<std::int32_t> y(batch);
+    if constexpr (requires { store->reset_stats(); }) store->reset_stats();
+    for (int s = 0; s < steps; ++s) {
+      make_batch(static_cast<std::uint64_t>(s), x, y);
+      tr.step([&](M& m) {
+        auto logits = m.forward(x.view());
+        const double l = ce.forward(logits, std::span<const std::int32_t>(y), batch);
+        ce.backward(dlogits.view());
+        m.backward(dlogits.view());
+        return l;
+      });
+    }
+    for (auto& p : model.parameters()) out.params.insert(out.params.end(), p.value.begin(), p.value.end());
+    train::for_each_expert_block(
+        model, [&](auto& blk, auto&) { out.params.insert(out.params.end(), blk.params.begin(), blk.params.end()); },
+        train::block_access::read);
+    if constexpr (requires { store->stats(); }) out.stats = store->stats();
+  });
+  return out;
+}
+
+struct temp_dir {
+  std::filesystem::path path;
+  explicit temp_dir(const char* tag)
+      : path(std::filesystem::temp_directory_path() / (std::string("semoe-test-") + tag + "-" + std::to_string(::getpid()))) {
+    std::filesystem::remove_all(path);
+  }
+  ~temp_dir() { std::filesystem::remove_all(path); }
+};
+
+ssd_store::store<float>::options offload_options(const std::filesystem::path& dir, storage::cache_kind cache) {
+  ssd_store::store<float>::options o;
+  o.device.budget_bytes = 2 * experts * device_block;  // two layers of experts
+  o.host.budget_bytes = all_state / 4;                 // a quarter of all expert state
+  o.ssd.dir = dir;
+  o.cache = cache;
+  return o;
+}
+
+void require_bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  REQUIRE(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+}
+
+void require_within_budgets(const storage::store_stats& s) {
+  CHECK(s.device.peak_bytes <= s.device.budget_bytes);
+  CHECK(s.host.peak_bytes <= s.host.budget_bytes);
+  CHECK(s.device.peak_bytes > 0);
+  CHECK(s.host.peak_bytes > 0);
+}
+
+constexpr int steps = 100;
+
+}  // namespace
+
+TEST_CASE("tiered store: offloaded training equals resident training bit for bit, for every prefetch policy") {
+  const auto resident = run_training<storage::resident, prefetch::on_demand>(steps);
+  REQUIRE(resident.params.size() > depth * experts * elems);
+
+  SUBCASE("on_demand, lfu") {
+    temp_dir d("on-demand");
+    auto o = offload_options(d.path, storage::cache_kind::lfu);
+    const auto r = run_training<ssd_store, prefetch::on_demand>(steps, &o);
+    require_bitwise_equal(resident.params, r.params);
+    require_within_budgets(r.stats);
+    CHECK(r.stats.ssd.bytes_in > 0);   // blocks really went to SSD ...
+    CHECK(r.stats.ssd.bytes_out > 0);  // ... and came back
+    CHECK(r.stats.prefetches == 0);
+  }
+  SUBCASE("vertical<1>, lfu") {
+    temp_dir d("vertical1");
+    auto o = offload_options(d.path, storage::cache_kind::lfu);
+    const auto r = run_training<ssd_store, prefetch::vertical<1>>(steps, &o);
+    require_bitwise_equal(resident.params, r.params);
+    require_within_budgets(r.stats);
+    CHECK(r.stats.prefetches > 0);
+    CHECK(r.stats.hits > 0);
+  }
+  SUBCASE("vertical<2>, lru") {
+    temp_dir d("vertical2");
+    auto o = offload_options(d.path, storage::cache_kind::lru);
+    const auto r = run_training<ssd_store, prefetch::vertical<2>>(steps, &o);
+    require_bitwise_equal(resident.params, r.params);
+    require_within_budgets(r.stats);
+    CHECK(r.stats.prefetches > 0);
+  }
+  SUBCASE("device and host only") {
+    dram_store::store<float>::options o;
+    o.device.budget_bytes = 2 * experts * device_block;
+    const auto r = run_training<dram_store, prefetch::vertical<1>>(steps, &o);
+    require_bitwise_equal(resident.params, r.params);
+    CHECK(r.stats.device.peak_bytes <= r.stats.device.budget_bytes);
+  }
+}
+
+TEST_CASE("tiered store: vertical prefetch predicts from recorded counts and brings the next layers closer") {
+  using store_t = ssd_store::store<float>;
+  temp_dir d("vertical");
+  store_t::options o;
+  o.ssd.dir = d.path;
+  o.device.budget_bytes = 4 * device_block;
+  o.host.budget_bytes = 6 * full_block;
+  store_t s(o);
+  for (int l = 0; l < 4; ++l) s.add_layer(2, elems);
+  for (int l = 0; l < 4; ++l)
+    for (int e = 0; e < 2; ++e) s.visit(l, e, [](storage::block_ref<float>) {});  // fills host, spills to SSD
+  CHECK(s.predicted_experts(2) == std::vector<index_t>{0, 1});  // nothing recorded: all
+  prefetch::vertical<2> v;
+  const std::int32_t routed_to_1[2] = {0, 5};
+  v.before(s, 2, prefetch::phase::forward, routed_to_1);  // layer 2 sends rows to expert 1 only
+  CHECK(s.predicted_experts(2) == std::vector<index_t>{1});
+  s.drain();
+  CHECK(s.on_device(3, 0));  // layer 3 (distance 1): to the device
+  CHECK(s.on_device(3, 1));
+  v.before(s, 1, prefetch::phase::forward, routed_to_1);  // layer 2 (distance 1) and 3 (distance 2)
+  s.drain();
+  CHECK(s.on_device(2, 1));
+  CHECK_FALSE(s.on_device(2, 0));  // predicted idle: not moved
+  v.before(s, 3, prefetch::phase::backward, routed_to_1);  // backward goes down: layers 2 and 1
+  s.drain();
+  CHECK(s.in_host(1, 0));
+  CHECK(s.in_host(1, 1));
+  const auto st = s.stats();
+  CHECK(st.prefetches >= 3);
+  CHECK(st.device.peak_bytes <= st.device.budget_bytes);
+  CHECK(st.host.peak_bytes <= st.host.budget_bytes);
+}
+
+TEST_CASE("tiered store: budgets too small for one block or one layer are errors that say so") {
+  using store_t = ssd_store::store<float>;
+  temp_dir d("small");
+  store_t::options o;
+  o.ssd.dir = d.path;
+  o.device.budget_bytes = device_block - 1;
+  store_t s(o);
+  CHECK_THROWS_WITH_AS(s.add_layer(2, elems), doctest::Contains("device budget"), error);
+
+  o.device.budget_bytes = device_block;  // one block: a layer's two routed experts cannot both be resident
+  auto small = std::make_shared<store_t>(o);
+  small->add_layer(2, elems);
+  auto a = small->acquire(0, 0);
+  CHECK(a.params.size() == elems);
+  CHECK_THROWS_WITH_AS(small->acquire(0, 1), doctest::Contains("device budget"), error);
+  small->release(0, 0);
+  CHECK_NOTHROW(small->acquire(0, 1));
+  small->release(0, 1);
+  CHECK_THROWS_WITH_AS(small->reserve_state(3), doctest::Contains("state_slots"), error);
+}
+
+TEST_CASE("tiered store: a block moves device -> host -> SSD and back with its contents") {
+  using store_t = ssd_store::store<float>;
+  temp_dir d("moves");
+  store_t::options o;
+  o.ssd.dir = d.path;
+  o.device.budget_bytes = device_block;
+  o.host.budget_bytes = full_block;
+  store_t s(o);
+  s.add_layer(2, elems);
+  s.visit(0, 0, [](storage::block_ref<float> b) {
+    for (std::size_t i = 0; i < b.params.size(); ++i) b.params[i] = float(i);
+    b.state[3] = 7;
+  });
+  s.visit(0, 1, [](storage::block_ref<float> b) { b.params[0] = -1; });  // evicts block 0 to SSD
+  CHECK_FALSE(s.in_host(0, 0));
+  auto b = s.acquire(0, 0);  // SSD -> host -> device
+  CHECK(s.on_device(0, 0));
+  CHECK(b.params[5] == 5.0f);
+  b.grads[2] = 3;
+  s.release(0, 0);
+  s.visit(0, 1, [](storage::block_ref<float> b1) { CHECK(b1.params[0] == -1); });  // block 0 leaves, grads go home
+  s.visit(0, 0, [](storage::block_ref<float> b0) {
+    CHECK(b0.grads[2] == 3.0f);
+    CHECK(b0.state[3] == 7.0f);
+    CHECK(b0.params[elems - 1] == float(elems - 1));
+  });
+  s.zero_grads(0);
+  s.visit(0, 0, [](storage::block_ref<float> b0) { CHECK(b0.grads[2] == 0.0f); });
+}
