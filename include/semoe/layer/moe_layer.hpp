@@ -394,7 +394,7 @@ class basic_moe_layer {
     for (index_t i = 0; i < local_experts_; ++i) {
       params_[i] = grads_[i] = nullptr;
       if (counts[i] == 0) continue;
-      auto blk = store_->acquire(layer_id_, i);
+      auto blk = acquire(i, ph == prefetch::phase::backward);
       params_[i] = blk.params.data();
       grads_[i] = blk.grads.data();
     }
@@ -402,6 +402,15 @@ class basic_moe_layer {
     for (index_t i = 0; i < local_experts_; ++i)
       if (counts[i] > 0) store_->release(layer_id_, i);
     prefetch_.after(*store_, layer_id_, ph);
+  }
+
+  /// Forward needs an expert's weights only; a store that can tell the two
+  /// apart then moves half the bytes.
+  storage::block_ref<T> acquire(index_t expert, bool grads) {
+    if constexpr (requires { store_->acquire(layer_id_, expert, grads); })
+      return store_->acquire(layer_id_, expert, grads);
+    else
+      return store_->acquire(layer_id_, expert);
   }
 
   expert::expert_batch<T> batch(std::span<const index_t> offsets, matrix_view<const T> x) {

@@ -31,6 +31,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -168,9 +169,11 @@ struct tiered_policy {
                   " (set it up front: the block layout on SSD is fixed)");
     }
 
-    /// The block's weights and gradients in device memory, loaded now if a
-    /// prefetch has not brought them; valid until release().
-    block_ref<T> acquire(index_t layer, index_t expert) {
+    /// The block's weights (and its gradients when `grads`: backward) in
+    /// device memory, loaded now if a prefetch has not brought them; valid
+    /// until release(). Forward asks for weights only, so its loads move half
+    /// the bytes and leave nothing to write back.
+    block_ref<T> acquire(index_t layer, index_t expert, bool grads = true) {
       block& b = at(layer, expert);
       std::unique_lock lk(m_);
       const bool hit = b.dev && !b.busy;
@@ -184,19 +187,24 @@ struct tiered_policy {
         stats_.wait_seconds += (t1 - t0) * 1e-6;
         trace::recorder::instance().add({"wait " + label(b), "wait", t0, t1 - t0, opt_.rank, compute_lane()});
       }
-      if (b.grads_zero) {  // zeroed since it came to the device
-        const auto n = static_cast<std::size_t>(b.elems);
-        std::fill(reinterpret_cast<T*>(b.dev) + n, reinterpret_cast<T*>(b.dev) + 2 * n, T(0));
-        b.grads_zero = false;
+      const auto n = static_cast<std::size_t>(b.elems);
+      T* d = reinterpret_cast<T*>(b.dev);
+      if (grads && !b.dev_grads) {
+        if (b.grads_zero) {
+          std::fill(d + n, d + 2 * n, T(0));
+          b.grads_zero = false;
+        } else {
+          std::memcpy(d + n, reinterpret_cast<const T*>(b.host) + n, n * sizeof(T));
+          stats_.device.bytes_in += n * sizeof(T);
+        }
+        b.dev_grads = true;
       }
+      if (grads) b.dev_dirty = true;  // backward accumulates into them
       ++b.pins;
       b.fresh = false;
       b.dev_use = ++dev_clock_;
-      b.dev_dirty = true;  // compute may write gradients
       touch(b);
-      const auto n = static_cast<std::size_t>(b.elems);
-      T* d = reinterpret_cast<T*>(b.dev);
-      return {std::span<T>(d, n), std::span<T>(d + n, n), {}};
+      return {std::span<T>(d, n), grads ? std::span<T>(d + n, n) : std::span<T>(), {}};
     }
 
     void release(index_t layer, index_t expert) {
@@ -216,6 +224,7 @@ struct tiered_policy {
       std::unique_lock lk(m_);
       ensure_host(lk, b, false);
       b.busy = true;
+      b.fresh = false;
       const bool pull_grads = b.dev && b.dev_dirty;
       const bool zero = b.grads_zero;
       lk.unlock();
@@ -242,7 +251,7 @@ struct tiered_policy {
         block& b = blocks_[li.first + static_cast<std::size_t>(e)];
         cv_.wait(lk, [&] { return !b.busy; });
         b.grads_zero = true;
-        b.dev_dirty = false;
+        b.dev_dirty = b.dev_grads = false;
       }
     }
 
@@ -298,9 +307,13 @@ struct tiered_policy {
       }
     }
 
-    /// Write every dirty block to SSD, wait, and make the SSD file's current
-    /// versions the committed ones; returns their records for a checkpoint.
-    std::vector<ssd_block_record> checkpoint()
+    /// Write every dirty block to SSD, make the file's current versions the
+    /// committed ones, and hand their records (and where the file is) to
+    /// `persist`, which must make them durable (the checkpoint file) before
+    /// returning: no block is written meanwhile, so the previous checkpoint's
+    /// slots stay intact until the new one exists.
+    template <class Persist>
+    void checkpoint(Persist&& persist)
       requires HasSsd
     {
       std::unique_lock lk(m_);
@@ -310,12 +323,16 @@ struct tiered_policy {
         if (b.host && (b.host_dirty || !b.on_ssd)) write_back(lk, b);
       }
       ensure_ssd();
-      return ssd_->commit();
+      const auto records = ssd_->commit();
+      // Callers of this store are this thread (inside checkpoint) and the
+      // movers, which have no work: nothing writes until persist returns.
+      persist(std::span<const ssd_block_record>(records), std::as_const(opt_.ssd));
     }
 
-    /// Restart from a checkpoint: every block comes from the SSD file at the
-    /// committed versions (verified by checksum), nothing from memory.
-    void restore(std::span<const ssd_block_record> records)
+    /// Restart from a checkpoint: every block comes from the SSD file the
+    /// checkpoint names (`where`), at its committed versions, verified by
+    /// checksum; nothing from memory. Training goes on in that file.
+    void restore(std::span<const ssd_block_record> records, const ssd_options& where)
       requires HasSsd
     {
       std::unique_lock lk(m_);
@@ -328,10 +345,15 @@ struct tiered_policy {
         host_.deallocate(b.host, host_bytes(b));
         b.dev = b.host = nullptr;
         b.on_ssd = true;
-        b.host_dirty = b.dev_dirty = b.grads_zero = false;
+        b.host_dirty = b.dev_dirty = b.dev_grads = b.grads_zero = false;
       }
+      std::filesystem::path fresh;  // a file this store made before the restore: not the checkpoint's
+      if (ssd_) fresh = ssd_->path();
       ssd_.reset();
-      ssd_.emplace(ssd_tier::reopen(opt_.ssd, ssd_block_bytes(), records));
+      ssd_.emplace(ssd_tier::reopen(where, ssd_block_bytes(), records));
+      if (!fresh.empty() && fresh != ssd_->path()) std::filesystem::remove(fresh);
+      opt_.ssd = where;
+      ssd_base_ = {ssd_->bytes_written(), ssd_->bytes_read()};
     }
 
     /// Wait until no prefetch or write-back is queued or running.
@@ -394,11 +416,12 @@ struct tiered_policy {
       std::byte* dev = nullptr;   ///< params | grads
       bool on_ssd = false;        ///< SSD holds a copy (host may be newer: host_dirty)
       bool host_dirty = false;
+      bool dev_grads = false;     ///< the device copy holds the gradients too
       bool dev_dirty = false;     ///< device gradients newer than host's
       bool grads_zero = false;    ///< gradients read as zero wherever they are
       bool busy = false;
       bool queued = false, queued_writeback = false;
-      bool fresh = false;         ///< prefetched to the device and not used yet
+      bool fresh = false;         ///< prefetched and not used yet: other prefetches do not evict it
       int pins = 0;
       std::uint64_t dev_use = 0;
     };
@@ -463,7 +486,7 @@ struct tiered_policy {
         if (b.dev && b.pins == 0) {  // its weights are stale now
           device_.deallocate(b.dev, dev_bytes(b));
           b.dev = nullptr;
-          b.dev_dirty = false;
+          b.dev_dirty = b.dev_grads = false;
         }
       }
       touch(b);
@@ -514,6 +537,7 @@ struct tiered_policy {
         } else {
           std::memset(slot, 0, host_bytes(b));  // a new block: the layer initializes its weights
         }
+        b.fresh = prefetch;  // other prefetches leave it alone until it is used
         b.busy = false;
         cv_.notify_all();
         return true;
@@ -537,24 +561,14 @@ struct tiered_policy {
           cv_.notify_all();
           return false;
         }
-        const bool zero = b.grads_zero;
         lk.unlock();
         const auto n = static_cast<std::size_t>(b.elems);
-        T* d = reinterpret_cast<T*>(slot);
-        const T* h = reinterpret_cast<const T*>(b.host);
-        copy_traced(d, h, n, "to device " + label(b));
-        if (zero)
-          std::fill(d + n, d + 2 * n, T(0));
-        else
-          std::memcpy(d + n, h + n, n * sizeof(T));
+        copy_traced(reinterpret_cast<T*>(slot), reinterpret_cast<const T*>(b.host), n, "to device " + label(b));
         lk.lock();
-        stats_.device.bytes_in += (zero ? 1 : 2) * n * sizeof(T);
-        stats_.host.bytes_out += (zero ? 1 : 2) * n * sizeof(T);
+        stats_.device.bytes_in += n * sizeof(T);
+        stats_.host.bytes_out += n * sizeof(T);
         b.dev = slot;
-        if (zero) {
-          b.grads_zero = false;
-          b.dev_dirty = true;  // the zeros live on the device now
-        }
+        b.dev_grads = b.dev_dirty = false;  // weights only; backward's acquire brings gradients
         b.fresh = prefetch;
         b.dev_use = ++dev_clock_;
         b.busy = false;
@@ -641,6 +655,7 @@ struct tiered_policy {
       }
       device_.deallocate(v.dev, dev_bytes(v));
       v.dev = nullptr;
+      v.dev_grads = false;
       v.fresh = false;
       v.busy = false;
       cv_.notify_all();

@@ -201,6 +201,13 @@ class optimizer_base {
 
   std::uint64_t steps() const { return t_; }
 
+  /// For checkpoints: the step count (bias correction) and the state of
+  /// every dense parameter, in model.parameters() order (empty before the
+  /// first step).
+  std::uint64_t& step_count() { return t_; }
+  std::vector<buffer<T>>& dense_state() { return dense_state_; }
+  static constexpr index_t slots() { return Derived::state_slots; }
+
  protected:
   Derived& self() { return static_cast<Derived&>(*this); }
   cpu_executor* ex_;
