@@ -5,6 +5,8 @@
 //   expert state (weights + grads + 2 moments) = 128 blocks x 16 MiB = 2 GiB
 //   device budget: 2 layers of experts (weights + grads) = 128 MiB
 //   host budget:   25 % of the expert state = 512 MiB; the rest on SSD
+//   AdamW on the host copy of each layer's experts as soon as its backward
+//   ends (trainer option update_experts_in_backward), no clipping
 //
 // It measures the all-resident step, the I/O alone (the store moves of a step
 // replayed with no compute), and the offloaded step per prefetch policy, and
@@ -90,7 +92,8 @@ measured train_steps(int steps, typename Storage::template store<float>::options
             }),
             layer::linear<float>(ex, {.in = H, .out = classes}, 3));
     train::adamw<float> opt(ex, {.lr = 1e-3});
-    train::trainer tr(model, opt, world, groups, {.clip_norm = 0});
+    // Experts are updated as each layer's backward ends, where their state is.
+    train::trainer tr(model, opt, world, groups, {.clip_norm = 0, .update_experts_in_backward = true});
     layer::softmax_cross_entropy<float> ce(ex);
     matrix<float> x(tokens, H), dlogits(tokens, classes);
     std::vector<std::int32_t> y(tokens);
@@ -135,8 +138,9 @@ measured train_steps(int steps, typename Storage::template store<float>::options
 }
 
 /// The store traffic of one training step with no compute: every expert of
-/// every layer acquired in forward order, again in backward order, then the
-/// optimizer's pass over every block on the host, and the end of the cycle.
+/// every layer acquired in forward order (weights), again in backward order
+/// (weights and gradients) each layer followed by its experts' update on the
+/// host, and the end of the cycle.
 measured io_alone(int steps, ssd_store::store<float>::options opts) {
   using store_t = ssd_store::store<float>;
   store_t s(opts);
@@ -145,14 +149,15 @@ measured io_alone(int steps, ssd_store::store<float>::options opts) {
     for (index_t e = 0; e < E; ++e) s.visit(l, e, [](storage::block_ref<float>) {});
   auto step = [&] {
     for (index_t l = 0; l < depth; ++l) s.zero_grads(l);
-    auto pass = [&](index_t l) {
-      for (index_t e = 0; e < E; ++e) s.acquire(l, e);
+    auto pass = [&](index_t l, bool grads) {
+      for (index_t e = 0; e < E; ++e) s.acquire(l, e, grads);
       for (index_t e = 0; e < E; ++e) s.release(l, e);
     };
-    for (index_t l = 0; l < depth; ++l) pass(l);
-    for (index_t l = depth; l-- > 0;) pass(l);
-    for (index_t l = 0; l < depth; ++l)
+    for (index_t l = 0; l < depth; ++l) pass(l, false);  // forward: weights
+    for (index_t l = depth; l-- > 0;) {                   // backward: weights + grads, then the update
+      pass(l, true);
       for (index_t e = 0; e < E; ++e) s.visit(l, e, [](storage::block_ref<float>) {});
+    }
     for (index_t l = 0; l < depth; ++l) s.end_step(l);
     s.drain();
   };

@@ -35,6 +35,8 @@
 #include "semoe/layer/moe_layer.hpp"
 #include "semoe/layer/norm.hpp"
 #include "semoe/layer/sequential.hpp"
+#include "semoe/prefetch/vertical.hpp"
+#include "semoe/storage/tiered_store.hpp"
 #include "semoe/train/trainer.hpp"
 #if __has_include("semoe/comm/tcp.hpp")
 #include "semoe/comm/tcp.hpp"
@@ -58,13 +60,34 @@ struct config {
   index_t max_steps = 0;  // stop after this many steps (0: all epochs)
   bool print_loss = false;
   std::uint64_t seed = 1;
+  // Hierarchical storage: any of these moves the experts into a tiered store.
+  std::size_t device_budget = 0, host_budget = 0;  // bytes, 0: unbounded
+  std::string ssd_dir;
+  bool offload() const { return device_budget || host_budget || !ssd_dir.empty(); }
 };
+
+/// "64M", "1.5G", "4096": bytes.
+std::size_t parse_bytes(const std::string& v) {
+  std::size_t used = 0;
+  const double x = std::stod(v, &used);
+  const std::string unit = v.substr(used);
+  double scale = 1;
+  if (unit == "K" || unit == "KiB") scale = 1024.0;
+  else if (unit == "M" || unit == "MiB") scale = 1024.0 * 1024;
+  else if (unit == "G" || unit == "GiB") scale = 1024.0 * 1024 * 1024;
+  else if (!unit.empty()) throw std::invalid_argument("unit");
+  if (x < 0) throw std::invalid_argument("negative");
+  return static_cast<std::size_t>(x * scale);
+}
 
 [[noreturn]] void usage(const char* argv0, const std::string& why) {
   std::fprintf(stderr,
                "%s\nusage: %s [--epochs N] [--batch B] [--lr X] [--ranks P] [--threads T] [--experts E]\n"
                "          [--hidden H] [--ffn F] [--limit N] [--steps N] [--print-loss] [--seed S] [--data DIR]\n"
+               "          [--device-budget BYTES] [--host-budget BYTES] [--ssd-dir DIR]   (e.g. 40M, 1G)\n"
                "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n"
+               "A budget or --ssd-dir offloads the experts: weights and gradients in a device tier\n"
+               "(bounded), whole blocks with AdamW state cached in host DRAM, the rest on SSD.\n"
                "Set SEMOE_TRACE=trace.json to record a Chrome trace of the first 50 steps.\n",
                why.c_str(), argv0);
   std::exit(2);
@@ -92,6 +115,9 @@ config parse(int argc, char** argv) {
       else if (a == "--print-loss") c.print_loss = true;
       else if (a == "--seed") c.seed = std::stoull(value());
       else if (a == "--data") c.data = value();
+      else if (a == "--device-budget") c.device_budget = parse_bytes(value());
+      else if (a == "--host-budget") c.host_budget = parse_bytes(value());
+      else if (a == "--ssd-dir") c.ssd_dir = value();
       else if (a == "--help" || a == "-h") usage(argv[0], "Train an MoE classifier on Fashion-MNIST.");
       else usage(argv[0], "unknown argument " + a);
     } catch (const std::logic_error&) {
@@ -104,30 +130,60 @@ config parse(int argc, char** argv) {
 }
 
 using gate_t = gate::top_k<2>;
-template <class Comm>
-using moe_t = moe_layer<cpu, gate_t, expert::ffn<act::gelu>, Comm>;
-template <class Comm>
+/// Where the experts live: all in memory, or offloaded (SSD-tiered store,
+/// vertical prefetch of the next step's blocks).
+struct resident_experts {
+  using storage = storage::resident;
+  using prefetch = prefetch::on_demand;
+};
+struct offloaded_experts {
+  using storage = storage::tiered<storage::device_tier, storage::host_tier, storage::ssd_tier>;
+  using prefetch = prefetch::vertical<1>;
+};
+template <class Comm, class Where>
+using moe_t = basic_moe_layer<float, cpu, gate_t, expert::ffn<act::gelu>, Comm, typename Where::storage,
+                              typename Where::prefetch>;
+template <class Comm, class Where>
 using model_t = layer::sequential<float, layer::linear<float>, layer::activation<float, act::gelu>,
-                                  layer::residual<float, layer::layer_norm<float>, moe_t<Comm>>,
+                                  layer::residual<float, layer::layer_norm<float>, moe_t<Comm, Where>>,
                                   layer::layer_norm<float>, layer::linear<float>>;
 
-template <class Comm>
-model_t<Comm> make_model(cpu_executor& ex, Comm& c, const config& cfg) {
+template <class Comm, class Where>
+model_t<Comm, Where> make_model(cpu_executor& ex, Comm& c, const config& cfg,
+                                std::shared_ptr<typename moe_t<Comm, Where>::store_type> store) {
   const index_t H = cfg.hidden;
-  return model_t<Comm>(layer::linear<float>(ex, {.in = 784, .out = H}, cfg.seed),
+  using moe = moe_t<Comm, Where>;
+  return model_t<Comm, Where>(layer::linear<float>(ex, {.in = 784, .out = H}, cfg.seed),
                  layer::activation<float, act::gelu>(ex),
-                 layer::residual<float, layer::layer_norm<float>, moe_t<Comm>>(
+                 layer::residual<float, layer::layer_norm<float>, moe>(
                      ex, layer::layer_norm<float>(ex, {.dim = H}),
-                     moe_t<Comm>(ex, c,
+                     moe(ex, c,
                            {.hidden = H, .ffn = cfg.ffn, .experts = cfg.experts,
                             .gate = {.capacity_factor = 1.25, .aux_loss_coef = 5e-2, .z_loss_coef = 1e-3},
-                            .expert = {.bias = true}, .seed = cfg.seed + 7})),
+                            .expert = {.bias = true}, .seed = cfg.seed + 7},
+                           std::move(store))),
                  layer::layer_norm<float>(ex, {.dim = H}), layer::linear<float>(ex, {.in = H, .out = 10}, cfg.seed + 3));
 }
 
-template <class Comm>
-moe_t<Comm>& moe_of(model_t<Comm>& m) {
+template <class M>
+auto& moe_of(M& m) {
   return m.template get<2>().template get<1>();
+}
+
+template <class Where>
+std::shared_ptr<typename Where::storage::template store<float>> make_store(const config& cfg, int rank) {
+  using store_t = typename Where::storage::template store<float>;
+  typename store_t::options o;
+  if constexpr (!std::is_same_v<Where, resident_experts>) {
+    o.device.budget_bytes = cfg.device_budget;
+    o.host.budget_bytes = cfg.host_budget;
+    if (!cfg.ssd_dir.empty()) o.ssd.dir = cfg.ssd_dir;
+    o.ssd.rank = rank;
+    o.rank = rank;
+  }
+  (void)cfg;
+  (void)rank;
+  return std::make_shared<store_t>(o);
 }
 
 /// Random horizontal flip: clothes look the same mirrored, and it is the one
@@ -143,7 +199,7 @@ struct outcome {
   int epochs = 0;
 };
 
-template <class Comm>
+template <class Comm, class Where>
 outcome train_and_test(Comm& c, const config& cfg, const io::mnist_split& train, const io::mnist_split& test) {
   const int P = c.size(), rank = c.rank();
   SEMOE_CHECK(cfg.batch % P == 0, "fashion_mnist: --batch ", cfg.batch, " must be a multiple of the ", P, " ranks");
@@ -163,7 +219,8 @@ outcome train_and_test(Comm& c, const config& cfg, const io::mnist_split& train,
   }
   auto groups = train::make_groups(c);
   cpu_executor ex({.threads = std::max(1, cfg.threads)});
-  auto model = make_model(ex, groups.expert, cfg);
+  auto store = make_store<Where>(cfg, c.rank());
+  auto model = make_model<Comm, Where>(ex, groups.expert, cfg, store);
   train::adamw<float> opt(ex, {.lr = cfg.lr, .weight_decay = cfg.weight_decay});
   train::trainer tr(model, opt, c, groups, {.clip_norm = 1.0});
   layer::softmax_cross_entropy<float> loss(ex, {.label_smoothing = 0.1});
@@ -204,7 +261,7 @@ outcome train_and_test(Comm& c, const config& cfg, const io::mnist_split& train,
         yb[i] = train.labels[src];
       }
       opt.set_lr(train::cosine_lr(step, total_steps, cfg.lr, total_steps / 50, 0.02));
-      const double l = tr.step([&](model_t<Comm>& m) {
+      const double l = tr.step([&](model_t<Comm, Where>& m) {
         auto logits = m.forward(xb.view());
         const double v = loss.forward(logits, yb, cfg.batch);
         loss.backward(dlogits.view());
@@ -240,6 +297,15 @@ outcome train_and_test(Comm& c, const config& cfg, const io::mnist_split& train,
                   100.0 * drop_frac / static_cast<double>(P * steps_now));
       for (double v : load) std::printf(" %.3f", v / total_load);
       std::printf("\n");
+      if constexpr (requires { store->stats(); }) {
+        const auto st = store->stats();
+        std::printf("  rank 0 experts: %.0f %% of blocks already on device when needed; SSD read %.0f MiB, written "
+                    "%.0f MiB; peak device %.1f / %.1f MiB, host %.1f / %.1f MiB\n",
+                    100.0 * st.hit_rate(), double(st.ssd.bytes_out) / (1 << 20), double(st.ssd.bytes_in) / (1 << 20),
+                    double(st.device.peak_bytes) / (1 << 20), double(st.device.budget_bytes) / (1 << 20),
+                    double(st.host.peak_bytes) / (1 << 20), double(st.host.budget_bytes) / (1 << 20));
+        store->reset_stats();
+      }
       std::fflush(stdout);
     }
   }
@@ -272,7 +338,8 @@ int main(int argc, char** argv) {
       config per_process = cfg;  // the host's cores are shared by its ranks
       per_process.threads = std::max(1, cfg.threads / world.local_size());
       blas::set_num_threads(per_process.threads);
-      result = train_and_test(world, per_process, train, test);
+      result = cfg.offload() ? train_and_test<comm::tcp, offloaded_experts>(world, per_process, train, test)
+                             : train_and_test<comm::tcp, resident_experts>(world, per_process, train, test);
     } else
 #endif
     {
@@ -281,7 +348,8 @@ int main(int argc, char** argv) {
       per_rank.threads = std::max(1, cfg.threads / cfg.ranks);
       std::mutex m;
       comm::local::run(cfg.ranks, [&](comm::local& c) {
-        auto r = train_and_test(c, per_rank, train, test);
+        auto r = cfg.offload() ? train_and_test<comm::local, offloaded_experts>(c, per_rank, train, test)
+                               : train_and_test<comm::local, resident_experts>(c, per_rank, train, test);
         std::lock_guard lock(m);
         if (c.rank() == 0) result = r;
       });

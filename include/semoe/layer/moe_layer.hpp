@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -179,6 +180,7 @@ class basic_moe_layer {
       trace::scope ts("unpermute", "compute", comm_->rank());
       layer::unpermute_sum(*ex_, plan_, row_, matrix_view<const T>(y_disp_.matrix(R, H)), dx);
     }
+    if (experts_done_) experts_done_();
     {  // Gate: dlogits from the combine weights and aux losses, then the router GEMMs.
       trace::scope ts("gate_backward", "compute", comm_->rank());
       dlogits_.resize_discard(tokens * E);
@@ -213,6 +215,10 @@ class basic_moe_layer {
   }
 
   void train(bool on) { training_ = on; }
+
+  /// Called in backward once the expert gradients of this step are final (a
+  /// trainer updates the experts right then; see trainer options).
+  void set_experts_backward_hook(std::function<void()> f) { experts_done_ = std::move(f); }
   T aux_loss() const { return plan_.aux_loss(); }
 
   /// Call once per optimizer step: gate state (aux-free bias), fresh noise,
@@ -421,13 +427,61 @@ class basic_moe_layer {
             saved_.matrix(R, expert_.saved_cols()), work_.matrix(R, expert_.work_cols())};
   }
 
+  /// A store that moves blocks (acquire with a gradients flag) gets one
+  /// expert at a time: fast memory then needs room for the block in use and
+  /// what the prefetcher brings, not for a whole layer. Same arithmetic.
+  static constexpr bool streams_experts = requires(store_type& s, index_t i) { s.acquire(i, i, true); };
+
+  /// The sub-batch of local expert e alone (its rows keep their place in x).
+  expert::expert_batch<T> one_expert(std::span<const index_t> offsets, index_t e, matrix_view<const T> x) {
+    const index_t R = offsets.back();
+    return {offsets.subspan(static_cast<std::size_t>(e), 2), std::span<T* const>(params_.data() + e, 1),
+            std::span<T* const>(grads_.data() + e, 1), x, saved_.matrix(R, expert_.saved_cols()),
+            work_.matrix(R, expert_.work_cols())};
+  }
+
+  /// f(e) for each local expert with rows, its block acquired around the call.
+  template <class F>
+  void stream_blocks(std::span<const index_t> offsets, prefetch::phase ph, F f) {
+    const auto counts = local_counts(offsets);
+    prefetch_.before(*store_, layer_id_, ph, std::span<const std::int32_t>(counts));
+    params_.assign(static_cast<std::size_t>(local_experts_), nullptr);
+    grads_.assign(static_cast<std::size_t>(local_experts_), nullptr);
+    for (index_t i = 0; i < local_experts_; ++i) {
+      if (counts[i] == 0) continue;
+      auto blk = acquire(i, ph == prefetch::phase::backward);
+      params_[i] = blk.params.data();
+      grads_[i] = blk.grads.data();
+      try {
+        f(i);
+      } catch (...) {
+        store_->release(layer_id_, i);
+        throw;
+      }
+      store_->release(layer_id_, i);
+    }
+    prefetch_.after(*store_, layer_id_, ph);
+  }
+
   void run_experts_forward(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> y) {
     trace::scope ts("experts_forward", "compute", comm_->rank());
-    with_blocks(offsets, prefetch::phase::forward, [&] { expert_.forward(*ex_, batch(offsets, x), y); });
+    if constexpr (streams_experts) {
+      (void)batch(offsets, x);  // sizes saved_ and work_ for every row
+      stream_blocks(offsets, prefetch::phase::forward,
+                    [&](index_t e) { expert_.forward(*ex_, one_expert(offsets, e, x), y); });
+    } else {
+      with_blocks(offsets, prefetch::phase::forward, [&] { expert_.forward(*ex_, batch(offsets, x), y); });
+    }
   }
 
   void run_experts_backward(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> dy_dx) {
     trace::scope ts("experts_backward", "compute", comm_->rank());
+    if constexpr (streams_experts) {
+      stream_blocks(offsets, prefetch::phase::backward, [&](index_t e) {
+        expert_.backward(*ex_, one_expert(offsets, e, x), matrix_view<const T>(dy_dx), dy_dx);
+      });
+      return;
+    }
     with_blocks(offsets, prefetch::phase::backward, [&] {
       // saved_/work_ keep their forward contents: batch() does not resize them.
       const index_t R = offsets.back();
@@ -462,6 +516,7 @@ class basic_moe_layer {
   index_t recv_rows_ = 0;
   buffer<T> recv_, expert_in_, expert_out_;
   std::vector<T*> params_, grads_;
+  std::function<void()> experts_done_;
 };
 
 /// The float layer: `semoe::moe_layer<semoe::cpu, semoe::gate::top_k<2>>`.

@@ -7,10 +7,11 @@
 // prefetcher asks (prefetch), on mover threads that stand for copy engines.
 //
 // Invariants (all under one mutex):
-//  * a block on the device is also in host DRAM (inclusive, as ZeRO-Offload
-//    keeps master weights and optimizer state on the host), so evicting it
-//    from the device only copies its gradients back and never needs memory;
-//    host eviction of such a block evicts it from the device first;
+//  * a block whose gradients live on the device is also in host DRAM (as
+//    ZeRO-Offload keeps master weights and optimizer state on the host), so
+//    evicting it from the device only copies its gradients back and never
+//    needs memory; host eviction of such a block evicts it from the device
+//    first. A device copy of weights alone needs no host copy;
 //  * a block being moved is `busy`; nobody else touches its copies until the
 //    move finishes;
 //  * prefetch never waits for memory: a prefetch that finds no room gives up
@@ -187,6 +188,8 @@ struct tiered_policy {
         stats_.wait_seconds += (t1 - t0) * 1e-6;
         trace::recorder::instance().add({"wait " + label(b), "wait", t0, t1 - t0, opt_.rank, compute_lane()});
       }
+      // Gradients on the device need a home in host DRAM to go back to.
+      if (grads && !b.host) ensure_host(lk, b, false);
       const auto n = static_cast<std::size_t>(b.elems);
       T* d = reinterpret_cast<T*>(b.dev);
       if (grads && !b.dev_grads) {
@@ -663,7 +666,7 @@ struct tiered_policy {
 
     void evict_host(std::unique_lock<std::mutex>& lk, block& v) {
       if constexpr (HasSsd) {
-        if (v.dev) evict_device(lk, v);  // inclusive: leaves the device first
+        if (v.dev && v.dev_dirty) evict_device(lk, v);  // its gradients come home first
         if (v.host_dirty || !v.on_ssd) write_back(lk, v);
         v.busy = true;
         host_.deallocate(v.host, host_bytes(v));

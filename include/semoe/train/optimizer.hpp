@@ -4,6 +4,7 @@
 // expert-parallel ranks, so every rank scales by the same factor).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <span>
 #include <vector>
@@ -45,9 +46,18 @@ enum class block_access { read, write };
 /// model, on the whole block where its optimizer state lives (host DRAM for
 /// offloaded blocks, as ZeRO-Offload updates them). A store that can prefetch
 /// is asked for the next blocks to host memory while f runs on this one.
+template <class Layer, class F>
+void for_each_layer_block(Layer& layer, F&& f, block_access access = block_access::write);
+
 template <class Model, class F>
 void for_each_expert_block(Model& m, F&& f, block_access access = block_access::write) {
-  for_each_moe_layer(m, [&](auto& layer) {
+  for_each_moe_layer(m, [&](auto& layer) { for_each_layer_block(layer, f, access); });
+}
+
+/// f(block_ref, store) for every local expert block of one MoE layer.
+template <class Layer, class F>
+void for_each_layer_block(Layer& layer, F&& f, block_access access) {
+  {
     auto& store = layer.store();
     const index_t L = layer.local_experts(), id = layer.layer_id();
     using layer_t = std::remove_cvref_t<decltype(layer)>;
@@ -61,7 +71,7 @@ void for_each_expert_block(Model& m, F&& f, block_access access = block_access::
       else
         store.visit(id, i, g);
     }
-  });
+  }
 }
 
 /// Sum replicated dense gradients over the data-parallel ranks of `comm`,
@@ -195,8 +205,29 @@ class optimizer_base {
       if (st.size() != slots * static_cast<index_t>(p.value.size())) st.assign(slots * static_cast<index_t>(p.value.size()), T(0));
       self().update(p.value, p.grad, st.span());
     }
-    for_each_moe_layer(m, [&](auto& layer) { layer.store().reserve_state(slots); });
-    for_each_expert_block(m, [&](auto& blk, auto&) { self().update(blk.params, blk.grads, blk.state); });
+    for_each_moe_layer(m, [&](auto& layer) {
+      if (std::find(early_.begin(), early_.end(), static_cast<const void*>(&layer)) != early_.end()) return;
+      layer.store().reserve_state(slots);
+      for_each_layer_block(layer, [&](auto& blk, auto&) { self().update(blk.params, blk.grads, blk.state); },
+                           block_access::write);
+    });
+    early_.clear();
+  }
+
+  /// Update one MoE layer's expert blocks now, as part of the step() that
+  /// follows (which then skips them): once a layer's backward is done its
+  /// gradients are final, and updating while the blocks are still close to
+  /// compute saves bringing them back. Same arithmetic, same result. Only
+  /// valid when nothing changes gradients between backward and step():
+  /// no clipping, no reduction over expert replicas (the trainer checks).
+  template <class Layer>
+  void update_layer_now(Layer& layer) {
+    ++t_;  // the count step() is about to use
+    layer.store().reserve_state(Derived::state_slots);
+    for_each_layer_block(layer, [&](auto& blk, auto&) { self().update(blk.params, blk.grads, blk.state); },
+                         block_access::write);
+    --t_;
+    early_.push_back(&layer);
   }
 
   std::uint64_t steps() const { return t_; }
@@ -213,6 +244,7 @@ class optimizer_base {
   cpu_executor* ex_;
   std::uint64_t t_ = 0;
   std::vector<buffer<T>> dense_state_;
+  std::vector<const void*> early_;  // layers update_layer_now() did this step
 };
 
 template <class T>

@@ -74,12 +74,25 @@ class trainer {
     /// communication), when the model reports finished layers
     /// (set_backward_hook). 0: one fused all-reduce after backward.
     std::size_t bucket_bytes = std::size_t{4} << 20;
+    /// Update each MoE layer's experts as soon as its backward is done,
+    /// while its blocks are still near compute (with an offloading store
+    /// this saves bringing every block back for the optimizer). Needs
+    /// clip_norm = 0 and no expert replicas: both change gradients later.
+    bool update_experts_in_backward = false;
   };
 
   trainer(Model& model, Optimizer& opt, Comm& world, parallel_groups<Comm>& groups)
       : trainer(model, opt, world, groups, options{}) {}
   trainer(Model& model, Optimizer& opt, Comm& world, parallel_groups<Comm>& groups, options o)
-      : model_(&model), opt_(&opt), world_(&world), groups_(&groups), opt_o_(o) {}
+      : model_(&model), opt_(&opt), world_(&world), groups_(&groups), opt_o_(o) {
+    if (o.update_experts_in_backward) {
+      SEMOE_CHECK(o.clip_norm == 0, "semoe::train::trainer: update_experts_in_backward needs clip_norm = 0 (got ",
+                  o.clip_norm, "): clipping scales gradients after backward");
+      SEMOE_CHECK(groups.replica.size() == 1, "semoe::train::trainer: update_experts_in_backward needs one replica "
+                  "per expert (got ", groups.replica.size(), "): replica gradients are summed after backward");
+      for_each_moe_layer(model, [&](auto& l) { l.set_experts_backward_hook([this, &l] { opt_->update_layer_now(l); }); });
+    }
+  }
   // The model's backward hook points at this trainer: it stays where it is.
   trainer(const trainer&) = delete;
   trainer& operator=(const trainer&) = delete;

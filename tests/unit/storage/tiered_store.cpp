@@ -59,7 +59,8 @@ struct run_result {
 
 /// `steps` steps of AdamW with clipping; every parameter at the end.
 template <class Storage, class Prefetch>
-run_result run_training(int steps, typename Storage::template store<float>::options* o = nullptr) {
+run_result run_training(int steps, typename Storage::template store<float>::options* o = nullptr,
+                        double clip = 0.5, bool update_in_backward = false) {
   using store_t = typename Storage::template store<float>;
   using M = model_t<Storage, Prefetch>;
   auto store = o ? std::make_shared<store_t>(*o) : std::make_shared<store_t>();
@@ -78,7 +79,8 @@ run_result run_training(int steps, typename Storage::template store<float>::opti
             }),
             layer::linear<float>(ex, {.in = hidden, .out = classes}, 2));
     train::adamw<float> opt(ex, {.lr = 3e-3});
-    train::trainer tr(model, opt, world, groups, {.clip_norm = 0.5});
+    train::trainer tr(model, opt, world, groups,
+                      {.clip_norm = clip, .update_experts_in_backward = update_in_backward});
     layer::softmax_cross_entropy<float> ce(ex);
     matrix<float> x(batch, in), dlogits(batch, classes);
     std::vector<std::int32_t> y(batch);
@@ -174,6 +176,31 @@ TEST_CASE("tiered store: offloaded training equals resident training bit for bit
     require_bitwise_equal(resident.params, r.params);
     CHECK(r.stats.device.peak_bytes <= r.stats.device.budget_bytes);
   }
+}
+
+TEST_CASE("tiered store: experts updated in backward, near compute, end bit for bit as an optimizer pass after it") {
+  // Reference: all resident, no clipping, experts updated by the optimizer's pass at the end of each step.
+  const auto resident = run_training<storage::resident, prefetch::on_demand>(steps / 2, nullptr, 0.0, false);
+  temp_dir d("in-backward");
+  auto o = offload_options(d.path, storage::cache_kind::lfu);
+  const auto r = run_training<ssd_store, prefetch::vertical<1>>(steps / 2, &o, 0.0, true);
+  require_bitwise_equal(resident.params, r.params);
+  require_within_budgets(r.stats);
+  const auto clipped = run_training<storage::resident, prefetch::on_demand>(2, nullptr, 0.5, false);
+  CHECK_FALSE(std::memcmp(clipped.params.data(), resident.params.data(), 64) == 0);  // the runs differ at all
+}
+
+TEST_CASE("tiered store: updating experts in backward refuses clipping, which needs every gradient first") {
+  comm::local::run(1, [](comm::local& world) {
+    auto groups = train::make_groups(world);
+    cpu_executor ex({.threads = 1});
+    using M = moe_t<storage::resident, prefetch::on_demand>;
+    M moe(ex, groups.expert, {.hidden = hidden, .ffn = 8, .experts = experts});
+    train::adamw<float> opt(ex, {});
+    using T = train::trainer<M, train::adamw<float>, comm::local>;
+    CHECK_THROWS_WITH_AS(T(moe, opt, world, groups, {.clip_norm = 1.0, .update_experts_in_backward = true}),
+                         doctest::Contains("clip_norm = 0"), error);
+  });
 }
 
 TEST_CASE("tiered store: vertical prefetch predicts from recorded counts and brings the next layers closer") {
