@@ -32,6 +32,8 @@
 #include "semoe/layer/moe_layer.hpp"
 #include "semoe/layer/norm.hpp"
 #include "semoe/layer/sequential.hpp"
+#include "semoe/prefetch/vertical.hpp"
+#include "semoe/storage/tiered_store.hpp"
 #include "semoe/train/trainer.hpp"
 #if __has_include("semoe/comm/tcp.hpp")
 #include "semoe/comm/tcp.hpp"
@@ -51,7 +53,25 @@ struct config {
   index_t eval_bytes = 0;  // held-out bytes scored; 0: all
   bool print_loss = false;
   std::uint64_t seed = 1;
+  // Hierarchical storage: any of these moves the experts into a tiered store.
+  std::size_t device_budget = 0, host_budget = 0;  // bytes, 0: unbounded
+  std::string ssd_dir;
+  bool offload() const { return device_budget || host_budget || !ssd_dir.empty(); }
 };
+
+/// "64M", "1.5G", "4096": bytes.
+std::size_t parse_bytes(const std::string& v) {
+  std::size_t used = 0;
+  const double x = std::stod(v, &used);
+  const std::string unit = v.substr(used);
+  double scale = 1;
+  if (unit == "K" || unit == "KiB") scale = 1024.0;
+  else if (unit == "M" || unit == "MiB") scale = 1024.0 * 1024;
+  else if (unit == "G" || unit == "GiB") scale = 1024.0 * 1024 * 1024;
+  else if (!unit.empty()) throw std::invalid_argument("unit");
+  if (x < 0) throw std::invalid_argument("negative");
+  return static_cast<std::size_t>(x * scale);
+}
 
 struct corpus {
   std::string train, heldout;
@@ -97,7 +117,9 @@ corpus load_fortunes(const std::string& dir) {
   std::fprintf(stderr,
                "%s\nusage: fortune_lm [--steps N] [--batch B] [--lr X] [--ranks P] [--threads T] [--experts E]\n"
                "                  [--time-limit S] [--eval-every N] [--eval-bytes N] [--print-loss] [--seed S] [--data DIR]\n"
-               "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n",
+               "                  [--device-budget BYTES] [--host-budget BYTES] [--ssd-dir DIR]   (e.g. 40M, 1G)\n"
+               "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n"
+               "A budget or --ssd-dir offloads the experts of both MoE blocks into one tiered store.\n",
                why);
   std::exit(2);
 }
@@ -123,6 +145,9 @@ config parse(int argc, char** argv) {
       else if (a == "--print-loss") c.print_loss = true;
       else if (a == "--seed") c.seed = std::stoull(value());
       else if (a == "--data") c.data = value();
+      else if (a == "--device-budget") c.device_budget = parse_bytes(value());
+      else if (a == "--host-budget") c.host_budget = parse_bytes(value());
+      else if (a == "--ssd-dir") c.ssd_dir = value();
       else if (a == "--help" || a == "-h") usage("Train a byte-level MoE language model on fortunes.");
       else usage(("unknown argument " + a).c_str());
     } catch (const std::logic_error&) {
@@ -133,20 +158,32 @@ config parse(int argc, char** argv) {
   return c;
 }
 
-template <class Comm>
-using moe_t = moe_layer<cpu, gate::top_k<2>, expert::ffn<act::gelu>, Comm>;
-template <class Comm>
-using block_t = layer::residual<float, layer::layer_norm<float>, moe_t<Comm>>;
-template <class Comm>
-using body_t = layer::sequential<float, layer::linear<float>, layer::activation<float, act::gelu>, block_t<Comm>,
-                                 block_t<Comm>, layer::layer_norm<float>, layer::linear<float>>;
+/// Where the experts live: all in memory, or offloaded (SSD-tiered store
+/// shared by both MoE blocks, vertical prefetch of the next block's experts).
+struct resident_experts {
+  using storage = storage::resident;
+  using prefetch = prefetch::on_demand;
+};
+struct offloaded_experts {
+  using storage = storage::tiered<storage::device_tier, storage::host_tier, storage::ssd_tier>;
+  using prefetch = prefetch::vertical<1>;
+};
+template <class Comm, class Where>
+using moe_t = basic_moe_layer<float, cpu, gate::top_k<2>, expert::ffn<act::gelu>, Comm, typename Where::storage,
+                              typename Where::prefetch>;
+template <class Comm, class Where>
+using block_t = layer::residual<float, layer::layer_norm<float>, moe_t<Comm, Where>>;
+template <class Comm, class Where>
+using body_t = layer::sequential<float, layer::linear<float>, layer::activation<float, act::gelu>,
+                                 block_t<Comm, Where>, block_t<Comm, Where>, layer::layer_norm<float>,
+                                 layer::linear<float>>;
 
 /// Embedding (ids) in front of a sequential body (vectors): the model the
 /// trainer and the optimizers see.
-template <class Comm>
+template <class Comm, class Where>
 struct lm {
   layer::partitioned_embedding<float, Comm> embed;
-  body_t<Comm> body;
+  body_t<Comm, Where> body;
   matrix<float> emb_out, d_emb;
   index_t context;
 
@@ -177,22 +214,32 @@ struct lm {
   void train(bool on) { body.train(on); }
 };
 
-template <class Comm>
+template <class Comm, class Where>
 int train_lm(Comm& world, const config& cfg, const corpus& text) {
   const int P = world.size(), rank = world.rank();
   SEMOE_CHECK(cfg.batch % P == 0, "fortune_lm: --batch ", cfg.batch, " must be a multiple of the ", P, " ranks");
   auto groups = train::make_groups(world);
   cpu_executor ex({.threads = std::max(1, cfg.threads)});
   const index_t C = cfg.context, D = cfg.embed, H = cfg.hidden;
+  using store_t = typename Where::storage::template store<float>;
+  typename store_t::options so;
+  if constexpr (!std::is_same_v<Where, resident_experts>) {
+    so.device.budget_bytes = cfg.device_budget;
+    so.host.budget_bytes = cfg.host_budget;
+    if (!cfg.ssd_dir.empty()) so.ssd.dir = cfg.ssd_dir;
+    so.ssd.rank = so.rank = rank;
+  }
+  auto store = std::make_shared<store_t>(so);  // one store, one budget, for both MoE blocks
   auto block = [&](std::uint64_t seed) {
-    return block_t<Comm>(ex, layer::layer_norm<float>(ex, {.dim = H}),
-                         moe_t<Comm>(ex, groups.expert,
-                                     {.hidden = H, .ffn = cfg.ffn, .experts = cfg.experts,
-                                      .gate = {.capacity_factor = 1.25, .aux_loss_coef = 5e-2},
-                                      .expert = {.bias = true}, .seed = seed}));
+    return block_t<Comm, Where>(ex, layer::layer_norm<float>(ex, {.dim = H}),
+                                moe_t<Comm, Where>(ex, groups.expert,
+                                                   {.hidden = H, .ffn = cfg.ffn, .experts = cfg.experts,
+                                                    .gate = {.capacity_factor = 1.25, .aux_loss_coef = 5e-2},
+                                                    .expert = {.bias = true}, .seed = seed},
+                                                   store));
   };
-  lm<Comm> model{layer::partitioned_embedding<float, Comm>(ex, world, {.vocab = 256, .dim = D}, cfg.seed),
-                 body_t<Comm>(layer::linear<float>(ex, {.in = C * D, .out = H}, cfg.seed + 1),
+  lm<Comm, Where> model{layer::partitioned_embedding<float, Comm>(ex, world, {.vocab = 256, .dim = D}, cfg.seed),
+                 body_t<Comm, Where>(layer::linear<float>(ex, {.in = C * D, .out = H}, cfg.seed + 1),
                               layer::activation<float, act::gelu>(ex), block(cfg.seed + 2), block(cfg.seed + 3),
                               layer::layer_norm<float>(ex, {.dim = H}),
                               layer::linear<float>(ex, {.in = H, .out = 256}, cfg.seed + 4)),
@@ -262,7 +309,7 @@ int train_lm(Comm& world, const config& cfg, const corpus& text) {
     }
     opt.set_lr(train::cosine_lr(static_cast<std::uint64_t>(step), static_cast<std::uint64_t>(cfg.steps), cfg.lr,
                                 static_cast<std::uint64_t>(cfg.steps / 50), 0.05));
-    const double loss = tr.step([&](lm<Comm>& m) {
+    const double loss = tr.step([&](lm<Comm, Where>& m) {
       auto logits = m.forward(ids, local);
       const double l = ce.forward(logits, target, cfg.batch);
       ce.backward(dlogits.view());
@@ -292,6 +339,14 @@ int train_lm(Comm& world, const config& cfg, const corpus& text) {
   if (rank == 0) {
     std::printf("held-out %.3f bits per byte after %lld steps (order-0 bytes: 4.81, order-4 Witten-Bell: 2.35)\n", bpb,
                 static_cast<long long>(step));
+    if constexpr (!std::is_same_v<Where, resident_experts>) {
+      const auto st = store->stats();
+      std::printf("rank 0 experts: %.0f %% of blocks already on device when needed; SSD read %.0f MiB, written %.0f "
+                  "MiB; peak device %.1f / %.1f MiB, host %.1f / %.1f MiB\n",
+                  100.0 * st.hit_rate(), double(st.ssd.bytes_out) / (1 << 20), double(st.ssd.bytes_in) / (1 << 20),
+                  double(st.device.peak_bytes) / (1 << 20), double(st.device.budget_bytes) / (1 << 20),
+                  double(st.host.peak_bytes) / (1 << 20), double(st.host.budget_bytes) / (1 << 20));
+    }
     std::printf("%s\n", nlohmann::json{{"example", "fortune_lm"},
                                        {"bits_per_byte", bpb},
                                        {"steps", step},
@@ -317,7 +372,8 @@ int main(int argc, char** argv) {
       config per_process = cfg;  // the host's cores are shared by its ranks
       per_process.threads = std::max(1, cfg.threads / world.local_size());
       blas::set_num_threads(per_process.threads);
-      const int rc = train_lm(world, per_process, text);
+      const int rc = cfg.offload() ? train_lm<comm::tcp, offloaded_experts>(world, per_process, text)
+                                   : train_lm<comm::tcp, resident_experts>(world, per_process, text);
       if (rec.enabled()) rec.write();
       return rc;
     }
@@ -326,7 +382,10 @@ int main(int argc, char** argv) {
     config per_rank = cfg;
     per_rank.threads = std::max(1, cfg.threads / cfg.ranks);
     blas::set_num_threads(per_rank.threads);
-    comm::local::run(cfg.ranks, [&](comm::local& world) { rc |= train_lm(world, per_rank, text); });
+    comm::local::run(cfg.ranks, [&](comm::local& world) {
+      rc |= cfg.offload() ? train_lm<comm::local, offloaded_experts>(world, per_rank, text)
+                          : train_lm<comm::local, resident_experts>(world, per_rank, text);
+    });
     if (trace::recorder::instance().enabled()) trace::recorder::instance().write();
     return rc;
   } catch (const semoe::error& e) {

@@ -180,7 +180,6 @@ class basic_moe_layer {
       trace::scope ts("unpermute", "compute", comm_->rank());
       layer::unpermute_sum(*ex_, plan_, row_, matrix_view<const T>(y_disp_.matrix(R, H)), dx);
     }
-    if (experts_done_) experts_done_();
     {  // Gate: dlogits from the combine weights and aux losses, then the router GEMMs.
       trace::scope ts("gate_backward", "compute", comm_->rank());
       dlogits_.resize_discard(tokens * E);
@@ -216,9 +215,10 @@ class basic_moe_layer {
 
   void train(bool on) { training_ = on; }
 
-  /// Called in backward once the expert gradients of this step are final (a
-  /// trainer updates the experts right then; see trainer options).
-  void set_experts_backward_hook(std::function<void()> f) { experts_done_ = std::move(f); }
+  /// Called in backward with each local expert once its gradients of this
+  /// step are final, every expert once (a trainer updates it right then, while
+  /// its block is still near compute; see trainer options).
+  void set_expert_backward_hook(std::function<void(index_t)> f) { expert_done_ = std::move(f); }
   T aux_loss() const { return plan_.aux_loss(); }
 
   /// Call once per optimizer step: gate state (aux-free bias), fresh noise,
@@ -443,6 +443,7 @@ class basic_moe_layer {
   /// f(e) for each local expert with rows, its block acquired around the call.
   template <class F>
   void stream_blocks(std::span<const index_t> offsets, prefetch::phase ph, F f) {
+    const bool done_hook = ph == prefetch::phase::backward && expert_done_;
     const auto counts = local_counts(offsets);
     prefetch_.before(*store_, layer_id_, ph, std::span<const std::int32_t>(counts));
     params_.assign(static_cast<std::size_t>(local_experts_), nullptr);
@@ -459,7 +460,11 @@ class basic_moe_layer {
         throw;
       }
       store_->release(layer_id_, i);
+      if (done_hook) expert_done_(i);
     }
+    if (done_hook)
+      for (index_t i = 0; i < local_experts_; ++i)
+        if (counts[i] == 0) expert_done_(i);  // no rows, but AdamW still moves it (decay, momentum)
     prefetch_.after(*store_, layer_id_, ph);
   }
 
@@ -489,6 +494,8 @@ class basic_moe_layer {
                                 saved_.matrix(R, expert_.saved_cols()), work_.matrix(R, expert_.work_cols())};
       expert_.backward(*ex_, b, matrix_view<const T>(dy_dx), dy_dx);
     });
+    if (expert_done_)  // once the blocks are released
+      for (index_t i = 0; i < local_experts_; ++i) expert_done_(i);
   }
 
   typename B::executor* ex_;
@@ -516,7 +523,7 @@ class basic_moe_layer {
   index_t recv_rows_ = 0;
   buffer<T> recv_, expert_in_, expert_out_;
   std::vector<T*> params_, grads_;
-  std::function<void()> experts_done_;
+  std::function<void(index_t)> expert_done_;
 };
 
 /// The float layer: `semoe::moe_layer<semoe::cpu, semoe::gate::top_k<2>>`.

@@ -214,20 +214,22 @@ class optimizer_base {
     early_.clear();
   }
 
-  /// Update one MoE layer's expert blocks now, as part of the step() that
-  /// follows (which then skips them): once a layer's backward is done its
-  /// gradients are final, and updating while the blocks are still close to
-  /// compute saves bringing them back. Same arithmetic, same result. Only
-  /// valid when nothing changes gradients between backward and step():
-  /// no clipping, no reduction over expert replicas (the trainer checks).
+  /// Update one expert block now, as part of the step() that follows
+  /// (which then skips the layer): once an expert's backward is done its
+  /// gradients are final, and updating while its block is still close to
+  /// compute saves bringing it back. Same arithmetic, same result. Only valid
+  /// when nothing changes gradients between backward and step(): no
+  /// clipping, no reduction over expert replicas (the trainer checks).
   template <class Layer>
-  void update_layer_now(Layer& layer) {
+  void update_block_now(Layer& layer, index_t expert) {
     ++t_;  // the count step() is about to use
     layer.store().reserve_state(Derived::state_slots);
-    for_each_layer_block(layer, [&](auto& blk, auto&) { self().update(blk.params, blk.grads, blk.state); },
-                         block_access::write);
+    layer.store().visit(layer.layer_id(), expert, [&](storage::block_ref<T> blk) {
+      self().update(blk.params, blk.grads, blk.state);
+    });
     --t_;
-    early_.push_back(&layer);
+    if (std::find(early_.begin(), early_.end(), static_cast<const void*>(&layer)) == early_.end())
+      early_.push_back(&layer);
   }
 
   std::uint64_t steps() const { return t_; }
@@ -244,7 +246,7 @@ class optimizer_base {
   cpu_executor* ex_;
   std::uint64_t t_ = 0;
   std::vector<buffer<T>> dense_state_;
-  std::vector<const void*> early_;  // layers update_layer_now() did this step
+  std::vector<const void*> early_;  // layers update_block_now() did this step
 };
 
 template <class T>

@@ -90,7 +90,9 @@ class trainer {
                   o.clip_norm, "): clipping scales gradients after backward");
       SEMOE_CHECK(groups.replica.size() == 1, "semoe::train::trainer: update_experts_in_backward needs one replica "
                   "per expert (got ", groups.replica.size(), "): replica gradients are summed after backward");
-      for_each_moe_layer(model, [&](auto& l) { l.set_experts_backward_hook([this, &l] { opt_->update_layer_now(l); }); });
+      for_each_moe_layer(model, [&](auto& l) {
+        l.set_expert_backward_hook([this, &l](index_t e) { opt_->update_block_now(l, e); });
+      });
     }
   }
   // The model's backward hook points at this trainer: it stays where it is.

@@ -186,6 +186,8 @@ TEST_CASE("tiered store: experts updated in backward, near compute, end bit for 
   const auto r = run_training<ssd_store, prefetch::vertical<1>>(steps / 2, &o, 0.0, true);
   require_bitwise_equal(resident.params, r.params);
   require_within_budgets(r.stats);
+  const auto resident_early = run_training<storage::resident, prefetch::on_demand>(steps / 2, nullptr, 0.0, true);
+  require_bitwise_equal(resident.params, resident_early.params);  // the grouped (non-streaming) path too
   const auto clipped = run_training<storage::resident, prefetch::on_demand>(2, nullptr, 0.5, false);
   CHECK_FALSE(std::memcmp(clipped.params.data(), resident.params.data(), 64) == 0);  // the runs differ at all
 }
