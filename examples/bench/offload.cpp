@@ -73,7 +73,8 @@ struct measured {
 /// Train `steps` measured steps after one warm-up; the median step time and
 /// the store's counters per step.
 template <class Storage, class Prefetch>
-measured train_steps(int steps, typename Storage::template store<float>::options opts, const char* name) {
+measured train_steps(int steps, typename Storage::template store<float>::options opts, const char* name,
+                     bool trace_last = false) {
   using store_t = typename Storage::template store<float>;
   using M = model_t<Storage, Prefetch>;
   measured out;
@@ -115,10 +116,19 @@ measured train_steps(int steps, typename Storage::template store<float>::options
       store->reset_stats();
     }
     std::vector<double> t;
+    auto& rec = trace::recorder::instance();
+    const std::string trace_path = rec.path();
     for (int s = 0; s < steps; ++s) {
+      // SEMOE_TRACE=file.json: the timeline of the last step of the last policy.
+      const bool traced = !trace_path.empty() && trace_last && s + 1 == steps;
+      if (traced) rec.start(trace_path);
       const double t0 = now();
       step();
       t.push_back(now() - t0);
+      if (traced) {
+        rec.stop();
+        rec.write();
+      }
       std::printf("  %-10s step %d: %.2f s\n", name, s + 1, t.back());
       std::fflush(stdout);
     }
@@ -185,6 +195,7 @@ double mib(std::uint64_t b) { return static_cast<double>(b) / (1 << 20); }
 }  // namespace
 
 int main(int argc, char** argv) {
+  trace::recorder::instance().stop();  // only the traced step records (SEMOE_TRACE)
   const std::filesystem::path dir =
       argc > 1 ? std::filesystem::path(argv[1])
                : std::filesystem::temp_directory_path() / ("semoe-bench-offload-" + std::to_string(::getpid()));
@@ -218,9 +229,9 @@ int main(int argc, char** argv) {
   };
   report("on_demand", train_steps<ssd_store, prefetch::on_demand>(steps, offload_options(dir / "a"), "on_demand"));
   report("vertical<1>", train_steps<ssd_store, prefetch::vertical<1>>(steps, offload_options(dir / "b"), "vertical<1>"));
-  report("vertical<2>", train_steps<ssd_store, prefetch::vertical<2>>(steps, offload_options(dir / "c"), "vertical<2>"));
+  report("vertical<2>",
+         train_steps<ssd_store, prefetch::vertical<2>>(steps, offload_options(dir / "c"), "vertical<2>", true));
   std::filesystem::remove_all(dir);
-  trace::recorder::instance().write();
 
   std::printf("\nall-resident step %.2f s, I/O alone %.2f s per step\n", resident.step_s, io.step_s);
   std::printf("%-12s %8s %8s %8s %6s %9s %9s %9s %9s %11s %11s\n", "policy", "step s", "overlap", "vs res",

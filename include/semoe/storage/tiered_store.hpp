@@ -122,6 +122,13 @@ struct tiered_policy {
       }
       cv_.notify_all();
       for (auto& t : movers_) t.join();
+      if constexpr (HasSsd)
+        if (ssd_ && !keep_file_) {  // a file no checkpoint names is scratch
+          const auto path = ssd_->path();
+          ssd_.reset();
+          std::error_code ec;
+          std::filesystem::remove(path, ec);
+        }
       for (auto& b : blocks_) {
         device_.deallocate(b.dev, dev_bytes(b));
         host_.deallocate(b.host, host_bytes(b));
@@ -186,7 +193,7 @@ struct tiered_policy {
         ensure_device(lk, b, false);
         const double t1 = trace::recorder::instance().now_us();
         stats_.wait_seconds += (t1 - t0) * 1e-6;
-        trace::recorder::instance().add({"wait " + label(b), "wait", t0, t1 - t0, opt_.rank, compute_lane()});
+        record("wait ", b, "wait", t0, compute_lane());
       }
       // Gradients on the device need a home in host DRAM to go back to.
       if (grads && !b.host) ensure_host(lk, b, false);
@@ -233,7 +240,7 @@ struct tiered_policy {
       lk.unlock();
       const auto n = static_cast<std::size_t>(b.elems);
       T* h = reinterpret_cast<T*>(b.host);
-      if (pull_grads) copy_traced(h + n, reinterpret_cast<const T*>(b.dev) + n, n, "grads to host " + label(b));
+      if (pull_grads) copy_traced(h + n, reinterpret_cast<const T*>(b.dev) + n, n, "grads to host ", b);
       if (zero) std::fill(h + n, h + 2 * n, T(0));
       try {
         f(block_ref<T>{std::span<T>(h, n), std::span<T>(h + n, n),
@@ -327,6 +334,7 @@ struct tiered_policy {
       }
       ensure_ssd();
       const auto records = ssd_->commit();
+      keep_file_ = true;  // a checkpoint names it now
       // Callers of this store are this thread (inside checkpoint) and the
       // movers, which have no work: nothing writes until persist returns.
       persist(std::span<const ssd_block_record>(records), std::as_const(opt_.ssd));
@@ -356,6 +364,7 @@ struct tiered_policy {
       ssd_.emplace(ssd_tier::reopen(where, ssd_block_bytes(), records));
       if (!fresh.empty() && fresh != ssd_->path()) std::filesystem::remove(fresh);
       opt_.ssd = where;
+      keep_file_ = true;
       ssd_base_ = {ssd_->bytes_written(), ssd_->bytes_read()};
     }
 
@@ -468,11 +477,16 @@ struct tiered_policy {
       std::visit([&](auto& c) { c.touch(b.id); }, cache_);
     }
 
-    void copy_traced(T* dst, const T* src, std::size_t n, std::string what) {
+    /// A trace event from t0 to now named `what` + the block (only when tracing).
+    void record(const char* what, const block& b, const char* cat, double t0, int lane) const {
+      auto& rec = trace::recorder::instance();
+      if (rec.enabled()) rec.add({what + label(b), cat, t0, rec.now_us() - t0, opt_.rank, lane});
+    }
+
+    void copy_traced(T* dst, const T* src, std::size_t n, const char* what, const block& b) {
       const double t0 = trace::recorder::instance().now_us();
       std::memcpy(dst, src, n * sizeof(T));
-      trace::recorder::instance().add({std::move(what), "load", t0, trace::recorder::instance().now_us() - t0,
-                                       opt_.rank, copy_lane});
+      record(what, b, "load", t0, copy_lane);
     }
 
     void settle_after_visit(block& b, bool pulled, bool zeroed, bool writes) {
@@ -526,8 +540,7 @@ struct tiered_policy {
             } catch (const std::exception& e) {
               failure = e.what();
             }
-            trace::recorder::instance().add(
-                {"ssd read " + label(b), "load", t0, trace::recorder::instance().now_us() - t0, opt_.rank, ssd_lane});
+            record("ssd read ", b, "load", t0, ssd_lane);
             lk.lock();
             if (failure) {
               host_.deallocate(slot, host_bytes(b));
@@ -566,7 +579,7 @@ struct tiered_policy {
         }
         lk.unlock();
         const auto n = static_cast<std::size_t>(b.elems);
-        copy_traced(reinterpret_cast<T*>(slot), reinterpret_cast<const T*>(b.host), n, "to device " + label(b));
+        copy_traced(reinterpret_cast<T*>(slot), reinterpret_cast<const T*>(b.host), n, "to device ", b);
         lk.lock();
         stats_.device.bytes_in += n * sizeof(T);
         stats_.host.bytes_out += n * sizeof(T);
@@ -649,7 +662,7 @@ struct tiered_policy {
         lk.unlock();
         const auto n = static_cast<std::size_t>(v.elems);
         copy_traced(reinterpret_cast<T*>(v.host) + n, reinterpret_cast<const T*>(v.dev) + n, n,
-                    "grads to host " + label(v));
+                    "grads to host ", v);
         lk.lock();
         stats_.device.bytes_out += n * sizeof(T);
         stats_.host.bytes_in += n * sizeof(T);
@@ -699,8 +712,7 @@ struct tiered_policy {
         } catch (const std::exception& e) {
           failure = e.what();
         }
-        trace::recorder::instance().add(
-            {"ssd write " + label(v), "store", t0, trace::recorder::instance().now_us() - t0, opt_.rank, ssd_lane});
+        record("ssd write ", v, "store", t0, ssd_lane);
         lk.lock();
         v.busy = false;
         cv_.notify_all();
@@ -773,6 +785,7 @@ struct tiered_policy {
     mutable std::mutex m_;
     std::condition_variable cv_;
     bool stopping_ = false;
+    bool keep_file_ = false;  ///< the SSD file outlives the store once a checkpoint names it
     int active_movers_ = 0;
     std::vector<std::thread> movers_;
   };

@@ -287,4 +287,31 @@ TEST_CASE("tiered store: a block moves device -> host -> SSD and back with its c
   });
   s.zero_grads(0);
   s.visit(0, 0, [](storage::block_ref<float> b0) { CHECK(b0.grads[2] == 0.0f); });
+  const auto file = s.ssd_path();
+  CHECK(std::filesystem::exists(file));
+}
+
+TEST_CASE("tiered store: its SSD file is scratch unless a checkpoint names it") {
+  using store_t = ssd_store::store<float>;
+  temp_dir d("scratch");
+  store_t::options o;
+  o.ssd.dir = d.path;
+  o.host.budget_bytes = full_block;
+  std::filesystem::path file;
+  {
+    store_t s(o);
+    s.add_layer(2, elems);
+    s.visit(0, 0, [](storage::block_ref<float>) {});
+    s.visit(0, 1, [](storage::block_ref<float>) {});  // block 0 goes to SSD
+    file = s.ssd_path();
+    CHECK(std::filesystem::exists(file));
+  }
+  CHECK_FALSE(std::filesystem::exists(file));
+  {
+    store_t s(o);
+    s.add_layer(2, elems);
+    s.checkpoint([](std::span<const storage::ssd_block_record> r, const storage::ssd_options&) { CHECK(r.size() == 2); });
+    file = s.ssd_path();
+  }
+  CHECK(std::filesystem::exists(file));
 }
