@@ -315,3 +315,29 @@ TEST_CASE("tiered store: its SSD file is scratch unless a checkpoint names it") 
   }
   CHECK(std::filesystem::exists(file));
 }
+
+TEST_CASE("tiered store: the README's composition compiles and trains a step") {
+  cpu_executor ex({.threads = 1});
+  auto comms = comm::local::make_world(1);
+  auto& comm = comms[0];
+  temp_dir d("readme");
+  // --- as in README.md, "Experts bigger than memory" (only the SSD directory differs) ---
+  using tiers = semoe::storage::tiered<semoe::storage::device_tier, semoe::storage::host_tier,
+                                       semoe::storage::ssd_tier>;
+  using moe_t = semoe::basic_moe_layer<float, semoe::cpu, semoe::gate::top_k<2>, semoe::expert::ffn<semoe::act::gelu>,
+                                       semoe::comm::local, tiers, semoe::prefetch::vertical<2>>;
+  tiers::store<float>::options o;
+  o.device.budget_bytes = 128 << 20;  // weights + grads of the experts in use
+  o.host.budget_bytes = 512 << 20;    // whole blocks, optimizer state included
+  o.ssd.dir = d.path;                 // everything, two crash-safe slots per block
+  auto experts = std::make_shared<tiers::store<float>>(o);  // one budget shared by every layer
+  moe_t moe(ex, comm, {.hidden = 512, .ffn = 1024, .experts = 8}, experts);
+  // ---
+  matrix<float> x(64, 512), y(64, 512), dx(64, 512);
+  x.fill(0.5f);
+  moe.forward(x.view(), y.view());
+  moe.backward(y.view(), dx.view());
+  const auto st = experts->stats();
+  CHECK(st.device.peak_bytes <= o.device.budget_bytes);
+  CHECK(st.misses > 0);
+}
