@@ -9,7 +9,8 @@
 //   ends (trainer option update_experts_in_backward), no clipping
 //
 // It measures the all-resident step, the I/O alone (the store moves of a step
-// replayed with no compute), and the offloaded step per prefetch policy, and
+// replayed with no compute), and the offloaded step per prefetch policy
+// (on_demand, vertical<1>, vertical<2>, two_d; two_d's trace is recorded), and
 // prints overlap_ratio = offloaded / max(resident, io_alone): 1.0 is perfect
 // overlap of loads with compute. Usage: bench_offload [ssd-dir] [steps]
 // (default: a directory under the system temp dir, 3 measured steps).
@@ -32,6 +33,7 @@
 #include "semoe/layer/norm.hpp"
 #include "semoe/layer/repeated.hpp"
 #include "semoe/layer/sequential.hpp"
+#include "semoe/prefetch/two_d.hpp"
 #include "semoe/prefetch/vertical.hpp"
 #include "semoe/storage/tiered_store.hpp"
 #include "semoe/train/trainer.hpp"
@@ -229,8 +231,10 @@ int main(int argc, char** argv) {
   };
   report("on_demand", train_steps<ssd_store, prefetch::on_demand>(steps, offload_options(dir / "a"), "on_demand"));
   report("vertical<1>", train_steps<ssd_store, prefetch::vertical<1>>(steps, offload_options(dir / "b"), "vertical<1>"));
-  report("vertical<2>",
-         train_steps<ssd_store, prefetch::vertical<2>>(steps, offload_options(dir / "c"), "vertical<2>", true));
+  report("vertical<2>", train_steps<ssd_store, prefetch::vertical<2>>(steps, offload_options(dir / "c"), "vertical<2>"));
+  // On one process the horizontal half (dense shards gathered a layer ahead)
+  // has one shard per layer; it is real work, but there is no peer to share with.
+  report("two_d", train_steps<ssd_store, prefetch::two_d<2>>(steps, offload_options(dir / "d"), "two_d", true));
   std::filesystem::remove_all(dir);
 
   std::printf("\nall-resident step %.2f s, I/O alone %.2f s per step\n", resident.step_s, io.step_s);

@@ -39,6 +39,11 @@ class repeated {
     for (auto& l : layers_) f(l);
   }
 
+  /// Called with layer i just before its forward / just after its backward
+  /// (as layer::sequential does): a trainer prefetches and reduces layer by layer.
+  void set_forward_hook(std::function<void(std::size_t)> hook) { fwd_hook_ = std::move(hook); }
+  void set_backward_hook(std::function<void(std::size_t)> hook) { bwd_hook_ = std::move(hook); }
+
   index_t output_cols(index_t input_cols) const {
     index_t c = input_cols;
     for (const auto& l : layers_) c = l.output_cols(c);
@@ -53,6 +58,7 @@ class repeated {
     matrix_view<const T> in = x;
     const std::size_t n = layers_.size();
     for (std::size_t i = 0; i < n; ++i) {
+      if (fwd_hook_) fwd_hook_(i);
       if (i + 1 == n) {
         layers_[i].forward(in, y);
       } else {
@@ -69,12 +75,14 @@ class repeated {
     for (std::size_t i = layers_.size(); i-- > 0;) {
       if (i == 0) {
         layers_[0].backward(g, dx);
+        if (bwd_hook_) bwd_hook_(0);
       } else {
         buffer<T>& out = grads_[i % 2];  // layer i writes one while reading the other
         const index_t need = rows_ * cols_[i];
         if (out.size() < need) out.resize_discard(need);
         const matrix_view<T> d = as_matrix(out.data(), rows_, cols_[i]);
         layers_[i].backward(g, d);
+        if (bwd_hook_) bwd_hook_(i);
         g = d;
       }
     }
@@ -110,6 +118,7 @@ class repeated {
   std::array<buffer<T>, 2> grads_{};
   std::vector<index_t> cols_;
   index_t rows_ = 0;
+  std::function<void(std::size_t)> fwd_hook_, bwd_hook_;
 };
 
 template <class Make>

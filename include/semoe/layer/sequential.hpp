@@ -89,6 +89,10 @@ class sequential {
   /// parameter gradients are final: a trainer launches the reduction of the
   /// gradient buckets they fill while earlier layers still run backward.
   void set_backward_hook(std::function<void(std::size_t)> hook) { hook_ = std::move(hook); }
+  /// Called with layer i just before layer i's forward: a trainer that keeps
+  /// dense parameters sharded makes layer i's whole and starts gathering the
+  /// next one's while layer i computes (SE-MoE's horizontal prefetch).
+  void set_forward_hook(std::function<void(std::size_t)> hook) { fwd_hook_ = std::move(hook); }
 
   /// Every layer's parameters, named "<index>.<name>" ("0.weight", "2.1.bias").
   param_list<T> parameters() {
@@ -140,6 +144,7 @@ class sequential {
 
   template <std::size_t I>
   void forward_from(matrix_view<const T> in, matrix_view<T> last) {
+    if (fwd_hook_) fwd_hook_(I);
     if constexpr (I + 1 == count) {
       std::get<I>(layers_).forward(in, last);
     } else {
@@ -172,7 +177,7 @@ class sequential {
   std::array<index_t, count + 1> cols_{};
   index_t rows_ = 0;
   bool has_input_ = false;
-  std::function<void(std::size_t)> hook_;
+  std::function<void(std::size_t)> hook_, fwd_hook_;
 };
 
 template <class L0, class... Ls>
