@@ -16,6 +16,7 @@
 #include "semoe/layer/norm.hpp"
 #include "semoe/layer/repeated.hpp"
 #include "semoe/layer/sequential.hpp"
+#include "semoe/prefetch/two_d.hpp"
 #include "semoe/prefetch/vertical.hpp"
 #include "semoe/storage/tiered_store.hpp"
 #include "semoe/train/trainer.hpp"
@@ -95,6 +96,7 @@ run_result run_training(int steps, typename Storage::template store<float>::opti
         return l;
       });
     }
+    if constexpr (requires { tr.gather_dense(); }) tr.gather_dense();  // two_d keeps dense parameters sharded
     for (auto& p : model.parameters()) out.params.insert(out.params.end(), p.value.begin(), p.value.end());
     train::for_each_expert_block(
         model, [&](auto& blk, auto&) { out.params.insert(out.params.end(), blk.params.begin(), blk.params.end()); },
@@ -186,6 +188,12 @@ TEST_CASE("tiered store: experts updated in backward, near compute, end bit for 
   const auto r = run_training<ssd_store, prefetch::vertical<1>>(steps / 2, &o, 0.0, true);
   require_bitwise_equal(resident.params, r.params);
   require_within_budgets(r.stats);
+  temp_dir d2("two-d");
+  auto o2 = offload_options(d2.path, storage::cache_kind::lfu);
+  const auto r2 = run_training<ssd_store, prefetch::two_d<2>>(steps, &o2, 0.0, true);  // dense sharded too
+  const auto resident_full = run_training<storage::resident, prefetch::on_demand>(steps, nullptr, 0.0, false);
+  require_bitwise_equal(resident_full.params, r2.params);
+  require_within_budgets(r2.stats);
   const auto resident_early = run_training<storage::resident, prefetch::on_demand>(steps / 2, nullptr, 0.0, true);
   require_bitwise_equal(resident.params, resident_early.params);  // the grouped (non-streaming) path too
   const auto clipped = run_training<storage::resident, prefetch::on_demand>(2, nullptr, 0.5, false);
