@@ -215,6 +215,9 @@ inline tensor_info parse_entry(const std::string& name, const json& v, std::uint
   return t;
 }
 
+inline constexpr std::size_t max_header_depth = 16;
+inline constexpr std::size_t max_header_array = 1024;  // a shape of more dims than any framework allows
+
 struct parsed_header {
   std::vector<tensor_info> tensors;  // by name
   std::map<std::string, std::string> metadata;
@@ -223,26 +226,41 @@ struct parsed_header {
 /// Validates a header against a data buffer of data_bytes bytes.
 inline parsed_header parse_header(std::string_view text, std::uint64_t data_bytes, const std::string& where_) {
   // nlohmann keeps one of two equal keys silently: watch every key as it is
-  // parsed, one set per open object.
-  std::vector<std::unordered_set<std::string>> open_objects;
+  // parsed, one set per open object. Nesting and array length are capped too:
+  // a valid header nests 3 deep with short arrays, while "[[[[..." would cost
+  // the DOM ~75 bytes and "[0,0,..." ~16 bytes per byte of header.
+  struct frame {
+    bool array = false;
+    std::size_t elements = 0;
+    std::unordered_set<std::string> keys;
+  };
+  std::vector<frame> open;
   std::string top_key;
+  const auto owner = [&] {
+    return top_key == "__metadata__" ? std::string("\"__metadata__\"") : "tensor '" + top_key + "'";
+  };
+  const auto inside = [&] {  // "tensor 'w': " once within a top-level entry
+    return !open.empty() && !open.front().array && !top_key.empty() ? owner() + ": " : std::string();
+  };
   const auto watch = [&](int, json::parse_event_t event, json& v) {
     using ev = json::parse_event_t;
-    if (event == ev::object_start) {
-      open_objects.emplace_back();
-    } else if (event == ev::object_end) {
-      if (!open_objects.empty()) open_objects.pop_back();
-    } else if (event == ev::key && !open_objects.empty()) {
+    const bool starts = event == ev::object_start || event == ev::array_start;
+    if ((starts || event == ev::value) && !open.empty() && open.back().array)
+      SEMOE_CHECK(++open.back().elements <= max_header_array, where_, inside(), "an array has more than ",
+                  max_header_array, " elements");
+    if (starts) {
+      SEMOE_CHECK(open.size() < max_header_depth, where_, inside(), "the header nests deeper than ",
+                  max_header_depth, " levels; a safetensors header nests 3");
+      open.push_back({event == ev::array_start, 0, {}});
+    } else if (event == ev::object_end || event == ev::array_end) {
+      if (!open.empty()) open.pop_back();
+    } else if (event == ev::key && !open.empty()) {
       const auto& k = v.get_ref<const std::string&>();
-      if (open_objects.size() == 1) {
+      if (open.size() == 1) {
         top_key = k;
-        SEMOE_CHECK(open_objects.back().insert(k).second, where_,
-                    k == "__metadata__" ? std::string("\"__metadata__\"") : "tensor '" + k + "'",
-                    " appears twice in the header");
+        SEMOE_CHECK(open.back().keys.insert(k).second, where_, owner(), " appears twice in the header");
       } else {
-        SEMOE_CHECK(open_objects.back().insert(k).second, where_,
-                    top_key == "__metadata__" ? std::string("\"__metadata__\"") : "tensor '" + top_key + "'",
-                    ": key \"", k, "\" appears twice");
+        SEMOE_CHECK(open.back().keys.insert(k).second, where_, inside(), "key \"", k, "\" appears twice");
       }
     }
     return true;

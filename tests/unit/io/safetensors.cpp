@@ -375,6 +375,10 @@ TEST_CASE("safetensors: hostile files are refused with an error naming the tenso
     check_refused(st_bytes(pad8("{\"w\xff\":1}"), ""), {"not valid UTF-8 JSON"});
     check_refused(st_bytes(pad8("{} {}"), ""), {"not valid UTF-8 JSON"});
     check_refused(st_bytes("", ""), {"not valid UTF-8 JSON"});
+    check_refused(st_bytes("{\"w\":" + std::string(1000, '['), ""), {"tensor 'w'", "nests deeper than 16 levels"});
+    std::string wide = R"({"w":{"dtype":"U8","shape":[1)";
+    for (int i = 0; i < 1024; ++i) wide += ",1";
+    check_refused(st_bytes(wide + R"(],"data_offsets":[0,1]}})", "x"), {"tensor 'w'", "more than 1024 elements"});
   }
   SUBCASE("bad metadata") {
     check_refused(st_bytes(pad8(R"({"__metadata__":{"n":1}})"), ""), {"\"__metadata__\" key 'n' is a JSON number"});
