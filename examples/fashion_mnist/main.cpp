@@ -27,6 +27,7 @@
 #include "semoe/core/blas.hpp"
 #include "semoe/core/progress.hpp"
 #include "semoe/core/trace.hpp"
+#include "semoe/core/units.hpp"
 #include "semoe/gate/top_k.hpp"
 #include "semoe/io/idx.hpp"
 #include "semoe/layer/activation.hpp"
@@ -66,19 +67,6 @@ struct config {
   bool offload() const { return device_budget || host_budget || !ssd_dir.empty(); }
 };
 
-/// "64M", "1.5G", "4096": bytes.
-std::size_t parse_bytes(const std::string& v) {
-  std::size_t used = 0;
-  const double x = std::stod(v, &used);
-  const std::string unit = v.substr(used);
-  double scale = 1;
-  if (unit == "K" || unit == "KiB") scale = 1024.0;
-  else if (unit == "M" || unit == "MiB") scale = 1024.0 * 1024;
-  else if (unit == "G" || unit == "GiB") scale = 1024.0 * 1024 * 1024;
-  else if (!unit.empty()) throw std::invalid_argument("unit");
-  if (x < 0) throw std::invalid_argument("negative");
-  return static_cast<std::size_t>(x * scale);
-}
 
 [[noreturn]] void usage(const char* argv0, const std::string& why) {
   std::fprintf(stderr,
@@ -122,6 +110,8 @@ config parse(int argc, char** argv) {
       else usage(argv[0], "unknown argument " + a);
     } catch (const std::logic_error&) {
       usage(argv[0], "bad value for " + a);
+    } catch (const semoe::error& e) {
+      usage(argv[0], a + ": " + e.what());
     }
   }
   if (c.epochs < 1 || c.batch < 1 || c.ranks < 1 || c.threads < 1 || c.batch % c.ranks != 0)

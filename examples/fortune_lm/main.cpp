@@ -24,6 +24,7 @@
 #include "semoe/core/blas.hpp"
 #include "semoe/core/progress.hpp"
 #include "semoe/core/trace.hpp"
+#include "semoe/core/units.hpp"
 #include "semoe/gate/top_k.hpp"
 #include "semoe/layer/activation.hpp"
 #include "semoe/layer/embedding.hpp"
@@ -59,19 +60,6 @@ struct config {
   bool offload() const { return device_budget || host_budget || !ssd_dir.empty(); }
 };
 
-/// "64M", "1.5G", "4096": bytes.
-std::size_t parse_bytes(const std::string& v) {
-  std::size_t used = 0;
-  const double x = std::stod(v, &used);
-  const std::string unit = v.substr(used);
-  double scale = 1;
-  if (unit == "K" || unit == "KiB") scale = 1024.0;
-  else if (unit == "M" || unit == "MiB") scale = 1024.0 * 1024;
-  else if (unit == "G" || unit == "GiB") scale = 1024.0 * 1024 * 1024;
-  else if (!unit.empty()) throw std::invalid_argument("unit");
-  if (x < 0) throw std::invalid_argument("negative");
-  return static_cast<std::size_t>(x * scale);
-}
 
 struct corpus {
   std::string train, heldout;
@@ -152,6 +140,8 @@ config parse(int argc, char** argv) {
       else usage(("unknown argument " + a).c_str());
     } catch (const std::logic_error&) {
       usage(("bad value for " + a).c_str());
+    } catch (const semoe::error& e) {
+      usage((a + ": " + e.what()).c_str());
     }
   }
   if (c.steps < 1 || c.batch < 1 || c.ranks < 1 || c.threads < 1) usage("steps, batch, ranks, threads must be >= 1");
