@@ -195,8 +195,17 @@ struct tiered_policy {
         stats_.wait_seconds += (t1 - t0) * 1e-6;
         record("wait ", b, "wait", t0, compute_lane());
       }
+      ++b.pins;  // from here on no one evicts it, while we may wait below
       // Gradients on the device need a home in host DRAM to go back to.
-      if (grads && !b.host) ensure_host(lk, b, false);
+      if (grads && !b.host) {
+        try {
+          ensure_host(lk, b, false);
+        } catch (...) {
+          --b.pins;
+          cv_.notify_all();
+          throw;
+        }
+      }
       const auto n = static_cast<std::size_t>(b.elems);
       T* d = reinterpret_cast<T*>(b.dev);
       if (grads && !b.dev_grads) {
@@ -210,7 +219,6 @@ struct tiered_policy {
         b.dev_grads = true;
       }
       if (grads) b.dev_dirty = true;  // backward accumulates into them
-      ++b.pins;
       b.fresh = false;
       b.dev_use = ++dev_clock_;
       touch(b);

@@ -28,6 +28,7 @@
 #include <xxhash.h>
 
 #include "semoe/core/error.hpp"
+#include "semoe/storage/ssd_tier.hpp"
 #include "semoe/train/optimizer.hpp"
 
 namespace semoe::train {
