@@ -1,0 +1,359 @@
+// semoe/infer/ring_engine.hpp: SE-MoE's ring memory for inference (§4).
+// Fast memory is formed into K fixed slots; layer i's expert weights live in
+// slot i mod K. A loader thread (a copy stream on GPU builds) fills the slots
+// in layer order from the weights' home, host DRAM or an SSD file: layers
+// 0..K-1 first, then, as soon as layer i's forward ends and frees its slot,
+// layer i+K while layers i+1.. compute. Fixed slots mean no fragmentation; the
+// loader never writes a slot whose layer is computing, and compute never reads
+// a slot before its load completed (a condition variable, no sleeps).
+//
+// Use it as the storage policy of the MoE layers with prefetch policy
+// infer::ring_release (it frees a layer's slot when its forward ends); the
+// layers are then forward-only.
+#pragma once
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <unistd.h>
+
+#include "semoe/core/trace.hpp"
+#include "semoe/prefetch/concepts.hpp"
+#include "semoe/storage/concepts.hpp"
+#include "semoe/storage/detail/arena.hpp"
+#include "semoe/storage/ssd_tier.hpp"
+
+namespace semoe::infer {
+
+/// Where the weights come from when a slot is filled.
+enum class ring_source { dram, ssd };
+
+struct ring_stats {
+  std::uint64_t loads = 0;        ///< layer loads into a slot
+  std::uint64_t bytes_loaded = 0;
+  double load_seconds = 0;        ///< loader time spent filling slots
+  double wait_seconds = 0;        ///< compute time spent waiting for a slot
+};
+
+struct ring {
+  using policy_kind = storage::storage_tag;
+
+  struct store_options {
+    index_t slots = 2;              ///< K; or derived from budget_bytes when that is set
+    std::size_t budget_bytes = 0;   ///< fast memory for the ring: K = budget / slot bytes (at least 1)
+    ring_source source = ring_source::dram;
+    storage::ssd_options ssd{};     ///< with ring_source::ssd; dir defaults to a temp dir
+    int rank = 0;                   ///< trace process id
+  };
+
+  template <class T>
+  class store {
+   public:
+    using value_type = T;
+    using options = store_options;
+
+    store() : store(options{}) {}
+    explicit store(options o) : opt_(std::move(o)) {
+      SEMOE_CHECK(opt_.budget_bytes > 0 || opt_.slots >= 1, "semoe::infer::ring: options.slots = ", opt_.slots,
+                  ": expected at least 1 (or set budget_bytes)");
+      if (opt_.source == ring_source::ssd && opt_.ssd.dir.empty())
+        opt_.ssd.dir = std::filesystem::temp_directory_path() / ("semoe-ring-" + std::to_string(::getpid()));
+      trace::recorder::instance().name_lane(opt_.rank, loader_lane, "ring loader");
+    }
+    store(const store&) = delete;
+    store& operator=(const store&) = delete;
+    ~store() {
+      {
+        std::lock_guard lk(m_);
+        stopping_ = true;
+      }
+      cv_.notify_all();
+      if (loader_.joinable()) loader_.join();
+      for (auto& sl : slots_) arena_->deallocate(reinterpret_cast<std::byte*>(sl.data), slot_bytes());
+      if (ssd_) {
+        const auto path = ssd_->path();
+        ssd_.reset();
+        std::error_code ec;
+        std::filesystem::remove(path, ec);
+      }
+    }
+
+    // -- Store interface ------------------------------------------------------
+
+    index_t add_layer(index_t experts, index_t block_elems) {
+      SEMOE_CHECK(experts >= 0 && block_elems > 0, "semoe::infer::ring: add_layer(experts = ", experts,
+                  ", block_elems = ", block_elems, "): expected experts >= 0 and block_elems > 0");
+      std::lock_guard lk(m_);
+      SEMOE_CHECK(!started_, "semoe::infer::ring: add_layer after inference started");
+      layer_info l;
+      l.experts = experts;
+      l.elems = block_elems;
+      l.home.resize(static_cast<std::size_t>(experts));
+      for (auto& h : l.home) h.assign(static_cast<std::size_t>(block_elems), T(0));
+      layers_.push_back(std::move(l));
+      return static_cast<index_t>(layers_.size()) - 1;
+    }
+    index_t layers() const { return static_cast<index_t>(layers_.size()); }
+    index_t experts(index_t layer) const { return info(layer).experts; }
+    index_t block_elems(index_t layer) const { return info(layer).elems; }
+    void reserve_state(index_t) {}
+    void zero_grads(index_t) {}
+
+    /// Write or read a block's home copy (weights only: the ring serves
+    /// inference). Before the first forward: loading weights, initializing.
+    template <class F>
+    void visit(index_t layer, index_t expert, F&& f, bool = true) {
+      std::lock_guard lk(m_);
+      SEMOE_CHECK(!started_, "semoe::infer::ring: visit(", layer, ", ", expert,
+                  ") after inference started: the weights are fixed once layers stream through the ring");
+      auto& h = home(layer, expert);
+      f(storage::block_ref<T>{std::span<T>(h), {}, {}});
+    }
+
+    /// Layer `layer`'s expert weights in its slot, once its load completed.
+    storage::block_ref<T> acquire(index_t layer, index_t expert, bool grads = false) {
+      SEMOE_CHECK(!grads, "semoe::infer::ring: layer ", layer, " asked for gradients; the ring store serves "
+                  "forward-only inference (train with a tiered or resident store)");
+      std::unique_lock lk(m_);
+      start(lk);
+      const layer_info& l = info(layer);
+      SEMOE_CHECK(expert >= 0 && expert < l.experts, "semoe::infer::ring: expert ", expert, " is not one of the ",
+                  l.experts, " local experts of layer ", layer);
+      slot& s = slots_[static_cast<std::size_t>(layer % k_)];
+      if (!(s.layer == layer && s.loaded)) {
+        const double t0 = trace::recorder::instance().now_us();
+        cv_.wait(lk, [&] { return (s.layer == layer && s.loaded) || failure_; });
+        const double t1 = trace::recorder::instance().now_us();
+        stats_.wait_seconds += (t1 - t0) * 1e-6;
+        auto& rec = trace::recorder::instance();
+        if (rec.enabled())
+          rec.add({"wait L" + std::to_string(layer), "wait", t0, t1 - t0, opt_.rank,
+                   static_cast<int>(std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000)});
+      }
+      if (failure_) ::semoe::detail::fail(*failure_);
+      ++s.users;
+      T* p = s.data + static_cast<std::size_t>(expert) * stride(l);
+      return {std::span<T>(p, static_cast<std::size_t>(l.elems)), {}, {}};
+    }
+    void release(index_t layer, index_t) {
+      std::lock_guard lk(m_);
+      slot& s = slots_[static_cast<std::size_t>(layer % k_)];
+      SEMOE_CHECK(s.layer == layer && s.users > 0, "semoe::infer::ring: release of layer ", layer,
+                  " that holds no slot");
+      --s.users;
+    }
+
+    /// Layer `layer`'s forward is over: its slot takes the layer K ahead.
+    void end_layer(index_t layer) {
+      std::lock_guard lk(m_);
+      if (!started_) return;
+      slot& s = slots_[static_cast<std::size_t>(layer % k_)];
+      SEMOE_CHECK(s.layer == layer && s.users == 0, "semoe::infer::ring: end of layer ", layer,
+                  " while its slot holds layer ", s.layer, " with ", s.users, " users");
+      if (k_ >= layers()) return;  // every layer has a slot of its own: nothing to reload
+      s.layer = -1;
+      s.loaded = false;
+      cv_.notify_all();
+    }
+
+    index_t slots() const {
+      std::lock_guard lk(m_);
+      return started_ ? k_ : derive_slots();
+    }
+    std::size_t slot_bytes() const { return slot_elems() * sizeof(T); }
+    ring_stats stats() const {
+      std::lock_guard lk(m_);
+      return stats_;
+    }
+    void reset_stats() {
+      std::lock_guard lk(m_);
+      stats_ = {};
+    }
+    const options& opts() const { return opt_; }
+
+   private:
+    static constexpr int loader_lane = 1003;
+
+    struct layer_info {
+      index_t experts = 0, elems = 0;
+      std::vector<std::vector<T>> home;  // the DRAM copy (the SSD source is filled from it)
+    };
+    struct slot {
+      T* data = nullptr;
+      index_t layer = -1;
+      bool loaded = false;
+      int users = 0;
+    };
+
+    const layer_info& info(index_t layer) const {
+      SEMOE_CHECK(layer >= 0 && layer < static_cast<index_t>(layers_.size()), "semoe::infer::ring: no layer ", layer);
+      return layers_[static_cast<std::size_t>(layer)];
+    }
+    std::vector<T>& home(index_t layer, index_t expert) {
+      const layer_info& l = info(layer);
+      SEMOE_CHECK(expert >= 0 && expert < l.experts, "semoe::infer::ring: expert ", expert, " is not one of the ",
+                  l.experts, " local experts of layer ", layer);
+      return layers_[static_cast<std::size_t>(layer)].home[static_cast<std::size_t>(expert)];
+    }
+    /// Elements between experts in a slot: 4 KiB aligned so SSD reads land in place.
+    static std::size_t stride(const layer_info& l) {
+      const std::size_t bytes = static_cast<std::size_t>(l.elems) * sizeof(T);
+      return (bytes + 4095) / 4096 * 4096 / sizeof(T);
+    }
+    std::size_t slot_elems() const {
+      std::size_t m = 0;
+      for (const auto& l : layers_) m = std::max(m, stride(l) * static_cast<std::size_t>(l.experts));
+      return std::max<std::size_t>(m, 4096 / sizeof(T));
+    }
+    index_t derive_slots() const {
+      if (opt_.budget_bytes == 0) return opt_.slots;
+      return std::max<index_t>(1, static_cast<index_t>(opt_.budget_bytes / slot_bytes()));
+    }
+
+    /// First acquire: the slots, the SSD copy if that is the source, the loader.
+    void start(std::unique_lock<std::mutex>&) {
+      if (started_) return;
+      SEMOE_CHECK(!layers_.empty(), "semoe::infer::ring: no layers");
+      k_ = derive_slots();
+      SEMOE_CHECK(opt_.budget_bytes == 0 || static_cast<std::size_t>(k_) * slot_bytes() <= opt_.budget_bytes,
+                  "semoe::infer::ring: budget_bytes = ", opt_.budget_bytes, " cannot hold one slot of ", slot_bytes(),
+                  " bytes (the largest layer's expert weights)");
+      arena_ = std::make_unique<storage::detail::budget_arena>("semoe::infer::ring", 0, 4096);
+      slots_.resize(static_cast<std::size_t>(k_));
+      for (auto& s : slots_) s.data = reinterpret_cast<T*>(arena_->allocate(slot_bytes()));
+      if (opt_.source == ring_source::ssd) write_ssd_copy();
+      started_ = true;
+      loader_ = std::thread([this] { loader_loop(); });
+    }
+
+    /// The SSD source: each expert's weights as one checksummed block.
+    void write_ssd_copy() {
+      std::size_t blocks = 0, bytes = 4096;
+      for (const auto& l : layers_) {
+        blocks += static_cast<std::size_t>(l.experts);
+        bytes = std::max(bytes, stride(l) * sizeof(T));
+      }
+      ssd_.emplace(opt_.ssd, bytes, std::max<std::size_t>(blocks, 1));
+      auto* buf = reinterpret_cast<std::byte*>(arena_->allocate(bytes));
+      std::size_t b = 0;
+      for (const auto& l : layers_)
+        for (const auto& h : l.home) {
+          std::memset(buf, 0, bytes);
+          std::memcpy(buf, h.data(), h.size() * sizeof(T));
+          ssd_->write(b++, buf).wait();
+        }
+      ssd_->commit();
+      arena_->deallocate(buf, bytes);
+      ssd_bytes_ = bytes;
+    }
+
+    void loader_loop() {
+      index_t next = 0;
+      const index_t L = layers();
+      std::unique_lock lk(m_);
+      for (;;) {
+        slot& s = slots_[static_cast<std::size_t>(next % k_)];
+        cv_.wait(lk, [&] { return stopping_ || s.layer == -1; });
+        if (stopping_) return;
+        s.layer = next;  // claimed: compute waits for `loaded`
+        lk.unlock();
+        const double t0 = trace::recorder::instance().now_us();
+        std::optional<std::string> failed;
+        std::size_t bytes = 0;
+        try {
+          bytes = fill(s.data, next);
+        } catch (const std::exception& e) {
+          failed = e.what();
+        }
+        const double t1 = trace::recorder::instance().now_us();
+        auto& rec = trace::recorder::instance();
+        if (rec.enabled())
+          rec.add({"ring load L" + std::to_string(next), "load", t0, t1 - t0, opt_.rank, loader_lane});
+        lk.lock();
+        if (failed) {
+          failure_ = "semoe::infer::ring: loading layer " + std::to_string(next) + ": " + *failed;
+          cv_.notify_all();
+          return;
+        }
+        s.loaded = true;
+        ++stats_.loads;
+        stats_.bytes_loaded += bytes;
+        stats_.load_seconds += (t1 - t0) * 1e-6;
+        cv_.notify_all();
+        next = (next + 1) % L;
+        if (k_ >= L && next == 0) return;  // every layer resident: the ring never turns
+      }
+    }
+
+    /// Copy layer `layer`'s expert weights into a slot; returns the bytes moved.
+    std::size_t fill(T* dst, index_t layer) {
+      const layer_info& l = layers_[static_cast<std::size_t>(layer)];
+      const std::size_t st = stride(l);
+      if (opt_.source == ring_source::dram) {
+        for (std::size_t e = 0; e < l.home.size(); ++e)
+          std::memcpy(dst + e * st, l.home[e].data(), l.home[e].size() * sizeof(T));
+        return l.home.size() * static_cast<std::size_t>(l.elems) * sizeof(T);
+      }
+      std::size_t first = 0;
+      for (index_t i = 0; i < layer; ++i) first += static_cast<std::size_t>(layers_[static_cast<std::size_t>(i)].experts);
+      // The slot is sized for every expert at the SSD block size only when
+      // strides match it; otherwise read through a bounce buffer.
+      std::vector<storage::io_handle> pending;
+      const bool in_place = st * sizeof(T) == ssd_bytes_;
+      std::unique_ptr<std::byte[], void (*)(std::byte*)> bounce(nullptr, [](std::byte* p) { std::free(p); });
+      if (!in_place) bounce.reset(static_cast<std::byte*>(std::aligned_alloc(4096, ssd_bytes_)));
+      for (std::size_t e = 0; e < l.home.size(); ++e) {
+        if (in_place) {
+          pending.push_back(ssd_->read(first + e, reinterpret_cast<std::byte*>(dst + e * st)));
+        } else {
+          ssd_->read(first + e, bounce.get()).wait();
+          std::memcpy(dst + e * st, bounce.get(), static_cast<std::size_t>(l.elems) * sizeof(T));
+        }
+      }
+      for (auto& h : pending) h.wait();
+      return l.home.size() * ssd_bytes_;
+    }
+
+    options opt_;
+    std::vector<layer_info> layers_;
+    std::unique_ptr<storage::detail::budget_arena> arena_;
+    std::vector<slot> slots_;
+    std::optional<storage::ssd_tier> ssd_;
+    std::size_t ssd_bytes_ = 0;
+    index_t k_ = 0;
+    ring_stats stats_;
+    std::optional<std::string> failure_;
+    bool started_ = false, stopping_ = false;
+    mutable std::mutex m_;
+    std::condition_variable cv_;
+    std::thread loader_;
+  };
+};
+
+/// The prefetch policy that goes with ring: when a layer's forward ends its
+/// slot is released to the loader.
+struct ring_release {
+  using policy_kind = prefetch::prefetch_tag;
+  template <class Store>
+  void before(Store&, index_t, prefetch::phase, std::span<const std::int32_t>) {}
+  template <class Store>
+  void after(Store& s, index_t layer, prefetch::phase) {
+    if constexpr (requires { s.end_layer(layer); }) s.end_layer(layer);
+  }
+  template <class Store>
+  void end_step(Store&) {}
+};
+
+static_assert(storage::Storage<ring>);
+static_assert(prefetch::Prefetcher<ring_release>);
+
+}  // namespace semoe::infer

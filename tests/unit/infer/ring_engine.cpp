@@ -1,0 +1,119 @@
+// Ring-memory inference gives bitwise the same outputs as all-resident
+// inference, for K = 1..4 slots and both sources (host DRAM, SSD file), over
+// several batches so the ring turns more than once.
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <vector>
+
+#include "semoe/gate/top_k.hpp"
+#include "semoe/infer/ring_engine.hpp"
+#include "semoe/layer/linear.hpp"
+#include "semoe/layer/moe_layer.hpp"
+#include "semoe/layer/norm.hpp"
+#include "semoe/layer/repeated.hpp"
+#include "semoe/layer/sequential.hpp"
+
+using namespace semoe;
+
+namespace {
+
+constexpr index_t in = 12, hidden = 16, ffn = 48, experts = 4, depth = 6, batch = 40;
+
+template <class Storage, class Prefetch>
+using moe_t = basic_moe_layer<float, cpu, gate::top_k<2>, expert::ffn<act::gelu>, comm::local, Storage, Prefetch>;
+template <class Storage, class Prefetch>
+using block_t = layer::residual<float, layer::layer_norm<float>, moe_t<Storage, Prefetch>>;
+template <class Storage, class Prefetch>
+using model_t = layer::sequential<float, layer::linear<float>, layer::repeated<float, block_t<Storage, Prefetch>>>;
+
+/// Outputs of `batches` forward passes (eval mode).
+template <class Storage, class Prefetch>
+std::vector<float> run_inference(typename Storage::template store<float>::options o, int batches,
+                         infer::ring_stats* stats = nullptr) {
+  cpu_executor ex({.threads = 2});
+  auto comms = comm::local::make_world(1);
+  auto store = std::make_shared<typename Storage::template store<float>>(o);
+  using M = model_t<Storage, Prefetch>;
+  M model(layer::linear<float>(ex, {.in = in, .out = hidden}, 1),
+          layer::repeated<float, block_t<Storage, Prefetch>>(depth, [&](index_t i) {
+            return block_t<Storage, Prefetch>(
+                ex, layer::layer_norm<float>(ex, {.dim = hidden}),
+                moe_t<Storage, Prefetch>(ex, comms[0],
+                                         {.hidden = hidden, .ffn = ffn, .experts = experts,
+                                          .seed = 90 + std::uint64_t(i)},
+                                         store));
+          }));
+  model.train(false);
+  std::vector<float> out;
+  matrix<float> x(batch, in);
+  for (int b = 0; b < batches; ++b) {
+    const philox rng(12, std::uint64_t(b));
+    for (index_t i = 0; i < batch * in; ++i) x.data()[i] = 2 * rng.uniform(std::uint64_t(i)) - 1;
+    auto y = model.forward(x.view());
+    for (index_t r = 0; r < y.rows(); ++r) out.insert(out.end(), y.row(r), y.row(r) + y.cols());
+  }
+  if constexpr (requires { store->stats(); })
+    if (stats) *stats = store->stats();
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("ring: outputs equal all-resident inference bit for bit, for K = 1..4 and both sources") {
+  const auto want = run_inference<storage::resident, prefetch::on_demand>({}, 3);
+  for (auto source : {infer::ring_source::dram, infer::ring_source::ssd})
+    for (index_t k = 1; k <= 4; ++k) {
+      CAPTURE(k);
+      CAPTURE(static_cast<int>(source));
+      infer::ring::store_options o;
+      o.slots = k;
+      o.source = source;
+      infer::ring_stats st;
+      const auto got = run_inference<infer::ring, infer::ring_release>(o, 3, &st);
+      REQUIRE(got.size() == want.size());
+      CHECK(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)) == 0);
+      // The ring turned: every layer loaded once per batch, plus what the loader
+      // had already brought in for a next batch (at most K layers).
+      CHECK(st.loads >= 3 * depth);
+      CHECK(st.loads <= static_cast<std::uint64_t>(3 * depth + k));
+    }
+}
+
+TEST_CASE("ring: K from a byte budget; more slots than layers load each layer once") {
+  infer::ring::store<float> probe;
+  probe.add_layer(experts, 2 * hidden * ffn);
+  const std::size_t slot = probe.slot_bytes();
+  CHECK(slot >= experts * 2 * hidden * ffn * sizeof(float));
+
+  infer::ring::store_options o;
+  o.budget_bytes = 3 * slot + slot / 2;  // room for 3 slots
+  infer::ring_stats st;
+  const auto want = run_inference<storage::resident, prefetch::on_demand>({}, 2);
+  CHECK(run_inference<infer::ring, infer::ring_release>(o, 2, &st) == want);
+  CHECK(st.loads >= 2 * depth);
+  CHECK(st.loads <= 2 * depth + 3);
+  o.budget_bytes = 0;
+  o.slots = depth + 2;
+  CHECK(run_inference<infer::ring, infer::ring_release>(o, 2, &st) == want);
+  CHECK(st.loads == depth);  // every layer has a slot of its own: loaded once
+}
+
+TEST_CASE("ring: forward-only, fixed weights, and budgets too small for a slot are errors") {
+  infer::ring::store<float> s;
+  s.add_layer(2, 64);
+  s.visit(0, 1, [](storage::block_ref<float> b) { b.params[3] = 5; });
+  CHECK_THROWS_WITH_AS(s.acquire(0, 0, true), doctest::Contains("forward-only"), error);
+  auto b = s.acquire(0, 1);
+  CHECK(b.params[3] == 5.0f);
+  s.release(0, 1);
+  CHECK_THROWS_WITH_AS(s.visit(0, 0, [](storage::block_ref<float>) {}), doctest::Contains("after inference started"),
+                       error);
+  CHECK_THROWS_WITH_AS(s.add_layer(1, 8), doctest::Contains("after inference started"), error);
+
+  infer::ring::store_options o;
+  o.budget_bytes = 100;
+  infer::ring::store<float> tiny(o);
+  tiny.add_layer(2, 4096);
+  CHECK_THROWS_WITH_AS(tiny.acquire(0, 0), doctest::Contains("cannot hold one slot"), error);
+}
