@@ -4,10 +4,12 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <filesystem>
 #include <vector>
 
 #include "semoe/gate/top_k.hpp"
 #include "semoe/infer/ring_engine.hpp"
+#include "semoe/io/model_file.hpp"
 #include "semoe/layer/linear.hpp"
 #include "semoe/layer/moe_layer.hpp"
 #include "semoe/layer/norm.hpp"
@@ -116,4 +118,61 @@ TEST_CASE("ring: forward-only, fixed weights, and budgets too small for a slot a
   infer::ring::store<float> tiny(o);
   tiny.add_layer(2, 4096);
   CHECK_THROWS_WITH_AS(tiny.acquire(0, 0), doctest::Contains("cannot hold one slot"), error);
+}
+
+TEST_CASE("ring: a model trained with one store and saved as safetensors is served by the ring as it was") {
+  cpu_executor ex({.threads = 1});
+  auto comms = comm::local::make_world(1);
+  const auto path = std::filesystem::temp_directory_path() / ("semoe-model-" + std::to_string(::getpid()) + ".safetensors");
+  using R = model_t<storage::resident, prefetch::on_demand>;
+  using G = model_t<infer::ring, infer::ring_release>;
+  auto make = [&]<class M, class Store>(std::shared_ptr<Store> store, std::uint64_t seed) {
+    using B = std::remove_cvref_t<decltype(std::declval<M&>().template get<1>()[0])>;
+    using Moe = std::remove_cvref_t<decltype(std::declval<B&>().template get<1>())>;
+    return M(layer::linear<float>(ex, {.in = in, .out = hidden}, seed),
+             layer::repeated<float, B>(depth, [&](index_t i) {
+               return B(ex, layer::layer_norm<float>(ex, {.dim = hidden}),
+                        Moe(ex, comms[0], {.hidden = hidden, .ffn = ffn, .experts = experts, .seed = seed + 10 + i},
+                            store));
+             }));
+  };
+  auto trained = make.template operator()<R>(std::make_shared<storage::resident::store<float>>(), 1);
+  // Make the weights differ from any fresh init: a few plain SGD-like nudges.
+  for (auto& p : trained.parameters())
+    for (auto& v : p.value) v += 0.01f;
+  train::for_each_expert_block(trained, [](auto& b, auto&) {
+    for (auto& v : b.params) v *= 1.01f;
+  });
+  trained.train(false);
+  matrix<float> x(batch, in);
+  x.fill(0.3f);
+  x(0, 0) = -1;
+  std::vector<float> want;
+  {
+    auto y = trained.forward(x.view());
+    want.assign(y.data(), y.data() + y.rows() * y.cols());
+  }
+  io::save_model(path, trained);
+
+  infer::ring::store_options o;
+  o.slots = 2;
+  auto served = make.template operator()<G>(std::make_shared<infer::ring::store<float>>(o), 99);  // other init
+  io::load_model(path, served);
+  served.train(false);
+  auto y = served.forward(x.view());
+  CHECK(std::memcmp(y.data(), want.data(), want.size() * sizeof(float)) == 0);
+
+  auto other = make.template operator()<G>(std::make_shared<infer::ring::store<float>>(o), 99);
+  io::safetensors_writer w;  // a file of some other model
+  w.add("embedding", {1}, std::vector<float>{1.0f});
+  w.write(path);
+  CHECK_THROWS_WITH_AS(io::load_model(path, other), doctest::Contains("has no tensor '0.weight'"), error);
+  io::save_model(path, trained);  // the right model, one tensor resized: named with both sizes
+  {
+    io::safetensors_writer w2;
+    for (auto& p : trained.parameters()) w2.add(p.name, {std::int64_t(p.value.size())}, std::span<const float>(p.value));
+    w2.write(path);
+  }
+  CHECK_THROWS_WITH_AS(io::load_model(path, other), doctest::Contains("model.layers.0.mlp.experts.0.block"), error);
+  std::filesystem::remove(path);
 }
