@@ -176,3 +176,17 @@ TEST_CASE("ring: a model trained with one store and saved as safetensors is serv
   CHECK_THROWS_WITH_AS(io::load_model(path, other), doctest::Contains("model.layers.0.mlp.experts.0.block"), error);
   std::filesystem::remove(path);
 }
+
+TEST_CASE("ring: the README's options compile and serve") {
+  // --- as in README.md, "Serving a model bigger than fast memory" ---
+  semoe::infer::ring::store_options o;
+  o.budget_bytes = 128 << 20;                   // K = as many slots as fit (or o.slots = K)
+  o.source = semoe::infer::ring_source::ssd;    // or dram
+  auto ring = std::make_shared<semoe::infer::ring::store<float>>(o);
+  // ---
+  ring->add_layer(2, 1024);
+  ring->visit(0, 1, [](storage::block_ref<float> b) { b.params[7] = 3; });
+  CHECK(ring->acquire(0, 1).params[7] == 3.0f);
+  ring->release(0, 1);
+  CHECK(ring->slots() >= 1);
+}
