@@ -44,6 +44,13 @@ struct ring_stats {
   double wait_seconds = 0;        ///< compute time spent waiting for a slot
 };
 
+/// What one slot of the ring holds: a whole layer's experts (the paper's
+/// ring), or one expert, for models whose single layer is larger than the
+/// fast budget. Experts of a layer are then used in increasing order, and an
+/// expert the gate gave no rows is skipped: its slot frees as soon as a
+/// later expert of the layer (or the layer's end) shows it was not needed.
+enum class ring_unit { layer, expert };
+
 struct ring {
   using policy_kind = storage::storage_tag;
 
@@ -51,6 +58,7 @@ struct ring {
     index_t slots = 2;              ///< K; or derived from budget_bytes when that is set
     std::size_t budget_bytes = 0;   ///< fast memory for the ring: K = budget / slot bytes (at least 1)
     ring_source source = ring_source::dram;
+    ring_unit unit = ring_unit::layer;
     storage::ssd_options ssd{};     ///< with ring_source::ssd; dir defaults to a temp dir
     int rank = 0;                   ///< trace process id
   };
@@ -97,6 +105,7 @@ struct ring {
       layer_info l;
       l.experts = experts;
       l.elems = block_elems;
+      l.first_block = layers_.empty() ? 0 : layers_.back().first_block + static_cast<std::size_t>(layers_.back().experts);
       l.home.resize(static_cast<std::size_t>(experts));
       for (auto& h : l.home) h.assign(static_cast<std::size_t>(block_elems), T(0));
       layers_.push_back(std::move(l));
@@ -119,50 +128,51 @@ struct ring {
       f(storage::block_ref<T>{std::span<T>(h), {}, {}});
     }
 
-    /// Layer `layer`'s expert weights in its slot, once its load completed.
+    /// The expert's weights in the ring, once their load completed.
     storage::block_ref<T> acquire(index_t layer, index_t expert, bool grads = false) {
       SEMOE_CHECK(!grads, "semoe::infer::ring: layer ", layer, " asked for gradients; the ring store serves "
                   "forward-only inference (train with a tiered or resident store)");
       std::unique_lock lk(m_);
-      start(lk);
+      start();
       const layer_info& l = info(layer);
       SEMOE_CHECK(expert >= 0 && expert < l.experts, "semoe::infer::ring: expert ", expert, " is not one of the ",
                   l.experts, " local experts of layer ", layer);
-      slot& s = slots_[static_cast<std::size_t>(layer % k_)];
-      if (!(s.layer == layer && s.loaded)) {
+      const std::uint64_t q = item_seq(layer, expert);
+      if (opt_.unit == ring_unit::expert) kill_before(q);  // earlier experts of this layer were skipped
+      slot& s = slots_[static_cast<std::size_t>(q % static_cast<std::uint64_t>(k_))];
+      if (!(s.q == q && s.loaded)) {
         const double t0 = trace::recorder::instance().now_us();
-        cv_.wait(lk, [&] { return (s.layer == layer && s.loaded) || failure_; });
+        cv_.wait(lk, [&] { return (s.q == q && s.loaded) || failure_; });
         const double t1 = trace::recorder::instance().now_us();
         stats_.wait_seconds += (t1 - t0) * 1e-6;
         auto& rec = trace::recorder::instance();
         if (rec.enabled())
-          rec.add({"wait L" + std::to_string(layer), "wait", t0, t1 - t0, opt_.rank,
+          rec.add({"wait L" + std::to_string(layer) + ".E" + std::to_string(expert), "wait", t0, t1 - t0, opt_.rank,
                    static_cast<int>(std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000)});
       }
       if (failure_) ::semoe::detail::fail(*failure_);
       ++s.users;
-      T* p = s.data + static_cast<std::size_t>(expert) * stride(l);
-      return {std::span<T>(p, static_cast<std::size_t>(l.elems)), {}, {}};
+      const std::size_t offset = opt_.unit == ring_unit::layer ? static_cast<std::size_t>(expert) * stride(l) : 0;
+      return {std::span<T>(s.data + offset, static_cast<std::size_t>(l.elems)), {}, {}};
     }
-    void release(index_t layer, index_t) {
+    void release(index_t layer, index_t expert) {
       std::lock_guard lk(m_);
-      slot& s = slots_[static_cast<std::size_t>(layer % k_)];
-      SEMOE_CHECK(s.layer == layer && s.users > 0, "semoe::infer::ring: release of layer ", layer,
+      const std::uint64_t q = item_seq(layer, expert);
+      slot& s = slots_[static_cast<std::size_t>(q % static_cast<std::uint64_t>(k_))];
+      SEMOE_CHECK(s.q == q && s.users > 0, "semoe::infer::ring: release of layer ", layer, " expert ", expert,
                   " that holds no slot");
       --s.users;
+      if (opt_.unit == ring_unit::expert) kill_before(q + 1);  // used: its slot takes the next expert
     }
 
-    /// Layer `layer`'s forward is over: its slot takes the layer K ahead.
+    /// Layer `layer`'s forward is over: its slot(s) take what comes K ahead.
     void end_layer(index_t layer) {
       std::lock_guard lk(m_);
       if (!started_) return;
-      slot& s = slots_[static_cast<std::size_t>(layer % k_)];
-      SEMOE_CHECK(s.layer == layer && s.users == 0, "semoe::infer::ring: end of layer ", layer,
-                  " while its slot holds layer ", s.layer, " with ", s.users, " users");
-      if (k_ >= layers()) return;  // every layer has a slot of its own: nothing to reload
-      s.layer = -1;
-      s.loaded = false;
-      cv_.notify_all();
+      const layer_info& l = info(layer);
+      kill_before(pass_ * items_ + (opt_.unit == ring_unit::layer ? static_cast<std::uint64_t>(layer + 1)
+                                                                  : l.first_block + static_cast<std::size_t>(l.experts)));
+      if (layer + 1 == layers()) ++pass_;  // the next forward starts the next turn of the ring
     }
 
     index_t slots() const {
@@ -182,14 +192,18 @@ struct ring {
 
    private:
     static constexpr int loader_lane = 1003;
+    static constexpr std::uint64_t none = ~std::uint64_t{0};
 
     struct layer_info {
       index_t experts = 0, elems = 0;
+      std::size_t first_block = 0;  // this layer's first expert among all experts
       std::vector<std::vector<T>> home;  // the DRAM copy (the SSD source is filled from it)
     };
+    /// Items are loaded in a fixed cyclic order (layers, or experts layer by
+    /// layer), numbered without wrapping: item q goes to slot q mod K.
     struct slot {
       T* data = nullptr;
-      index_t layer = -1;
+      std::uint64_t q = none;
       bool loaded = false;
       int users = 0;
     };
@@ -211,22 +225,61 @@ struct ring {
     }
     std::size_t slot_elems() const {
       std::size_t m = 0;
-      for (const auto& l : layers_) m = std::max(m, stride(l) * static_cast<std::size_t>(l.experts));
+      for (const auto& l : layers_)
+        m = std::max(m, stride(l) * (opt_.unit == ring_unit::layer ? static_cast<std::size_t>(l.experts) : 1));
       return std::max<std::size_t>(m, 4096 / sizeof(T));
     }
     index_t derive_slots() const {
       if (opt_.budget_bytes == 0) return opt_.slots;
       return std::max<index_t>(1, static_cast<index_t>(opt_.budget_bytes / slot_bytes()));
     }
+    std::uint64_t item_of(index_t layer, index_t expert) const {
+      return opt_.unit == ring_unit::layer ? static_cast<std::uint64_t>(layer)
+                                           : info(layer).first_block + static_cast<std::size_t>(expert);
+    }
+    std::uint64_t item_seq(index_t layer, index_t expert) const {
+      return (all_fit_ ? 0 : pass_ * items_) + item_of(layer, expert);
+    }
+    /// Which layer and experts item q (of any turn) holds.
+    std::pair<index_t, std::pair<index_t, index_t>> item_content(std::uint64_t q) const {
+      const std::uint64_t j = q % items_;
+      if (opt_.unit == ring_unit::layer) {
+        const auto l = static_cast<index_t>(j);
+        return {l, {0, info(l).experts}};
+      }
+      index_t l = 0;
+      while (layers_[static_cast<std::size_t>(l)].first_block + static_cast<std::size_t>(layers_[static_cast<std::size_t>(l)].experts) <= j) ++l;
+      const auto e = static_cast<index_t>(j - layers_[static_cast<std::size_t>(l)].first_block);
+      return {l, {e, e + 1}};
+    }
+
+    /// Items before q of this turn will not be used (anymore): their slots
+    /// are free once no one holds them, and the loader skips them.
+    void kill_before(std::uint64_t q) {
+      if (all_fit_) return;
+      dead_before_ = std::max(dead_before_, q);
+      for (auto& s : slots_)
+        if (s.q != none && s.q < dead_before_ && s.users == 0 && s.loaded) {
+          s.q = none;
+          s.loaded = false;
+        }
+      cv_.notify_all();
+    }
 
     /// First acquire: the slots, the SSD copy if that is the source, the loader.
-    void start(std::unique_lock<std::mutex>&) {
+    void start() {
       if (started_) return;
       SEMOE_CHECK(!layers_.empty(), "semoe::infer::ring: no layers");
+      items_ = 0;
+      for (const auto& l : layers_)
+        items_ += opt_.unit == ring_unit::layer ? 1 : static_cast<std::uint64_t>(l.experts);
+      SEMOE_CHECK(items_ > 0, "semoe::infer::ring: the layers have no experts");
       k_ = derive_slots();
       SEMOE_CHECK(opt_.budget_bytes == 0 || static_cast<std::size_t>(k_) * slot_bytes() <= opt_.budget_bytes,
                   "semoe::infer::ring: budget_bytes = ", opt_.budget_bytes, " cannot hold one slot of ", slot_bytes(),
-                  " bytes (the largest layer's expert weights)");
+                  " bytes (the largest ", opt_.unit == ring_unit::layer ? "layer's expert weights" : "expert",
+                  "; ring_unit::expert needs less)");
+      all_fit_ = static_cast<std::uint64_t>(k_) >= items_;
       arena_ = std::make_unique<storage::detail::budget_arena>("semoe::infer::ring", 0, 4096);
       slots_.resize(static_cast<std::size_t>(k_));
       for (auto& s : slots_) s.data = reinterpret_cast<T*>(arena_->allocate(slot_bytes()));
@@ -243,7 +296,7 @@ struct ring {
         bytes = std::max(bytes, stride(l) * sizeof(T));
       }
       ssd_.emplace(opt_.ssd, bytes, std::max<std::size_t>(blocks, 1));
-      auto* buf = reinterpret_cast<std::byte*>(arena_->allocate(bytes));
+      auto* buf = arena_->allocate(bytes);
       std::size_t b = 0;
       for (const auto& l : layers_)
         for (const auto& h : l.home) {
@@ -257,30 +310,33 @@ struct ring {
     }
 
     void loader_loop() {
-      index_t next = 0;
-      const index_t L = layers();
       std::unique_lock lk(m_);
-      for (;;) {
-        slot& s = slots_[static_cast<std::size_t>(next % k_)];
-        cv_.wait(lk, [&] { return stopping_ || s.layer == -1; });
+      for (std::uint64_t q = 0;; ++q) {
+        if (all_fit_ && q == items_) return;  // every item has a slot of its own: the ring never turns
+        slot& s = slots_[static_cast<std::size_t>(q % static_cast<std::uint64_t>(k_))];
+        cv_.wait(lk, [&] { return stopping_ || s.q == none; });
         if (stopping_) return;
-        s.layer = next;  // claimed: compute waits for `loaded`
+        if (q < dead_before_) continue;  // already known unused: not loaded at all
+        s.q = q;  // claimed: compute waits for `loaded`
+        const auto [layer, range] = item_content(q);
         lk.unlock();
         const double t0 = trace::recorder::instance().now_us();
         std::optional<std::string> failed;
         std::size_t bytes = 0;
         try {
-          bytes = fill(s.data, next);
+          bytes = fill(s.data, layer, range.first, range.second);
         } catch (const std::exception& e) {
           failed = e.what();
         }
         const double t1 = trace::recorder::instance().now_us();
         auto& rec = trace::recorder::instance();
         if (rec.enabled())
-          rec.add({"ring load L" + std::to_string(next), "load", t0, t1 - t0, opt_.rank, loader_lane});
+          rec.add({"ring load L" + std::to_string(layer) +
+                       (opt_.unit == ring_unit::expert ? ".E" + std::to_string(range.first) : std::string()),
+                   "load", t0, t1 - t0, opt_.rank, loader_lane});
         lk.lock();
         if (failed) {
-          failure_ = "semoe::infer::ring: loading layer " + std::to_string(next) + ": " + *failed;
+          failure_ = "semoe::infer::ring: loading layer " + std::to_string(layer) + ": " + *failed;
           cv_.notify_all();
           return;
         }
@@ -288,39 +344,41 @@ struct ring {
         ++stats_.loads;
         stats_.bytes_loaded += bytes;
         stats_.load_seconds += (t1 - t0) * 1e-6;
+        if (q < dead_before_ && s.users == 0) {  // became unused while loading
+          s.q = none;
+          s.loaded = false;
+        }
         cv_.notify_all();
-        next = (next + 1) % L;
-        if (k_ >= L && next == 0) return;  // every layer resident: the ring never turns
       }
     }
 
-    /// Copy layer `layer`'s expert weights into a slot; returns the bytes moved.
-    std::size_t fill(T* dst, index_t layer) {
+    /// Copy experts [e0, e1) of `layer` into a slot; returns the bytes moved.
+    std::size_t fill(T* dst, index_t layer, index_t e0, index_t e1) {
       const layer_info& l = layers_[static_cast<std::size_t>(layer)];
       const std::size_t st = stride(l);
       if (opt_.source == ring_source::dram) {
-        for (std::size_t e = 0; e < l.home.size(); ++e)
-          std::memcpy(dst + e * st, l.home[e].data(), l.home[e].size() * sizeof(T));
-        return l.home.size() * static_cast<std::size_t>(l.elems) * sizeof(T);
+        for (index_t e = e0; e < e1; ++e)
+          std::memcpy(dst + static_cast<std::size_t>(e - e0) * st, l.home[static_cast<std::size_t>(e)].data(),
+                      static_cast<std::size_t>(l.elems) * sizeof(T));
+        return static_cast<std::size_t>(e1 - e0) * static_cast<std::size_t>(l.elems) * sizeof(T);
       }
-      std::size_t first = 0;
-      for (index_t i = 0; i < layer; ++i) first += static_cast<std::size_t>(layers_[static_cast<std::size_t>(i)].experts);
-      // The slot is sized for every expert at the SSD block size only when
-      // strides match it; otherwise read through a bounce buffer.
-      std::vector<storage::io_handle> pending;
+      // In place when the slot's stride equals the SSD block; otherwise through a bounce buffer.
       const bool in_place = st * sizeof(T) == ssd_bytes_;
       std::unique_ptr<std::byte[], void (*)(std::byte*)> bounce(nullptr, [](std::byte* p) { std::free(p); });
       if (!in_place) bounce.reset(static_cast<std::byte*>(std::aligned_alloc(4096, ssd_bytes_)));
-      for (std::size_t e = 0; e < l.home.size(); ++e) {
+      std::vector<storage::io_handle> pending;
+      for (index_t e = e0; e < e1; ++e) {
+        T* to = dst + static_cast<std::size_t>(e - e0) * st;
+        const std::size_t block = l.first_block + static_cast<std::size_t>(e);
         if (in_place) {
-          pending.push_back(ssd_->read(first + e, reinterpret_cast<std::byte*>(dst + e * st)));
+          pending.push_back(ssd_->read(block, reinterpret_cast<std::byte*>(to)));
         } else {
-          ssd_->read(first + e, bounce.get()).wait();
-          std::memcpy(dst + e * st, bounce.get(), static_cast<std::size_t>(l.elems) * sizeof(T));
+          ssd_->read(block, bounce.get()).wait();
+          std::memcpy(to, bounce.get(), static_cast<std::size_t>(l.elems) * sizeof(T));
         }
       }
       for (auto& h : pending) h.wait();
-      return l.home.size() * ssd_bytes_;
+      return static_cast<std::size_t>(e1 - e0) * ssd_bytes_;
     }
 
     options opt_;
@@ -330,6 +388,8 @@ struct ring {
     std::optional<storage::ssd_tier> ssd_;
     std::size_t ssd_bytes_ = 0;
     index_t k_ = 0;
+    std::uint64_t items_ = 0, pass_ = 0, dead_before_ = 0;
+    bool all_fit_ = false;
     ring_stats stats_;
     std::optional<std::string> failure_;
     bool started_ = false, stopping_ = false;

@@ -32,7 +32,7 @@ using model_t = layer::sequential<float, layer::linear<float>, layer::repeated<f
 /// Outputs of `batches` forward passes (eval mode).
 template <class Storage, class Prefetch>
 std::vector<float> run_inference(typename Storage::template store<float>::options o, int batches,
-                         infer::ring_stats* stats = nullptr) {
+                                 infer::ring_stats* stats = nullptr, index_t rows = batch) {
   cpu_executor ex({.threads = 2});
   auto comms = comm::local::make_world(1);
   auto store = std::make_shared<typename Storage::template store<float>>(o);
@@ -48,10 +48,10 @@ std::vector<float> run_inference(typename Storage::template store<float>::option
           }));
   model.train(false);
   std::vector<float> out;
-  matrix<float> x(batch, in);
+  matrix<float> x(rows, in);
   for (int b = 0; b < batches; ++b) {
     const philox rng(12, std::uint64_t(b));
-    for (index_t i = 0; i < batch * in; ++i) x.data()[i] = 2 * rng.uniform(std::uint64_t(i)) - 1;
+    for (index_t i = 0; i < rows * in; ++i) x.data()[i] = 2 * rng.uniform(std::uint64_t(i)) - 1;
     auto y = model.forward(x.view());
     for (index_t r = 0; r < y.rows(); ++r) out.insert(out.end(), y.row(r), y.row(r) + y.cols());
   }
@@ -79,6 +79,27 @@ TEST_CASE("ring: outputs equal all-resident inference bit for bit, for K = 1..4 
       // had already brought in for a next batch (at most K layers).
       CHECK(st.loads >= 3 * depth);
       CHECK(st.loads <= static_cast<std::uint64_t>(3 * depth + k));
+    }
+}
+
+TEST_CASE("ring: one expert a slot serves a layer larger than the budget, skipping experts without rows") {
+  const auto want = run_inference<storage::resident, prefetch::on_demand>({}, 3);
+  for (auto source : {infer::ring_source::dram, infer::ring_source::ssd})
+    for (index_t k : {1, 2, 3, 5}) {
+      CAPTURE(k);
+      infer::ring::store_options o;
+      o.slots = k;
+      o.unit = infer::ring_unit::expert;
+      o.source = source;
+      infer::ring_stats st;
+      const auto got = run_inference<infer::ring, infer::ring_release>(o, 3, &st);
+      REQUIRE(got.size() == want.size());
+      CHECK(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)) == 0);
+      CHECK(st.loads <= static_cast<std::uint64_t>(3 * depth * experts + k));
+      // One token a batch: top-2 of 4 experts leaves two idle in every layer.
+      const auto want1 = run_inference<storage::resident, prefetch::on_demand>({}, 4, nullptr, 1);
+      const auto got1 = run_inference<infer::ring, infer::ring_release>(o, 4, &st, 1);
+      CHECK(got1 == want1);
     }
 }
 
