@@ -35,6 +35,8 @@
 #include "semoe/layer/loss.hpp"
 #include "semoe/layer/moe_layer.hpp"
 #include "semoe/layer/norm.hpp"
+#include "semoe/infer/ring_engine.hpp"
+#include "semoe/io/model_file.hpp"
 #include "semoe/layer/sequential.hpp"
 #include "semoe/prefetch/vertical.hpp"
 #include "semoe/storage/tiered_store.hpp"
@@ -64,6 +66,12 @@ struct config {
   // Hierarchical storage: any of these moves the experts into a tiered store.
   std::size_t device_budget = 0, host_budget = 0;  // bytes, 0: unbounded
   std::string ssd_dir;
+  std::string save;  // write the trained weights here (safetensors)
+  // `fashion_mnist evaluate MODEL`: classify the test set with the weights in
+  // MODEL served from a ring of fast memory, and all resident, and compare.
+  std::string evaluate;
+  std::size_t ring_budget = 0;  // bytes; 0: a quarter of the model
+  bool ring_from_ssd = false;
   bool offload() const { return device_budget || host_budget || !ssd_dir.empty(); }
 };
 
@@ -73,17 +81,25 @@ struct config {
                "%s\nusage: %s [--epochs N] [--batch B] [--lr X] [--ranks P] [--threads T] [--experts E]\n"
                "          [--hidden H] [--ffn F] [--limit N] [--steps N] [--print-loss] [--seed S] [--data DIR]\n"
                "          [--device-budget BYTES] [--host-budget BYTES] [--ssd-dir DIR]   (e.g. 40M, 1G)\n"
+               "          [--save MODEL.safetensors]\n"
+               "       %s evaluate MODEL.safetensors [--ring-budget BYTES] [--ring-source dram|ssd] [--data DIR]\n"
                "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n"
                "A budget or --ssd-dir offloads the experts: weights and gradients in a device tier\n"
                "(bounded), whole blocks with AdamW state cached in host DRAM, the rest on SSD.\n"
                "Set SEMOE_TRACE=trace.json to record a Chrome trace of the first 50 steps.\n",
-               why.c_str(), argv0);
+               why.c_str(), argv0, argv0);
   std::exit(2);
 }
 
 config parse(int argc, char** argv) {
   config c;
-  for (int i = 1; i < argc; ++i) {
+  int first = 1;
+  if (argc > 1 && std::string(argv[1]) == "evaluate") {
+    if (argc < 3) usage(argv[0], "evaluate needs a model file");
+    c.evaluate = argv[2];
+    first = 3;
+  }
+  for (int i = first; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
       if (i + 1 >= argc) usage(argv[0], "missing value after " + a);
@@ -106,6 +122,13 @@ config parse(int argc, char** argv) {
       else if (a == "--device-budget") c.device_budget = parse_bytes(value());
       else if (a == "--host-budget") c.host_budget = parse_bytes(value());
       else if (a == "--ssd-dir") c.ssd_dir = value();
+      else if (a == "--save") c.save = value();
+      else if (a == "--ring-budget") c.ring_budget = parse_bytes(value());
+      else if (a == "--ring-source") {
+        const std::string v = value();
+        if (v != "dram" && v != "ssd") usage(argv[0], "--ring-source is dram or ssd");
+        c.ring_from_ssd = v == "ssd";
+      }
       else if (a == "--help" || a == "-h") usage(argv[0], "Train an MoE classifier on Fashion-MNIST.");
       else usage(argv[0], "unknown argument " + a);
     } catch (const std::logic_error&) {
@@ -306,7 +329,79 @@ outcome train_and_test(Comm& c, const config& cfg, const io::mnist_split& train,
   }
   out.steps = step;
   out.epochs = epochs;
+  if (!cfg.save.empty()) {
+    SEMOE_CHECK(P == 1, "fashion_mnist: --save needs one rank (each rank holds only its experts); got ", P);
+    io::save_model(cfg.save, model);
+    std::printf("saved the weights to %s\n", cfg.save.c_str());
+  }
   return out;
+}
+
+/// Test accuracy of a model whose weights come from `path`.
+template <class Where>
+double accuracy_of(const config& cfg, const std::string& path, const io::mnist_split& test,
+                   std::shared_ptr<typename Where::storage::template store<float>> store) {
+  auto comms = comm::local::make_world(1);
+  cpu_executor ex({.threads = std::max(1, cfg.threads)});
+  auto model = make_model<comm::local, Where>(ex, comms[0], cfg, store);
+  io::load_model(path, model);
+  model.train(false);
+  double correct = 0;
+  for (index_t b = 0; b < test.size(); b += 1000) {
+    const index_t n = std::min<index_t>(1000, test.size() - b);
+    auto logits = model.forward(as_matrix<const float>(test.images.data() + b * 784, n, 784));
+    correct += static_cast<double>(layer::count_correct(logits, std::span<const std::int32_t>(test.labels.data() + b, n)));
+  }
+  return correct / static_cast<double>(test.size());
+}
+
+struct ring_served {
+  using storage = infer::ring;
+  using prefetch = infer::ring_release;
+};
+
+int evaluate(const config& cfg, const io::mnist_split& test) {
+  const auto file = io::safetensors_file::open(cfg.evaluate);
+  std::size_t model_bytes = 0, expert_bytes = 0;
+  for (const auto& t : file.tensors()) {
+    model_bytes += t.bytes();
+    if (t.name.find(".experts.") != std::string::npos) expert_bytes += t.bytes();
+  }
+  const std::size_t budget = cfg.ring_budget ? cfg.ring_budget : model_bytes / 4;
+  infer::ring::store_options o;
+  o.unit = infer::ring_unit::expert;  // one MoE layer: a slot per expert
+  o.budget_bytes = budget;
+  o.source = cfg.ring_from_ssd ? infer::ring_source::ssd : infer::ring_source::dram;
+  auto ring = std::make_shared<infer::ring::store<float>>(o);
+  const auto t0 = std::chrono::steady_clock::now();
+  const double ring_acc = accuracy_of<ring_served>(cfg, cfg.evaluate, test, ring);
+  const double ring_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto t1 = std::chrono::steady_clock::now();
+  const double full_acc =
+      accuracy_of<resident_experts>(cfg, cfg.evaluate, test, std::make_shared<storage::resident::store<float>>());
+  const double full_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  const auto st = ring->stats();
+  std::printf("model %.1f MiB (experts %.1f MiB); ring of %lld slots in %.1f MiB of fast memory, from %s\n",
+              double(model_bytes) / (1 << 20), double(expert_bytes) / (1 << 20), static_cast<long long>(ring->slots()),
+              double(budget) / (1 << 20), cfg.ring_from_ssd ? "SSD" : "DRAM");
+  std::printf("test accuracy: ring %.2f %% in %.2f s, all resident %.2f %% in %.2f s -> %s\n", 100 * ring_acc, ring_s,
+              100 * full_acc, full_s, ring_acc == full_acc ? "identical" : "DIFFERENT");
+  std::printf("ring: %llu loads, %.0f MiB moved, %.2f s loading, %.2f s waiting\n",
+              static_cast<unsigned long long>(st.loads), double(st.bytes_loaded) / (1 << 20), st.load_seconds,
+              st.wait_seconds);
+  std::printf("%s\n", nlohmann::json{{"example", "fashion_mnist"},
+                                     {"mode", "evaluate"},
+                                     {"ring_accuracy", ring_acc},
+                                     {"resident_accuracy", full_acc},
+                                     {"identical", ring_acc == full_acc},
+                                     {"model_bytes", model_bytes},
+                                     {"ring_budget_bytes", budget},
+                                     {"slots", ring->slots()},
+                                     {"ring_seconds", ring_s},
+                                     {"resident_seconds", full_s}}
+                          .dump()
+                          .c_str());
+  return ring_acc == full_acc ? 0 : 1;
 }
 
 }  // namespace
@@ -320,6 +415,15 @@ int main(int argc, char** argv) {
   } catch (const semoe::error& e) {
     std::fprintf(stderr, "fashion_mnist: %s\n(install Debian's dataset-fashion-mnist, or pass --data DIR)\n", e.what());
     return 1;
+  }
+  if (!cfg.evaluate.empty()) {
+    try {
+      blas::set_num_threads(cfg.threads);
+      return evaluate(cfg, test);
+    } catch (const semoe::error& e) {
+      std::fprintf(stderr, "fashion_mnist: %s\n", e.what());
+      return 1;
+    }
   }
   const auto t0 = std::chrono::steady_clock::now();
   outcome result;
