@@ -8,6 +8,7 @@
 // thread-ranks of comm::local in one process. Every 20th fortune of each file
 // is held out; the program reports held-out bits per byte.
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -32,6 +33,8 @@
 #include "semoe/layer/loss.hpp"
 #include "semoe/layer/moe_layer.hpp"
 #include "semoe/layer/norm.hpp"
+#include "semoe/infer/ring_engine.hpp"
+#include "semoe/io/model_file.hpp"
 #include "semoe/layer/sequential.hpp"
 #include "semoe/prefetch/vertical.hpp"
 #include "semoe/storage/tiered_store.hpp"
@@ -57,6 +60,16 @@ struct config {
   // Hierarchical storage: any of these moves the experts into a tiered store.
   std::size_t device_budget = 0, host_budget = 0;  // bytes, 0: unbounded
   std::string ssd_dir;
+  std::string save;      // write the trained weights here (safetensors)
+  // `fortune_lm generate MODEL`: sample text from MODEL served from a ring of
+  // fast memory, from a small expert cache, and all resident, and compare.
+  std::string generate;
+  std::string prompt = "Q: What is ";
+  index_t gen_bytes = 200;
+  double temperature = 0.8;
+  std::size_t ring_budget = 0;   // bytes; 0: a quarter of the model
+  std::size_t cache_budget = 0;  // bytes of device tier for the expert cache; 0: half the model
+  bool ring_from_ssd = false;
   bool offload() const { return device_budget || host_budget || !ssd_dir.empty(); }
 };
 
@@ -106,6 +119,9 @@ corpus load_fortunes(const std::string& dir) {
                "%s\nusage: fortune_lm [--steps N] [--batch B] [--lr X] [--ranks P] [--threads T] [--experts E]\n"
                "                  [--time-limit S] [--eval-every N] [--eval-bytes N] [--print-loss] [--seed S] [--data DIR]\n"
                "                  [--device-budget BYTES] [--host-budget BYTES] [--ssd-dir DIR]   (e.g. 40M, 1G)\n"
+               "                  [--save MODEL.safetensors]\n"
+               "       fortune_lm generate MODEL.safetensors [--prompt TEXT] [--bytes N] [--temperature T]\n"
+               "                  [--ring-budget BYTES] [--ring-source dram|ssd] [--cache-budget BYTES] [--seed S]\n"
                "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n"
                "A budget or --ssd-dir offloads the experts of both MoE blocks into one tiered store.\n",
                why);
@@ -114,7 +130,13 @@ corpus load_fortunes(const std::string& dir) {
 
 config parse(int argc, char** argv) {
   config c;
-  for (int i = 1; i < argc; ++i) {
+  int first = 1;
+  if (argc > 1 && std::string(argv[1]) == "generate") {
+    if (argc < 3) usage("generate needs a model file");
+    c.generate = argv[2];
+    first = 3;
+  }
+  for (int i = first; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
       if (i + 1 >= argc) usage(("missing value after " + a).c_str());
@@ -136,6 +158,17 @@ config parse(int argc, char** argv) {
       else if (a == "--device-budget") c.device_budget = parse_bytes(value());
       else if (a == "--host-budget") c.host_budget = parse_bytes(value());
       else if (a == "--ssd-dir") c.ssd_dir = value();
+      else if (a == "--save") c.save = value();
+      else if (a == "--prompt") c.prompt = value();
+      else if (a == "--bytes") c.gen_bytes = std::stol(value());
+      else if (a == "--temperature") c.temperature = std::stod(value());
+      else if (a == "--ring-budget") c.ring_budget = parse_bytes(value());
+      else if (a == "--cache-budget") c.cache_budget = parse_bytes(value());
+      else if (a == "--ring-source") {
+        const std::string v = value();
+        if (v != "dram" && v != "ssd") usage("--ring-source is dram or ssd");
+        c.ring_from_ssd = v == "ssd";
+      }
       else if (a == "--help" || a == "-h") usage("Train a byte-level MoE language model on fortunes.");
       else usage(("unknown argument " + a).c_str());
     } catch (const std::logic_error&) {
@@ -204,6 +237,44 @@ struct lm {
   void train(bool on) { body.train(on); }
 };
 
+template <class Where>
+std::shared_ptr<typename Where::storage::template store<float>> make_store(const config& cfg, int rank) {
+  using store_t = typename Where::storage::template store<float>;
+  typename store_t::options so;
+  if constexpr (std::is_same_v<Where, offloaded_experts>) {
+    so.device.budget_bytes = cfg.device_budget;
+    so.host.budget_bytes = cfg.host_budget;
+    if (!cfg.ssd_dir.empty()) so.ssd.dir = cfg.ssd_dir;
+    so.ssd.rank = so.rank = rank;
+  }
+  (void)cfg;
+  (void)rank;
+  return std::make_shared<store_t>(so);
+}
+
+/// The language model with its experts in `store`.
+template <class Comm, class Where>
+lm<Comm, Where> make_lm(cpu_executor& ex, Comm& world, Comm& experts, const config& cfg,
+                        std::shared_ptr<typename Where::storage::template store<float>> store) {
+  const index_t C = cfg.context, D = cfg.embed, H = cfg.hidden;
+  auto block = [&](std::uint64_t seed) {
+    return block_t<Comm, Where>(ex, layer::layer_norm<float>(ex, {.dim = H}),
+                                moe_t<Comm, Where>(ex, experts,
+                                                   {.hidden = H, .ffn = cfg.ffn, .experts = cfg.experts,
+                                                    .gate = {.capacity_factor = 1.25, .aux_loss_coef = 5e-2},
+                                                    .expert = {.bias = true}, .seed = seed},
+                                                   store));
+  };
+  return lm<Comm, Where>{layer::partitioned_embedding<float, Comm>(ex, world, {.vocab = 256, .dim = D}, cfg.seed),
+                         body_t<Comm, Where>(layer::linear<float>(ex, {.in = C * D, .out = H}, cfg.seed + 1),
+                                             layer::activation<float, act::gelu>(ex), block(cfg.seed + 2),
+                                             block(cfg.seed + 3), layer::layer_norm<float>(ex, {.dim = H}),
+                                             layer::linear<float>(ex, {.in = H, .out = 256}, cfg.seed + 4)),
+                         {},
+                         {},
+                         C};
+}
+
 template <class Comm, class Where>
 int train_lm(Comm& world, const config& cfg, const corpus& text) {
   const int P = world.size(), rank = world.rank();
@@ -211,29 +282,8 @@ int train_lm(Comm& world, const config& cfg, const corpus& text) {
   auto groups = train::make_groups(world);
   cpu_executor ex({.threads = std::max(1, cfg.threads)});
   const index_t C = cfg.context, D = cfg.embed, H = cfg.hidden;
-  using store_t = typename Where::storage::template store<float>;
-  typename store_t::options so;
-  if constexpr (!std::is_same_v<Where, resident_experts>) {
-    so.device.budget_bytes = cfg.device_budget;
-    so.host.budget_bytes = cfg.host_budget;
-    if (!cfg.ssd_dir.empty()) so.ssd.dir = cfg.ssd_dir;
-    so.ssd.rank = so.rank = rank;
-  }
-  auto store = std::make_shared<store_t>(so);  // one store, one budget, for both MoE blocks
-  auto block = [&](std::uint64_t seed) {
-    return block_t<Comm, Where>(ex, layer::layer_norm<float>(ex, {.dim = H}),
-                                moe_t<Comm, Where>(ex, groups.expert,
-                                                   {.hidden = H, .ffn = cfg.ffn, .experts = cfg.experts,
-                                                    .gate = {.capacity_factor = 1.25, .aux_loss_coef = 5e-2},
-                                                    .expert = {.bias = true}, .seed = seed},
-                                                   store));
-  };
-  lm<Comm, Where> model{layer::partitioned_embedding<float, Comm>(ex, world, {.vocab = 256, .dim = D}, cfg.seed),
-                 body_t<Comm, Where>(layer::linear<float>(ex, {.in = C * D, .out = H}, cfg.seed + 1),
-                              layer::activation<float, act::gelu>(ex), block(cfg.seed + 2), block(cfg.seed + 3),
-                              layer::layer_norm<float>(ex, {.dim = H}),
-                              layer::linear<float>(ex, {.in = H, .out = 256}, cfg.seed + 4)),
-                 {}, {}, C};
+  auto store = make_store<Where>(cfg, rank);  // one store, one budget, for both MoE blocks
+  auto model = make_lm<Comm, Where>(ex, world, groups.expert, cfg, store);
   train::adamw<float> opt(ex, {.lr = cfg.lr, .weight_decay = 0.01});
   train::trainer tr(model, opt, world, groups, {.clip_norm = 1.0});
   layer::softmax_cross_entropy<float> ce(ex);
@@ -337,6 +387,11 @@ int train_lm(Comm& world, const config& cfg, const corpus& text) {
                   double(st.device.peak_bytes) / (1 << 20), double(st.device.budget_bytes) / (1 << 20),
                   double(st.host.peak_bytes) / (1 << 20), double(st.host.budget_bytes) / (1 << 20));
     }
+    if (!cfg.save.empty()) {
+      SEMOE_CHECK(P == 1, "fortune_lm: --save needs one rank (each rank holds only its experts); got ", P);
+      io::save_model(cfg.save, model);
+      std::printf("saved the weights to %s\n", cfg.save.c_str());
+    }
     std::printf("%s\n", nlohmann::json{{"example", "fortune_lm"},
                                        {"bits_per_byte", bpb},
                                        {"steps", step},
@@ -348,10 +403,117 @@ int train_lm(Comm& world, const config& cfg, const corpus& text) {
   return 0;
 }
 
+/// Experts served from a ring of fast memory, one expert a slot.
+struct ring_served {
+  using storage = infer::ring;
+  using prefetch = infer::ring_release;
+};
+/// Experts cached in a small device tier over host DRAM, the next layer's
+/// likely experts (the gate's recent choices) prefetched.
+struct cached_experts {
+  using storage = storage::tiered<storage::device_tier, storage::host_tier>;
+  using prefetch = prefetch::vertical<1>;
+};
+
+/// Sample cfg.gen_bytes bytes after the prompt; the same seed gives the same
+/// draws, so equal logits give equal text.
+template <class Where>
+std::string sample(const config& cfg, std::shared_ptr<typename Where::storage::template store<float>> store,
+                   double& seconds) {
+  auto comms = comm::local::make_world(1);
+  auto groups = train::make_groups(comms[0]);
+  cpu_executor ex({.threads = std::max(1, cfg.threads)});
+  auto model = make_lm<comm::local, Where>(ex, comms[0], groups.expert, cfg, store);
+  io::load_model(cfg.generate, model);
+  model.train(false);
+  const index_t C = cfg.context;
+  std::string text = cfg.prompt;
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(C));
+  const philox rng(cfg.seed, 0x6e7e);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (index_t n = 0; n < cfg.gen_bytes; ++n) {
+    for (index_t j = 0; j < C; ++j) {
+      const auto at = static_cast<index_t>(text.size()) - C + j;
+      ids[static_cast<std::size_t>(j)] = at < 0 ? '\n' : static_cast<unsigned char>(text[static_cast<std::size_t>(at)]);
+    }
+    auto logits = model.forward(ids, 1);
+    const float* z = logits.row(0);
+    double mx = z[0], total = 0;
+    for (int k = 1; k < 256; ++k) mx = std::max<double>(mx, z[k]);
+    std::array<double, 256> p{};
+    for (int k = 0; k < 256; ++k) total += p[static_cast<std::size_t>(k)] = std::exp((z[k] - mx) / cfg.temperature);
+    double u = rng.uniform(static_cast<std::uint64_t>(n)) * total;
+    int pick = 255;
+    for (int k = 0; k < 256; ++k)
+      if ((u -= p[static_cast<std::size_t>(k)]) <= 0) {
+        pick = k;
+        break;
+      }
+    text.push_back(static_cast<char>(pick));
+  }
+  seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return text;
+}
+
+int generate(const config& cfg) {
+  const auto file = io::safetensors_file::open(cfg.generate);
+  std::size_t model_bytes = 0;
+  for (const auto& t : file.tensors()) model_bytes += t.bytes();
+  const std::size_t budget = cfg.ring_budget ? cfg.ring_budget : model_bytes / 4;
+
+  double full_s = 0, ring_s = 0, cache_s = 0;
+  const std::string full = sample<resident_experts>(cfg, std::make_shared<storage::resident::store<float>>(), full_s);
+  infer::ring::store_options ro;
+  ro.unit = infer::ring_unit::expert;
+  ro.budget_bytes = budget;
+  ro.source = cfg.ring_from_ssd ? infer::ring_source::ssd : infer::ring_source::dram;
+  auto ring = std::make_shared<infer::ring::store<float>>(ro);
+  const std::string from_ring = sample<ring_served>(cfg, ring, ring_s);
+  cached_experts::storage::store<float>::options co;
+  co.device.budget_bytes = cfg.cache_budget ? cfg.cache_budget : model_bytes / 2;
+  auto cache = std::make_shared<cached_experts::storage::store<float>>(co);
+  const std::string from_cache = sample<cached_experts>(cfg, cache, cache_s);
+
+  const double n = static_cast<double>(cfg.gen_bytes);
+  const auto rs = ring->stats();
+  const auto cs = cache->stats();
+  std::printf("%s\n\n", from_ring.c_str());
+  std::printf("model %.1f MiB; ring %.1f MiB (%lld one-expert slots); expert cache %.1f MiB of device tier\n",
+              double(model_bytes) / (1 << 20), double(budget) / (1 << 20), static_cast<long long>(ring->slots()),
+              double(co.device.budget_bytes) / (1 << 20));
+  std::printf("all resident: %.0f bytes/s\n", n / full_s);
+  std::printf("ring (from %s): %.0f bytes/s, %llu expert loads\n", cfg.ring_from_ssd ? "SSD" : "DRAM", n / ring_s,
+              static_cast<unsigned long long>(rs.loads));
+  std::printf("expert cache: %.0f bytes/s, %.0f %% of expert uses found on the device\n", n / cache_s,
+              100 * cs.hit_rate());
+  const bool same = from_ring == full && from_cache == full;
+  std::printf("the three texts are %s\n", same ? "identical" : "DIFFERENT");
+  std::printf("%s\n", nlohmann::json{{"example", "fortune_lm"},
+                                     {"mode", "generate"},
+                                     {"bytes", cfg.gen_bytes},
+                                     {"resident_bytes_per_s", n / full_s},
+                                     {"ring_bytes_per_s", n / ring_s},
+                                     {"cache_bytes_per_s", n / cache_s},
+                                     {"cache_hit_rate", cs.hit_rate()},
+                                     {"identical", same}}
+                          .dump()
+                          .c_str());
+  return same ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const config cfg = parse(argc, argv);
+  if (!cfg.generate.empty()) {
+    try {
+      blas::set_num_threads(cfg.threads);
+      return generate(cfg);
+    } catch (const semoe::error& e) {
+      std::fprintf(stderr, "fortune_lm: %s\n", e.what());
+      return 1;
+    }
+  }
   try {
     const corpus text = load_fortunes(cfg.data);
 #ifdef FORTUNE_LM_TCP
