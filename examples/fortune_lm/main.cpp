@@ -471,6 +471,7 @@ int generate(const config& cfg) {
   const std::string from_ring = sample<ring_served>(cfg, ring, ring_s);
   cached_experts::storage::store<float>::options co;
   co.device.budget_bytes = cfg.cache_budget ? cfg.cache_budget : model_bytes / 2;
+  co.device_cache = storage::cache_kind::lfu;  // keep the experts the gate picks most
   auto cache = std::make_shared<cached_experts::storage::store<float>>(co);
   const std::string from_cache = sample<cached_experts>(cfg, cache, cache_s);
 
@@ -484,7 +485,7 @@ int generate(const config& cfg) {
   std::printf("all resident: %.0f bytes/s\n", n / full_s);
   std::printf("ring (from %s): %.0f bytes/s, %llu expert loads\n", cfg.ring_from_ssd ? "SSD" : "DRAM", n / ring_s,
               static_cast<unsigned long long>(rs.loads));
-  std::printf("expert cache: %.0f bytes/s, %.0f %% of expert uses found on the device\n", n / cache_s,
+  std::printf("expert cache (LFU): %.0f bytes/s, %.0f %% of expert uses found on the device\n", n / cache_s,
               100 * cs.hit_rate());
   const bool same = from_ring == full && from_cache == full;
   std::printf("the three texts are %s\n", same ? "identical" : "DIFFERENT");

@@ -82,7 +82,8 @@ struct tiered_policy {
     host_tier::options host{};
     ssd_options ssd{};               ///< used when the tier list has ssd_tier; dir defaults to a temp dir
     std::size_t state_slots = 2;     ///< optimizer arrays per block (AdamW: 2), fixed up front
-    cache_kind cache = cache_kind::lfu;
+    cache_kind cache = cache_kind::lfu;         ///< host DRAM's eviction policy
+    cache_kind device_cache = cache_kind::lru;  ///< the device tier's: lfu makes it an expert cache for decoding
     lfu::options lfu_options{};
     int movers = 1;                  ///< threads serving prefetches (copy engines)
     int rank = 0;                    ///< trace process id
@@ -100,6 +101,7 @@ struct tiered_policy {
                   ": expected in [1, 16]");
       SEMOE_CHECK(opt_.state_slots >= 0 && opt_.state_slots <= 8, "semoe::storage::tiered: options.state_slots = ",
                   opt_.state_slots, ": expected in [0, 8]");
+      device_lfu_ = lfu(opt_.lfu_options);
       if (opt_.cache == cache_kind::lfu)
         cache_.template emplace<lfu>(opt_.lfu_options);
       else
@@ -162,6 +164,7 @@ struct tiered_policy {
         blocks_.push_back(b);
       }
       std::visit([&](auto& c) { c.resize(blocks_.size()); }, cache_);
+      device_lfu_.resize(blocks_.size());
       layers_.push_back(li);
       counts_.emplace_back();
       return static_cast<index_t>(layers_.size()) - 1;
@@ -315,6 +318,7 @@ struct tiered_policy {
       if (++end_calls_ < layers_.size()) return;
       end_calls_ = 0;
       std::visit([](auto& c) { c.end_step(); }, cache_);
+      device_lfu_.end_step();
       if constexpr (HasSsd) {
         for (auto& b : blocks_)
           if (b.host && b.host_dirty && !b.queued_writeback) {
@@ -483,6 +487,7 @@ struct tiered_policy {
     }
     void touch(const block& b) {
       std::visit([&](auto& c) { c.touch(b.id); }, cache_);
+      device_lfu_.touch(b.id);
     }
 
     /// A trace event from t0 to now named `what` + the block (only when tracing).
@@ -637,6 +642,8 @@ struct tiered_policy {
           std::size_t victim;
           if constexpr (is_host) {
             victim = std::visit([&](auto& c) { return c.pick(std::span<const std::size_t>(cand)); }, cache_);
+          } else if (opt_.device_cache == cache_kind::lfu) {
+            victim = device_lfu_.pick(std::span<const std::size_t>(cand));
           } else {
             victim = *std::min_element(cand.begin(), cand.end(),
                                        [&](auto a, auto c) { return blocks_[a].dev_use < blocks_[c].dev_use; });
@@ -782,6 +789,7 @@ struct tiered_policy {
     std::conditional_t<HasSsd, std::optional<ssd_tier>, std::monostate> ssd_{};
     std::array<std::uint64_t, 2> ssd_base_{0, 0};
     std::variant<lfu, lru> cache_;
+    lfu device_lfu_;  ///< hit counts for the device tier when device_cache is lfu
     std::vector<layer_info> layers_;
     std::deque<block> blocks_;  // stable addresses: movers hold block*
     std::vector<std::vector<std::int32_t>> counts_;

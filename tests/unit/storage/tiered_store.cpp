@@ -349,3 +349,26 @@ TEST_CASE("tiered store: the README's composition compiles and trains a step") {
   CHECK(st.device.peak_bytes <= o.device.budget_bytes);
   CHECK(st.misses > 0);
 }
+
+TEST_CASE("tiered store: an LFU device tier keeps the expert used most; LRU the one used last") {
+  using store_t = dram_store::store<float>;
+  for (auto policy : {storage::cache_kind::lfu, storage::cache_kind::lru}) {
+    store_t::options o;
+    o.device.budget_bytes = 2 * device_block;
+    o.device_cache = policy;
+    store_t s(o);
+    s.add_layer(3, elems);
+    auto use = [&](index_t e) {
+      s.acquire(0, e, false);
+      s.release(0, e);
+    };
+    use(0);
+    use(0);
+    use(0);
+    use(1);
+    use(2);  // the device holds two: 0 (three uses, least recent) or 1 (one use, more recent) must go
+    CHECK(s.on_device(0, 2));
+    CHECK(s.on_device(0, 0) == (policy == storage::cache_kind::lfu));
+    CHECK(s.on_device(0, 1) == (policy == storage::cache_kind::lru));
+  }
+}
