@@ -472,6 +472,7 @@ int generate(const config& cfg) {
   cached_experts::storage::store<float>::options co;
   co.device.budget_bytes = cfg.cache_budget ? cfg.cache_budget : model_bytes / 2;
   co.device_cache = storage::cache_kind::lfu;  // keep the experts the gate picks most
+  co.device_grads = false;                      // inference: device copies hold weights only
   auto cache = std::make_shared<cached_experts::storage::store<float>>(co);
   const std::string from_cache = sample<cached_experts>(cfg, cache, cache_s);
 

@@ -84,6 +84,7 @@ struct tiered_policy {
     std::size_t state_slots = 2;     ///< optimizer arrays per block (AdamW: 2), fixed up front
     cache_kind cache = cache_kind::lfu;         ///< host DRAM's eviction policy
     cache_kind device_cache = cache_kind::lru;  ///< the device tier's: lfu makes it an expert cache for decoding
+    bool device_grads = true;  ///< room for gradients in device copies; false: inference only, twice the experts
     lfu::options lfu_options{};
     int movers = 1;                  ///< threads serving prefetches (copy engines)
     int rank = 0;                    ///< trace process id
@@ -145,7 +146,7 @@ struct tiered_policy {
       std::unique_lock lk(m_);
       layer_info li{static_cast<std::size_t>(blocks_.size()), experts, block_elems};
       const std::size_t hb = host_block_bytes(block_elems);
-      SEMOE_CHECK(host_.fits(hb) && device_.fits(2 * sizeof(T) * static_cast<std::size_t>(block_elems)),
+      SEMOE_CHECK(host_.fits(hb) && device_.fits((opt_.device_grads ? 2 : 1) * sizeof(T) * static_cast<std::size_t>(block_elems)),
                   "semoe::storage::tiered: one block of ", block_elems, " elements (", hb,
                   " bytes with its optimizer state) does not fit the host budget (", host_.budget(),
                   " bytes) or its weights and gradients the device budget (", device_.budget(), " bytes)");
@@ -185,6 +186,8 @@ struct tiered_policy {
     /// until release(). Forward asks for weights only, so its loads move half
     /// the bytes and leave nothing to write back.
     block_ref<T> acquire(index_t layer, index_t expert, bool grads = true) {
+      SEMOE_CHECK(!grads || opt_.device_grads, "semoe::storage::tiered: layer ", layer,
+                  " asked for gradients of a store made for inference (options.device_grads = false)");
       block& b = at(layer, expert);
       std::unique_lock lk(m_);
       const bool hit = b.dev && !b.busy;
@@ -460,7 +463,9 @@ struct tiered_policy {
     }
     std::size_t host_block_bytes(index_t elems) const { return host_block_bytes_of(elems, opt_.state_slots); }
     std::size_t host_bytes(const block& b) const { return host_block_bytes(b.elems); }
-    static std::size_t dev_bytes(const block& b) { return 2 * sizeof(T) * static_cast<std::size_t>(b.elems); }
+    std::size_t dev_bytes(const block& b) const {
+      return (opt_.device_grads ? 2 : 1) * sizeof(T) * static_cast<std::size_t>(b.elems);
+    }
     std::size_t ssd_block_bytes() const {
       std::size_t m = 4096;
       for (const auto& l : layers_) m = std::max(m, host_block_bytes(l.elems));

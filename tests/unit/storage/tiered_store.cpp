@@ -372,3 +372,20 @@ TEST_CASE("tiered store: an LFU device tier keeps the expert used most; LRU the 
     CHECK(s.on_device(0, 1) == (policy == storage::cache_kind::lru));
   }
 }
+
+TEST_CASE("tiered store: an inference-only device tier holds twice the experts and refuses gradients") {
+  using store_t = dram_store::store<float>;
+  store_t::options o;
+  o.device.budget_bytes = 2 * device_block;  // two experts with gradient room, four without
+  o.device_grads = false;
+  store_t s(o);
+  s.add_layer(4, elems);
+  for (index_t e = 0; e < 4; ++e) {
+    auto b = s.acquire(0, e, false);
+    CHECK(b.params.size() == elems);
+    CHECK(b.grads.empty());
+    s.release(0, e);
+  }
+  for (index_t e = 0; e < 4; ++e) CHECK(s.on_device(0, e));
+  CHECK_THROWS_WITH_AS(s.acquire(0, 0, true), doctest::Contains("made for inference"), error);
+}
