@@ -83,6 +83,7 @@ struct config {
                "          [--device-budget BYTES] [--host-budget BYTES] [--ssd-dir DIR]   (e.g. 40M, 1G)\n"
                "          [--save MODEL.safetensors]\n"
                "       %s evaluate MODEL.safetensors [--ring-budget BYTES] [--ring-source dram|ssd] [--data DIR]\n"
+               "          (with the --hidden, --ffn and --experts the model was trained with)\n"
                "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n"
                "A budget or --ssd-dir offloads the experts: weights and gradients in a device tier\n"
                "(bounded), whole blocks with AdamW state cached in host DRAM, the rest on SSD.\n"
