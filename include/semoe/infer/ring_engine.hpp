@@ -138,6 +138,10 @@ struct ring {
       SEMOE_CHECK(expert >= 0 && expert < l.experts, "semoe::infer::ring: expert ", expert, " is not one of the ",
                   l.experts, " local experts of layer ", layer);
       const std::uint64_t q = item_seq(layer, expert);
+      SEMOE_CHECK(all_fit_ || q >= dead_before_ || (slots_[q % static_cast<std::uint64_t>(k_)].q == q),
+                  "semoe::infer::ring: layer ", layer, " expert ", expert, " was already passed over in this forward",
+                  opt_.unit == ring_unit::expert ? " (one-expert slots need a layer's experts in increasing order)"
+                                                 : " (layers must run in order, each once per forward)");
       if (opt_.unit == ring_unit::expert) kill_before(q);  // earlier experts of this layer were skipped
       slot& s = slots_[static_cast<std::size_t>(q % static_cast<std::uint64_t>(k_))];
       if (!(s.q == q && s.loaded)) {

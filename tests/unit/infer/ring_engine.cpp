@@ -211,3 +211,20 @@ TEST_CASE("ring: the README's options compile and serve") {
   ring->release(0, 1);
   CHECK(ring->slots() >= 1);
 }
+
+TEST_CASE("ring: one-expert slots refuse an expert the forward already passed over, instead of waiting forever") {
+  infer::ring::store_options o;
+  o.slots = 2;
+  o.unit = infer::ring_unit::expert;
+  infer::ring::store<float> s(o);
+  s.add_layer(4, 256);
+  s.add_layer(4, 256);
+  s.acquire(0, 2);
+  s.release(0, 2);
+  CHECK_THROWS_WITH_AS(s.acquire(0, 1), doctest::Contains("increasing order"), error);
+  s.acquire(0, 3);  // going on in order still works
+  s.release(0, 3);
+  s.end_layer(0);
+  CHECK(s.acquire(1, 0).params.size() == 256);
+  s.release(1, 0);
+}
