@@ -4,13 +4,22 @@
 // programs are named by SEMOE_FASHION_MNIST and SEMOE_FORTUNE_LM (ctest sets them).
 #include <doctest/doctest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <signal.h>
+#include <unistd.h>
 
 #include "semoe/launch/launcher.hpp"
 
@@ -107,4 +116,65 @@ TEST_CASE("fortune_lm: 2 and 4 tcp processes follow one process's loss curve") {
   const auto one = curve(lm, args, 1);
   check_same(one, curve(lm, args, 2), "fortune_lm, 2 processes");
   check_same(one, curve(lm, args, 4), "fortune_lm, 4 processes");
+}
+
+namespace {
+
+/// Children of this process running `name` with SEMOE_RANK=rank in their environment.
+int find_rank(const std::string& name, int rank) {
+  for (const auto& d : std::filesystem::directory_iterator("/proc")) {
+    const std::string pid = d.path().filename();
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(d.path() / "stat");
+    std::string s((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+    const auto close = s.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(s.substr(close + 2));
+    char state;
+    int ppid;
+    rest >> state >> ppid;
+    if (ppid != ::getpid()) continue;
+    std::ifstream env(d.path() / "environ");
+    std::string e((std::istreambuf_iterator<char>(env)), std::istreambuf_iterator<char>());
+    std::ifstream cmd(d.path() / "cmdline");
+    std::string c((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
+    if (c.find(name) != std::string::npos && e.find("SEMOE_RANK=" + std::to_string(rank) + '\0') != std::string::npos)
+      return std::stoi(pid);
+  }
+  return -1;
+}
+
+}  // namespace
+
+TEST_CASE("launcher: a training rank killed mid-run fails the job as a whole, naming the rank") {
+  const char* fm = program("SEMOE_FASHION_MNIST");
+  if (!fm) return;
+  std::FILE* out = std::tmpfile();
+  semoe::launch::options o;
+  o.ranks_per_node = 3;
+  o.out = out;
+  std::atomic<int> killed{-1};
+  std::thread killer([&] {
+    // Wait until rank 1 is training (its process exists and has run a while), then SIGKILL it.
+    for (int i = 0; i < 200 && killed < 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (const int pid = find_rank("fashion_mnist", 1); pid > 0 && i >= 40) {
+        ::kill(pid, SIGKILL);
+        killed = pid;
+      }
+    }
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto r = semoe::launch::run({fm, "--epochs", "1", "--limit", "30000", "--batch", "48", "--experts", "6", "--threads", "1"}, o);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  killer.join();
+  const std::string text = slurp(out);
+  std::fclose(out);
+  INFO(text);
+  REQUIRE(killed > 0);
+  CHECK(r.failed_rank == 1);
+  CHECK(r.exit_code == 128 + SIGKILL);
+  CHECK(seconds < 60);  // the other ranks were stopped, not left to hang
+  MESSAGE("rank 1 (pid " << killed.load() << ") killed; the job ended in " << seconds << " s with exit code "
+                         << r.exit_code);
 }
