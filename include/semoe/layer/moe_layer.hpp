@@ -112,7 +112,7 @@ class basic_moe_layer {
     agree_on_tokens(tokens);
     SEMOE_CHECK(global_tokens_ > 0, "semoe::moe_layer::forward: empty batch (0 tokens on every one of the ",
                 comm_->size(), " ranks)");
-    has_forward_ = true;
+    has_forward_ = training_;  // eval mode keeps nothing for a backward
 
     {  // Router: logits = x' Wg, with x' = x * jitter when the gate asks for it.
       trace::scope ts("router", "compute", comm_->rank());
@@ -158,7 +158,8 @@ class basic_moe_layer {
 
   void backward(matrix_view<const T> dy, matrix_view<T> dx) {
     const index_t tokens = plan_.tokens, H = opt_.hidden, E = opt_.experts, R = plan_.kept();
-    SEMOE_CHECK(has_forward_ && x_.rows() == tokens, "semoe::moe_layer::backward: no forward to go back through");
+    SEMOE_CHECK(has_forward_ && x_.rows() == tokens, "semoe::moe_layer::backward: no forward to go back through",
+                training_ ? "" : " (the layer is in eval mode, train(false), whose forward keeps no activations)");
     check_shape(dy, tokens, H, "semoe::moe_layer::backward: dy");
     const bool want_dx = dx.rows() > 0;
     if (want_dx) check_shape(matrix_view<const T>(dx), tokens, H, "semoe::moe_layer::backward: dx");
@@ -213,7 +214,18 @@ class basic_moe_layer {
     store_->zero_grads(layer_id_);
   }
 
+  /// Training mode (the default) keeps each routed row's expert activations
+  /// for backward. Eval mode, train(false), is forward-only: activations are
+  /// computed one expert at a time in scratch as large as the busiest
+  /// expert's rows and dropped, and a backward is refused. Outputs are the
+  /// same bits in both modes for the same routing (the gate's eval capacity
+  /// may route differently; see gate options).
   void train(bool on) { training_ = on; }
+  bool training() const { return training_; }
+
+  /// Bytes of expert activations the layer holds now: the last training
+  /// forward's rows x saved/work columns, or eval mode's one-expert scratch.
+  std::size_t activation_bytes() const { return sizeof(T) * static_cast<std::size_t>(saved_.size() + work_.size()); }
 
   /// Called in backward with each local expert once its gradients of this
   /// step are final, every expert once (a trainer updates it right then, while
@@ -470,12 +482,44 @@ class basic_moe_layer {
 
   void run_experts_forward(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> y) {
     trace::scope ts("experts_forward", "compute", comm_->rank());
+    if (!training_) {
+      forward_only(offsets, x, y);
+      return;
+    }
     if constexpr (streams_experts) {
       (void)batch(offsets, x);  // sizes saved_ and work_ for every row
       stream_blocks(offsets, prefetch::phase::forward,
                     [&](index_t e) { expert_.forward(*ex_, one_expert(offsets, e, x), y); });
     } else {
       with_blocks(offsets, prefetch::phase::forward, [&] { expert_.forward(*ex_, batch(offsets, x), y); });
+    }
+  }
+
+  /// Eval mode: each expert runs alone on its rows, its activations in
+  /// scratch sized for the busiest expert and overwritten by the next one.
+  /// Each expert's GEMMs are the ones the grouped call would run: same bits.
+  void forward_only(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> y) {
+    index_t widest = 0;
+    for (index_t i = 0; i < local_experts_; ++i) widest = std::max(widest, offsets[i + 1] - offsets[i]);
+    const index_t sc = expert_.saved_cols(), wc = expert_.work_cols();
+    saved_.resize_discard(widest * sc);
+    work_.resize_discard(widest * wc);
+    auto one = [&](index_t e) {
+      const index_t first = offsets[e], n = offsets[e + 1] - first;
+      const index_t local[2] = {0, n};
+      expert::expert_batch<T> b{std::span<const index_t>(local), std::span<T* const>(params_.data() + e, 1),
+                                std::span<T* const>(grads_.data() + e, 1),
+                                matrix_view<const T>(x.row(first), {n, x.cols()}, {x.ld(), 1}),
+                                saved_.matrix(n, sc), work_.matrix(n, wc)};
+      expert_.forward(*ex_, b, matrix_view<T>(y.row(first), {n, y.cols()}, {y.ld(), 1}));
+    };
+    if constexpr (streams_experts) {
+      stream_blocks(offsets, prefetch::phase::forward, one);
+    } else {
+      with_blocks(offsets, prefetch::phase::forward, [&] {
+        for (index_t e = 0; e < local_experts_; ++e)
+          if (offsets[e + 1] > offsets[e]) one(e);
+      });
     }
   }
 

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <set>
@@ -295,4 +296,36 @@ TEST_CASE("a traced step records every stage of the layer as Chrome trace events
   const auto j = rec.to_json();
   CHECK(j["traceEvents"].size() == rec.events().size());
   CHECK(j["traceEvents"][0]["ph"] == "X");
+}
+
+TEST_CASE("eval mode is forward-only: same outputs, one expert's activations, backward refused") {
+  using layer_t = basic_moe_layer<float, cpu, gate::top_k<2>, expert::ffn<act::gelu>>;
+  const index_t T = 96, H = 16, F = 24, E = 8;
+  cpu_executor ex({.threads = 2});
+  auto comms = comm::local::make_world(1);
+  // Dropless: eval routing equals training routing, so the outputs must too.
+  layer_t moe(ex, comms[0], {.hidden = H, .ffn = F, .experts = E, .gate = {.dropless = true}, .seed = 5});
+  matrix<float> x(T, H), y_train(T, H), y_eval(T, H), dx(T, H);
+  fill(x.span(), 8);
+  moe.forward(x.view(), y_train.view());
+  const std::size_t train_bytes = moe.activation_bytes();
+  const index_t R = moe.plan().kept();
+  CHECK(train_bytes == sizeof(float) * static_cast<std::size_t>(R * 2 * F));
+
+  moe.train(false);
+  moe.forward(x.view(), y_eval.view());
+  CHECK(std::memcmp(y_train.data(), y_eval.data(), sizeof(float) * T * H) == 0);
+  index_t widest = 0;
+  for (index_t e = 0; e < E; ++e) widest = std::max(widest, moe.plan().offsets[e + 1] - moe.plan().offsets[e]);
+  CHECK(widest < R);
+  CHECK(moe.activation_bytes() == sizeof(float) * static_cast<std::size_t>(widest * 2 * F));
+  INFO("activation bytes: training ", train_bytes, ", eval ", moe.activation_bytes());
+  CHECK(moe.activation_bytes() * 2 < train_bytes);
+  CHECK_THROWS_WITH_AS(moe.backward(y_eval.view(), dx.view()), doctest::Contains("eval mode"), semoe::error);
+
+  moe.train(true);  // and back: training keeps what backward needs again
+  moe.forward(x.view(), y_train.view());
+  CHECK(moe.activation_bytes() == train_bytes);
+  moe.zero_grad();
+  CHECK_NOTHROW(moe.backward(y_train.view(), dx.view()));
 }
