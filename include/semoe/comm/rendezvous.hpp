@@ -50,6 +50,11 @@ struct tcp_options {
   std::chrono::milliseconds timeout{60'000};  ///< rendezvous, and a silent peer in a collective
   std::size_t chunk_bytes = std::size_t{1} << 20;        ///< payload per frame of large messages
   std::size_t max_frame_bytes = std::size_t{64} << 20;   ///< a peer's frame larger than this is an error
+  /// A message larger than this sends its first eager_bytes at once and the
+  /// rest when the receiver says its buffer is posted (clear to send): a
+  /// rank that runs ahead then parks its data in its own memory, not in a
+  /// peer's staging buffers, and the bytes land in place with one copy.
+  std::size_t eager_bytes = std::size_t{256} << 10;
   std::size_t max_unexpected_bytes = std::size_t{1} << 30;  ///< buffered early arrivals before backpressure
   int socket_buffer_bytes = 0;  ///< SO_SNDBUF/SO_RCVBUF; 0 keeps the kernel's autotuning
 };

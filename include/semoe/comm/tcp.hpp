@@ -13,8 +13,9 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <deque>
 #include <functional>
+#include <iterator>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -143,13 +144,24 @@ struct tcp_link {
   tcp_socket sock;
   int peer;
   struct out_msg {
-    tcp_op* op;  ///< null: an abort frame
+    tcp_op* op;  ///< null: a control frame (abort, clear-to-send)
     wire::header h;
     const std::byte* data;
+    std::uint64_t bytes = 0;    ///< payload to send in all
+    std::uint64_t allowed = 0;  ///< payload that may go now (the eager part until clear-to-send)
     std::uint64_t sent = 0;
+    bool started = false;       ///< a first frame (it carries the header checks) is out
+    bool ready() const { return !started || sent < allowed; }
   };
-  std::deque<out_msg> outq;
+  /// Control frames at the front, then messages in issue order; a frame goes
+  /// from the first message that may send (a message waiting for its
+  /// clear-to-send never holds up the ones behind it).
+  std::list<out_msg> outq;
+  std::list<out_msg>::iterator inflight;  ///< the message of the frame being written
   bool writing = false;
+  /// Clear-to-sends that came before this rank issued the message: the
+  /// receiver posted first (the common case when this rank is behind).
+  std::map<msg_key, std::uint64_t> early_cts;
   wire::header_bytes out_hdr{};
   wire::header_bytes in_hdr{};
   wire::header cur{};
@@ -174,6 +186,7 @@ class tcp_world {
  public:
   using steady = std::chrono::steady_clock;
   static constexpr std::uint64_t max_seq_ahead = std::uint64_t{1} << 20;
+  static constexpr std::size_t max_early_cts = std::size_t{1} << 16;
 
   explicit tcp_world(tcp_options o) : opt_(std::move(o)), me_(opt_.rank), io_(1), watchdog_(io_), abort_timer_(io_), grace_timer_(io_) {
     mesh socks = rendezvous(io_, opt_);
@@ -210,6 +223,7 @@ class tcp_world {
 
   const tcp_options& options() const { return opt_; }
   int rank() const { return me_; }
+  std::uint64_t early_bytes() const { return early_bytes_.load(std::memory_order_relaxed); }
   std::shared_ptr<tcp_group> world_group() const { return world_; }
 
   /// Caller's thread: fail fast once the job is known to be broken.
@@ -257,7 +271,16 @@ class tcp_world {
     h.group = op.group->id;
     h.seq = op.seq;
     h.total = bytes;
-    l.outq.push_back({&op, h, static_cast<const std::byte*>(data)});
+    std::uint64_t allowed = bytes;
+    if (bytes > opt_.eager_bytes) {
+      allowed = opt_.eager_bytes;
+      const msg_key k{h.group, h.seq, h.step};
+      if (auto c = l.early_cts.find(k); c != l.early_cts.end()) {
+        if (c->second == bytes) allowed = bytes;  // else: the receiver names the size mismatch
+        l.early_cts.erase(c);
+      }
+    }
+    l.outq.push_back({&op, h, static_cast<const std::byte*>(data), bytes, allowed});
     ++op.outstanding;
     if (!l.writing) write_next(l);
   }
@@ -272,6 +295,7 @@ class tcp_world {
     const msg_key k{op.group->id, op.seq, static_cast<std::uint8_t>(op.step)};
     l.posted.emplace(k, recv_slot{&op, static_cast<std::byte*>(dst), bytes, 0, group_peer});
     ++op.outstanding;
+    if (bytes > opt_.eager_bytes) clear_to_send(l, k, bytes);
     claim(l, k);
     if (l.paused && !failed_) {  // the frame it waits on may be this one
       l.paused = false;
@@ -400,7 +424,7 @@ class tcp_world {
       if (l.down || l.eof) {
         shut(l);
       } else if (l.writing) {  // a frame is half out: finish it, then say why we stop
-        l.outq.erase(l.outq.begin() + 1, l.outq.end());
+        for (auto it = l.outq.begin(); it != l.outq.end();) it = it == l.inflight ? std::next(it) : l.outq.erase(it);
         l.abort_pending = true;
       } else {
         l.outq.clear();
@@ -442,8 +466,46 @@ class tcp_world {
     wire::header h;
     h.type = wire::kind::abort;
     h.total = abort_out_.size();
-    l.outq.push_back({nullptr, h, reinterpret_cast<const std::byte*>(abort_out_.data())});
+    l.outq.push_back({nullptr, h, reinterpret_cast<const std::byte*>(abort_out_.data()), h.total, h.total});
     write_next(l);
+  }
+
+  /// Tell the peer its message `k` of `bytes` may come: the buffer is posted.
+  void clear_to_send(tcp_link& l, msg_key k, std::uint64_t bytes) {
+    wire::header h;
+    h.type = wire::kind::clear_to_send;
+    h.group = k.group;
+    h.seq = k.seq;
+    h.step = k.step;
+    h.total = bytes;
+    l.outq.push_front({nullptr, h, nullptr, 0, 0});
+    if (!l.writing) write_next(l);
+  }
+
+  /// The peer posted its receive for one of this rank's messages.
+  void on_clear_to_send(tcp_link& l) {
+    const wire::header& h = l.cur;
+    if (h.length != 0) {
+      l.down = true;
+      fail(peer_problem(l, "sent a clear-to-send frame with a payload"));
+      return;
+    }
+    const msg_key k{h.group, h.seq, h.step};
+    auto it = std::find_if(l.outq.begin(), l.outq.end(), [&](const tcp_link::out_msg& m) {
+      return m.op && msg_key{m.h.group, m.h.seq, m.h.step} == k;
+    });
+    if (it != l.outq.end()) {
+      if (h.total == it->bytes) it->allowed = it->bytes;  // else: the receiver names the size mismatch
+    } else if (l.early_cts.size() >= max_early_cts) {
+      l.down = true;
+      fail(peer_problem(l, semoe::detail::concat("sent more than ", max_early_cts,
+                                                 " clear-to-send frames for messages this rank has not issued")));
+      return;
+    } else {
+      l.early_cts[k] = h.total;
+    }
+    read_header(l);
+    if (!l.writing) write_next(l);
   }
 
   void maybe_release() {
@@ -501,22 +563,25 @@ class tcp_world {
   // --- writing -------------------------------------------------------------
 
   void write_next(tcp_link& l) {
-    if (l.outq.empty()) {
+    const auto it = std::find_if(l.outq.begin(), l.outq.end(), [](const tcp_link::out_msg& m) { return m.ready(); });
+    if (it == l.outq.end()) {
       l.writing = false;
       return;
     }
-    auto& m = l.outq.front();
-    const std::uint64_t left = m.h.total - m.sent;
+    auto& m = *it;
+    const std::uint64_t left = m.allowed - m.sent;
     const std::size_t len = m.op ? static_cast<std::size_t>(std::min<std::uint64_t>(opt_.chunk_bytes, left))
                                  : static_cast<std::size_t>(left);
     m.h.length = static_cast<std::uint32_t>(len);
+    m.started = true;
     l.out_hdr = wire::encode(m.h);
     l.writing = true;
+    l.inflight = it;
     const bool user = m.op != nullptr && len > 0;
     if (user) ++user_io_;
     const std::array<boost::asio::const_buffer, 2> bufs{boost::asio::buffer(l.out_hdr),
                                                         boost::asio::buffer(m.data + m.sent, len)};
-    boost::asio::async_write(l.sock, bufs, [this, &l, user, len](const boost::system::error_code& ec, std::size_t) {
+    boost::asio::async_write(l.sock, bufs, [this, &l, it, user, len](const boost::system::error_code& ec, std::size_t) {
       if (user) --user_io_;
       l.writing = false;
       if (closing_) return;
@@ -537,12 +602,12 @@ class tcp_world {
                                    " (it died or left the job)"));
         return;
       }
-      auto& m = l.outq.front();
+      auto& m = *it;
       m.sent += len;
       if (m.op) m.op->last_progress = steady::now();
-      if (m.sent == m.h.total) {
+      if (m.sent == m.bytes) {
         tcp_op* op = m.op;
-        l.outq.pop_front();
+        l.outq.erase(it);
         write_next(l);
         if (op) io_done(*op);
       } else {
@@ -649,6 +714,10 @@ class tcp_world {
                                 fail(semoe::detail::concat("rank ", l.peer, " aborted the job: ",
                                                            ec ? std::string("(its reason was lost)") : l.abort_in));
                               });
+      return;
+    }
+    if (h.type == wire::kind::clear_to_send) {
+      on_clear_to_send(l);
       return;
     }
     if (!wire::is_collective(h.type)) {
@@ -766,6 +835,7 @@ class tcp_world {
     // Bounded: length <= max_frame_bytes, staged bytes <= max_unexpected_bytes.
     std::byte* into = st.extend(h.length, h.total);
     unexpected_bytes_ += h.length;
+    early_bytes_.fetch_add(h.length, std::memory_order_relaxed);
     if (h.length == 0) {
       read_header(l);
       claim(l, k);
@@ -836,6 +906,7 @@ class tcp_world {
   std::string soon_reason_;  ///< a lost connection, reported after a short grace
   // shared with callers
   std::atomic<bool> failed_flag_{false};
+  std::atomic<std::uint64_t> early_bytes_{0};
   std::mutex mutex_;
   std::condition_variable cv_;
   std::string reason_;
@@ -867,6 +938,10 @@ class tcp {
   int node() const { return rank() / local_size(); }
   /// This process's rank in the whole job (rank() is within the group).
   int world_rank() const { return world_->rank(); }
+  /// Payload bytes this process received before their receive was posted
+  /// and so buffered and copied once more (all groups; since it joined).
+  /// With clear-to-send that is at most eager_bytes a message.
+  std::uint64_t early_bytes() const { return world_->early_bytes(); }
 
   template <class T>
   request all_to_all_v_async(std::span<const T> send, std::span<const index_t> send_counts, std::span<T> recv,

@@ -32,6 +32,9 @@ enum class kind : std::uint8_t {
   table = 4,
   // a rank gave up; the payload says why, so peers can name the root cause
   abort = 16,
+  // the receiver has posted its buffer for the message named by group, seq
+  // and step (of `total` bytes): its sender may send the rest (tcp.hpp)
+  clear_to_send = 17,
   // collectives (tcp.hpp)
   all_to_all_v = 32,
   all_reduce = 33,
@@ -49,6 +52,7 @@ inline const char* kind_name(kind k) {
     case kind::proof: return "proof";
     case kind::table: return "address table";
     case kind::abort: return "abort";
+    case kind::clear_to_send: return "clear-to-send";
     case kind::all_to_all_v: return "all_to_all_v";
     case kind::all_reduce: return "all_reduce";
     case kind::all_gather: return "all_gather";
@@ -61,7 +65,7 @@ inline const char* kind_name(kind k) {
 }
 
 inline bool is_known(std::uint8_t k) {
-  return (k >= 1 && k <= 4) || k == 16 || (k >= 32 && k <= 38);
+  return (k >= 1 && k <= 4) || k == 16 || k == 17 || (k >= 32 && k <= 38);
 }
 inline bool is_collective(kind k) { return static_cast<std::uint8_t>(k) >= 32; }
 
