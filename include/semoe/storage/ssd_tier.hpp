@@ -107,6 +107,7 @@ struct ssd_op_state {
 
 struct ssd_op {
   bool is_write = false;
+  bool check_payload = true;  ///< read: hash the payload too (the trailer is always checked)
   std::size_t block = 0;
   std::uint32_t slot = 0;
   std::uint64_t version = 0;
@@ -193,7 +194,7 @@ class ssd_engine {
     for (std::size_t b = 0; b < state_.size(); ++b) state_[b].committed = state_[b].current = committed[b];
   }
 
-  std::shared_ptr<ssd_op_state> submit(bool is_write, std::size_t block, std::byte* data) {
+  std::shared_ptr<ssd_op_state> submit(bool is_write, std::size_t block, std::byte* data, bool check_payload = true) {
     const char* what = is_write ? "write" : "read";
     check_block(block, what);
     SEMOE_CHECK(data != nullptr && reinterpret_cast<std::uintptr_t>(data) % ssd_page == 0,
@@ -201,6 +202,7 @@ class ssd_engine {
                 " is not ", ssd_page, "-byte aligned (O_DIRECT needs page-aligned memory)");
     auto op = std::make_unique<ssd_op>();
     op->is_write = is_write;
+    op->check_payload = check_payload;
     op->block = block;
     op->data = data;
     {
@@ -505,6 +507,12 @@ class ssd_engine {
     if (t.payload_bytes != block_bytes_)
       fail("trailer says ", t.payload_bytes, " payload bytes, expected block_bytes = ", block_bytes_);
     if (t.version != op.version) fail("slot holds version ", t.version, ", expected ", op.version, " (stale slot)");
+    if (!op.check_payload) {  // the trailer must still vouch for the data this reader verified before
+      if (t.payload_checksum != op.checksum)
+        fail("payload checksum ", t.payload_checksum, " in the trailer differs from the expected ", op.checksum,
+             " (the record does not describe this data)");
+      return;
+    }
     const std::uint64_t actual = XXH3_64bits(op.data, block_bytes_);
     if (actual != t.payload_checksum) fail("payload checksum mismatch (file corrupted)");
     if (actual != op.checksum)
@@ -683,8 +691,15 @@ class ssd_tier {
   io_handle write(std::size_t block, const std::byte* src) {
     return io_handle(engine().submit(true, block, const_cast<std::byte*>(src)));
   }
-  /// Read the current version into `dst` (alignment-aligned), verified by trailer and checksum.
-  io_handle read(std::size_t block, std::byte* dst) { return io_handle(engine().submit(false, block, dst)); }
+  /// How much of a read is verified.
+  enum class check { payload, trailer_only };
+  /// Read the current version into `dst` (alignment-aligned), verified by its
+  /// trailer (block, slot, version, expected checksum) and the XXH3 of the
+  /// payload; check::trailer_only skips hashing the payload, for a reader
+  /// that re-reads immutable blocks it has verified before (infer::ring).
+  io_handle read(std::size_t block, std::byte* dst, check c = check::payload) {
+    return io_handle(engine().submit(false, block, dst, c == check::payload));
+  }
   /// Wait for in-flight writes, fdatasync, and make the current slots the
   /// committed ones; the records returned are what a checkpoint must store.
   std::vector<ssd_block_record> commit() { return engine().commit(); }

@@ -3,8 +3,12 @@
 // several batches so the ring turns more than once.
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <vector>
 
 #include "semoe/gate/top_k.hpp"
@@ -32,7 +36,8 @@ using model_t = layer::sequential<float, layer::linear<float>, layer::repeated<f
 /// Outputs of `batches` forward passes (eval mode).
 template <class Storage, class Prefetch>
 std::vector<float> run_inference(typename Storage::template store<float>::options o, int batches,
-                                 infer::ring_stats* stats = nullptr, index_t rows = batch) {
+                                 infer::ring_stats* stats = nullptr, index_t rows = batch,
+                                 const std::function<void(int)>& before_batch = {}) {
   cpu_executor ex({.threads = 2});
   auto comms = comm::local::make_world(1);
   auto store = std::make_shared<typename Storage::template store<float>>(o);
@@ -50,6 +55,7 @@ std::vector<float> run_inference(typename Storage::template store<float>::option
   std::vector<float> out;
   matrix<float> x(rows, in);
   for (int b = 0; b < batches; ++b) {
+    if (before_batch) before_batch(b);
     const philox rng(12, std::uint64_t(b));
     for (index_t i = 0; i < rows * in; ++i) x.data()[i] = 2 * rng.uniform(std::uint64_t(i)) - 1;
     auto y = model.forward(x.view());
@@ -227,4 +233,57 @@ TEST_CASE("ring: one-expert slots refuse an expert the forward already passed ov
   s.end_layer(0);
   CHECK(s.acquire(1, 0).params.size() == 256);
   s.release(1, 0);
+}
+
+TEST_CASE("ring: SSD payloads are hashed on a block's first read and every verify_every-th; corruption is caught") {
+  const auto dir = std::filesystem::temp_directory_path() / ("semoe-ring-verify-" + std::to_string(::getpid()));
+  infer::ring::store_options o;
+  o.slots = 2;
+  o.source = infer::ring_source::ssd;
+  o.ssd.dir = dir;
+  const auto want = run_inference<storage::resident, prefetch::on_demand>({}, 8);
+  for (std::uint32_t every : {1u, 4u, 0u}) {
+    CAPTURE(every);
+    o.verify_every = every;
+    infer::ring_stats st;
+    const auto got = run_inference<infer::ring, infer::ring_release>(o, 8, &st);
+    CHECK(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)) == 0);
+    REQUIRE(st.bytes_loaded > 0);
+    if (every == 1) CHECK(st.bytes_verified == st.bytes_loaded);
+    // Each block is read 8-9 times: hashed on reads 0 and 4 (and 8), or on read 0 only.
+    if (every == 4) CHECK((st.bytes_verified * 5 >= st.bytes_loaded && st.bytes_verified * 2 < st.bytes_loaded));
+    if (every == 0) CHECK((st.bytes_verified > 0 && st.bytes_verified * 7 <= st.bytes_loaded));
+  }
+
+  // A byte of block 0 changes on disk after two batches (both of its slots,
+  // behind the ring's back): a read that hashes it fails naming the block.
+  o.verify_every = 3;
+  int failed_at = -1;
+  std::string what;
+  try {
+    (void)run_inference<infer::ring, infer::ring_release>(o, 9, nullptr, batch, [&](int b) {
+      if (b != 2) return;
+      const auto file = dir / "semoe-rank0.blocks";
+      const auto slot_bytes = std::filesystem::file_size(file) / (2 * depth * experts);
+      std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+      for (std::uintmax_t at : {std::uintmax_t{100}, slot_bytes + 100}) {
+        char c = 0;
+        f.seekg(static_cast<std::streamoff>(at));
+        f.read(&c, 1);
+        c = static_cast<char>(c ^ 0x5a);
+        f.seekp(static_cast<std::streamoff>(at));
+        f.write(&c, 1);
+      }
+      f.flush();
+      failed_at = b;
+    });
+    failed_at = -1;
+  } catch (const semoe::error& e) {
+    what = e.what();
+  }
+  INFO(what);
+  CHECK(what.find("payload checksum mismatch") != std::string::npos);
+  CHECK(what.find("block 0") != std::string::npos);
+  CHECK(failed_at == 2);  // the corruption happened, and the run did not finish after it
+  std::filesystem::remove_all(dir);
 }

@@ -312,10 +312,30 @@ TEST_CASE(
   SUBCASE("a flipped trailer byte") {
     auto t = ssd_tier::reopen(o, bb, rec);
     flip_byte(file, slot_offset(bb, 3, rec[3].slot) + bb + 24);  // the version field
-    const auto msg = error_of([&] { t.read(3, buf.get()).wait(); });
-    CHECK(msg.find(file.string()) != std::string::npos);
-    CHECK(msg.find("block 3") != std::string::npos);
-    CHECK(msg.find("trailer checksum mismatch") != std::string::npos);
+    for (auto c : {ssd_tier::check::payload, ssd_tier::check::trailer_only}) {
+      const auto msg = error_of([&] { t.read(3, buf.get(), c).wait(); });
+      CHECK(msg.find(file.string()) != std::string::npos);
+      CHECK(msg.find("block 3") != std::string::npos);
+      CHECK(msg.find("trailer checksum mismatch") != std::string::npos);
+    }
+  }
+  SUBCASE("check::trailer_only skips hashing the payload, and only that") {
+    auto t = ssd_tier::reopen(o, bb, rec);
+    flip_byte(file, slot_offset(bb, 2, rec[2].slot) + 1234);
+    CHECK_NOTHROW(t.read(2, buf.get(), ssd_tier::check::trailer_only).wait());  // what the caller opted out of
+    CHECK(error_of([&] { t.read(2, buf.get()).wait(); }).find("payload checksum mismatch") != std::string::npos);
+    // The trailer must still describe the data the caller expects: a slot
+    // holding another block's trailer (a misplaced write) is refused.
+    std::vector<char> other(4096);
+    {
+      std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+      f.seekg(static_cast<std::streamoff>(slot_offset(bb, 0, rec[0].slot) + bb));
+      f.read(other.data(), 4096);
+      f.seekp(static_cast<std::streamoff>(slot_offset(bb, 1, rec[1].slot) + bb));
+      f.write(other.data(), 4096);
+    }
+    CHECK(error_of([&] { t.read(1, buf.get(), ssd_tier::check::trailer_only).wait(); }).find("trailer names block 0") !=
+          std::string::npos);
   }
   SUBCASE("a truncated file") {
     // Keep blocks 0 and 1 whole; block 2's slots are gone.
