@@ -401,6 +401,21 @@ TEST_CASE("tcp: ranks that disagree fail with a message instead of hanging") {
                                                     std::span<float>(r), std::span<const index_t>(rc));
                                }),
                        doctest::Contains("rank 0 sends 5 elements to rank 1, which expects 6"), semoe::error);
+  // The same past eager_bytes: the sender holds the rest until a
+  // clear-to-send for its size, and the first frame lets the receiver name
+  // the mismatch at once (not after the 20 s timeout).
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH_AS(run_tcp(2,
+                               [](tcp& c) {
+                                 const index_t n = 200000;  // 800 KB, eager part 256 KiB
+                                 std::vector<index_t> sc(2, n), rc(2, n);
+                                 if (c.rank() == 1) rc[0] = n + 1000;
+                                 std::vector<float> s(2 * n), r(2 * n + 1000);
+                                 comm::all_to_all_v(c, std::span<const float>(s), std::span<const index_t>(sc),
+                                                    std::span<float>(r), std::span<const index_t>(rc));
+                               }),
+                       doctest::Contains("rank 0 sends 200000 elements to rank 1, which expects 201000"), semoe::error);
+  CHECK(std::chrono::steady_clock::now() - t0 < 10s);
   CHECK_THROWS_WITH_AS(run_tcp(2,
                                [](tcp& c) {
                                  std::vector<int> x(1, c.rank());
