@@ -15,6 +15,7 @@
 #include <cstring>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <list>
 #include <map>
 #include <memory>
@@ -24,6 +25,11 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#include <linux/sockios.h>  // SIOCOUTQ
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/ioctl.h>
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -54,6 +60,17 @@ inline std::string dtype_name(std::uint32_t d) {
   const char* cat = (d >> 8) == 1 ? "floating-point" : (d >> 8) == 2 ? "signed integer" : "unsigned integer";
   return semoe::detail::concat((d & 0xff), "-byte ", cat, " elements");
 }
+
+/// Completion condition for the io thread's reads and writes: each system
+/// call may move the whole remaining frame. Asio's default (transfer_all)
+/// caps a call at 64 KiB, so a 1 MiB frame took 16 sendmsg calls and 16
+/// reactor round trips each way; at 16 MiB per destination that held a
+/// P = 2 all-to-all to 0.56-0.59 of one socket pair (bench_all_to_all).
+struct transfer_whole_frame {
+  std::size_t operator()(const boost::system::error_code& ec, std::size_t) const {
+    return ec ? 0 : std::numeric_limits<std::size_t>::max();
+  }
+};
 
 struct tcp_group;
 
@@ -187,6 +204,9 @@ class tcp_world {
   using steady = std::chrono::steady_clock;
   static constexpr std::uint64_t max_seq_ahead = std::uint64_t{1} << 20;
   static constexpr std::size_t max_early_cts = std::size_t{1} << 16;
+  /// How long a failed rank's communicator waits, when it closes, for peers
+  /// to acknowledge what it wrote (the abort frame above all).
+  static constexpr std::chrono::milliseconds abort_linger{1000};
 
   explicit tcp_world(tcp_options o) : opt_(std::move(o)), me_(opt_.rank), io_(1), watchdog_(io_), abort_timer_(io_), grace_timer_(io_) {
     mesh socks = rendezvous(io_, opt_);
@@ -214,8 +234,10 @@ class tcp_world {
       watchdog_.cancel();
       abort_timer_.cancel();
       grace_timer_.cancel();
-      for (auto& l : links_)
-        if (l) close_quietly(l->sock);
+      if (failed_)
+        close_when_delivered(steady::now() + abort_linger);
+      else
+        close_all();
     });
     work_.reset();
     thread_.join();
@@ -455,6 +477,40 @@ class tcp_world {
     });
   }
 
+  void close_all() {
+    for (auto& l : links_)
+      if (l) close_quietly(l->sock);
+  }
+
+  /// After a failure, peers may have frames on the way that this rank will
+  /// never read, and closing a socket with unread bytes resets the
+  /// connection: the reset drops whatever this rank wrote that the peer has
+  /// not yet acknowledged, the abort frame naming the cause among it. So wait
+  /// until every live link has written and been acknowledged all it queued
+  /// (or until `deadline`: a peer that stopped reading), then close.
+  void close_when_delivered(steady::time_point deadline) {
+    bool delivered = true;
+    for (auto& l : links_)
+      if (l && l->sock.is_open() && l->writing) delivered = false;
+    for (auto& l : links_) {
+      if (!delivered || !l || !l->sock.is_open()) continue;
+      const int fd = l->sock.native_handle();
+      tcp_info info{};
+      socklen_t len = sizeof info;
+      int unacked = 0;
+      // Not reset (a reset drops the unacknowledged bytes for good); after
+      // shut() the state is FIN_WAIT1 and the FIN counts as one byte.
+      const bool live = ::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 && info.tcpi_state != TCP_CLOSE;
+      if (live && ::ioctl(fd, SIOCOUTQ, &unacked) == 0 && unacked > 0) delivered = false;
+    }
+    if (delivered || steady::now() >= deadline) {
+      close_all();
+      return;
+    }
+    abort_timer_.expires_after(std::chrono::milliseconds(1));
+    abort_timer_.async_wait([this, deadline](const boost::system::error_code&) { close_when_delivered(deadline); });
+  }
+
   void shut(tcp_link& l) {
     boost::system::error_code ec;
     l.sock.shutdown(boost::asio::socket_base::shutdown_send, ec);
@@ -581,7 +637,7 @@ class tcp_world {
     if (user) ++user_io_;
     const std::array<boost::asio::const_buffer, 2> bufs{boost::asio::buffer(l.out_hdr),
                                                         boost::asio::buffer(m.data + m.sent, len)};
-    boost::asio::async_write(l.sock, bufs, [this, &l, it, user, len](const boost::system::error_code& ec, std::size_t) {
+    auto done = [this, &l, it, user, len](const boost::system::error_code& ec, std::size_t) {
       if (user) --user_io_;
       l.writing = false;
       if (closing_) return;
@@ -613,7 +669,8 @@ class tcp_world {
       } else {
         write_next(l);
       }
-    });
+    };
+    boost::asio::async_write(l.sock, bufs, detail::transfer_whole_frame{}, std::move(done));
   }
 
   // --- reading -------------------------------------------------------------
@@ -781,7 +838,7 @@ class tcp_world {
       return;
     }
     ++user_io_;
-    boost::asio::async_read(l.sock, boost::asio::buffer(s.dst + s.got, h.length),
+    boost::asio::async_read(l.sock, boost::asio::buffer(s.dst + s.got, h.length), detail::transfer_whole_frame{},
                             [this, &l, k](const boost::system::error_code& ec, std::size_t n) {
                               --user_io_;
                               if (closing_) return;
@@ -842,7 +899,7 @@ class tcp_world {
       return;
     }
     st.in_read = true;
-    boost::asio::async_read(l.sock, boost::asio::buffer(into, h.length),
+    boost::asio::async_read(l.sock, boost::asio::buffer(into, h.length), detail::transfer_whole_frame{},
                             [this, &l, k](const boost::system::error_code& ec, std::size_t n) {
                               if (closing_ || failed_) return;
                               if (ec) {

@@ -434,6 +434,40 @@ TEST_CASE("tcp: ranks that disagree fail with a message instead of hanging") {
                        doctest::Contains("elements"), semoe::error);
 }
 
+TEST_CASE("tcp: a rank that fails with frames unread still delivers its reason to every peer") {
+  // Rank 1 names a size mismatch while rank 0's eager part sits unread in
+  // its socket and its own 4 MB message to rank 0 is on the way. Closing a
+  // socket with unread bytes resets the connection, which would drop the
+  // tail of that message and the abort frame with it: rank 0 would report a
+  // truncated frame instead of the cause. Repeated: it was a race.
+  for (int round = 0; round < 8; ++round) {
+    CAPTURE(round);
+    const tcp_options o = job_options(2, free_port(), {});
+    std::vector<std::string> what(2);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r)
+      threads.emplace_back([&, r] {
+        try {
+          tcp_options mine = o;
+          mine.rank = r;
+          tcp c(mine);
+          const index_t n = 1 << 20;
+          std::vector<index_t> sc(2, n), rc(2, n);
+          if (r == 1) rc[0] = n + 1000;
+          std::vector<float> s(2 * n), got(2 * n + 1000);
+          comm::all_to_all_v(c, std::span<const float>(s), std::span<const index_t>(sc), std::span<float>(got),
+                             std::span<const index_t>(rc));
+        } catch (const semoe::error& e) {
+          what[r] = e.what();
+        }
+      });
+    for (auto& t : threads) t.join();
+    CHECK(what[1].find("rank 0 sends 1048576 elements to rank 1, which expects 1049576") != std::string::npos);
+    CHECK(what[0].find("rank 1 aborted the job") != std::string::npos);
+    CHECK(what[0].find("which expects 1049576") != std::string::npos);
+  }
+}
+
 // --- processes --------------------------------------------------------------
 
 namespace {
