@@ -231,12 +231,19 @@ class flat_shards {
     total_ = offsets_.back();
     shard_ = (total_ + P - 1) / P;
     full_.assign(shard_ * P, T{});
+    mine_.resize_discard(shard_);
+    grad_shard_.assign(shard_, T{});
+    take_from_params();
+  }
+
+  /// Make the parameters' current values the flat buffer and this rank's
+  /// shard: at construction, and after the parameters were overwritten
+  /// whole outside a step (a restored checkpoint).
+  void take_from_params() {
     for (std::size_t i = 0; i < params_.size(); ++i)
       if (!params_[i].value.empty())
         std::memcpy(full_.data() + offsets_[i], params_[i].value.data(), sizeof(T) * params_[i].value.size());
-    mine_.resize_discard(shard_);
-    if (shard_) std::memcpy(mine_.data(), full_.data() + shard_ * comm.rank(), sizeof(T) * shard_);
-    grad_shard_.assign(shard_, T{});
+    if (shard_) std::memcpy(mine_.data(), full_.data() + shard_ * comm_->rank(), sizeof(T) * shard_);
   }
 
   /// Elements of all parameters, of one shard, and of the padded flat buffer.

@@ -30,6 +30,7 @@
 #include "semoe/core/error.hpp"
 #include "semoe/storage/ssd_tier.hpp"
 #include "semoe/train/optimizer.hpp"
+#include "semoe/train/trainer.hpp"
 
 namespace semoe::train {
 
@@ -95,12 +96,12 @@ class payload_reader {
   std::string path_;
 };
 
-}  // namespace detail
 
-/// Save model + optimizer at training step `step` to `path` (atomically).
-template <class Model, class Optimizer>
-void save_checkpoint(const std::filesystem::path& path, Model& model, Optimizer& opt, std::uint64_t step) {
-  using T = typename decltype(model.parameters())::value_type::value_type;
+/// `stepped`: the tensors the optimizer keeps dense state for, in its order
+/// (the model's parameters, or a sharding trainer's shards).
+template <class Model, class Optimizer, class T>
+void save_checkpoint(const std::filesystem::path& path, Model& model, Optimizer& opt, const param_list<T>& stepped,
+                     std::uint64_t step) {
   nlohmann::json head;
   detail::payload_writer out;
   head["step"] = step;
@@ -112,6 +113,9 @@ void save_checkpoint(const std::filesystem::path& path, Model& model, Optimizer&
     out.put(std::span<const T>(p.value));
   }
   auto& st = opt.dense_state();
+  SEMOE_CHECK(st.empty() || st.size() == stepped.size(), "semoe::train::save_checkpoint: the optimizer keeps state "
+              "for ", st.size(), " tensors, expected ", stepped.size(), " (", params.size(), " model parameters); a "
+              "trainer with sharded dense parameters (prefetch::two_d) saves with save_checkpoint(path, trainer)");
   head["dense_state"] = nlohmann::json::array();
   for (auto& s : st) {
     head["dense_state"].push_back(s.size());
@@ -194,12 +198,9 @@ void save_checkpoint(const std::filesystem::path& path, Model& model, Optimizer&
   chain(0);
 }
 
-/// Restore what save_checkpoint wrote into a model and optimizer built the
-/// same way; returns the step it was saved at. Every size, offset and
-/// checksum is checked: a damaged file is an error naming what is wrong.
-template <class Model, class Optimizer>
-std::uint64_t load_checkpoint(const std::filesystem::path& path, Model& model, Optimizer& opt) {
-  using T = typename decltype(model.parameters())::value_type::value_type;
+template <class Model, class Optimizer, class T>
+std::uint64_t load_checkpoint(const std::filesystem::path& path, Model& model, Optimizer& opt,
+                              const param_list<T>& stepped) {
   const std::string who = "semoe::train::load_checkpoint: '" + path.string() + "'";
   std::ifstream f(path, std::ios::binary);
   SEMOE_CHECK(f.good(), who, ": cannot open");
@@ -237,16 +238,17 @@ std::uint64_t load_checkpoint(const std::filesystem::path& path, Model& model, O
     }
     auto& st = opt.dense_state();
     const auto& ds = head.at("dense_state");
-    SEMOE_CHECK(ds.empty() || ds.size() == params.size(), who, ": optimizer state for ", ds.size(),
-                " tensors, the model has ", params.size());
+    SEMOE_CHECK(ds.empty() || ds.size() == stepped.size(), who, ": optimizer state for ", ds.size(),
+                " tensors, the optimizer here steps ", stepped.size(),
+                " (saved by a trainer that shards dense parameters differently, or on another number of ranks?)");
     st.assign(ds.size(), buffer<T>());
     for (std::size_t i = 0; i < ds.size(); ++i) {
       const auto n = ds[i].get<index_t>();
-      SEMOE_CHECK(n == Optimizer::slots() * static_cast<index_t>(params[i].value.size()), who,
-                  ": optimizer state of tensor '", params[i].name, "' has ", n, " elements, expected ",
-                  Optimizer::slots() * static_cast<index_t>(params[i].value.size()));
+      const index_t want = Optimizer::slots() * static_cast<index_t>(stepped[i].value.size());
+      SEMOE_CHECK(n == want, who, ": optimizer state of tensor '", stepped[i].name, "' has ", n,
+                  " elements, expected ", want);
       st[i].assign(n, T(0));
-      in.get(st[i].span(), "optimizer state of '" + params[i].name + "'");
+      in.get(st[i].span(), "optimizer state of '" + stepped[i].name + "'");
     }
     opt.step_count() = head.at("optimizer_steps").get<std::uint64_t>();
 
@@ -285,6 +287,45 @@ std::uint64_t load_checkpoint(const std::filesystem::path& path, Model& model, O
   } catch (const nlohmann::json::exception& e) {
     ::semoe::detail::fail(who, ": malformed header: ", e.what());
   }
+}
+
+}  // namespace detail
+
+/// Save model + optimizer at training step `step` to `path` (atomically).
+/// For a run driven by a trainer, save_checkpoint(path, trainer) below is the
+/// one that works whatever the trainer shards.
+template <class Model, class Optimizer>
+void save_checkpoint(const std::filesystem::path& path, Model& model, Optimizer& opt, std::uint64_t step) {
+  detail::save_checkpoint(path, model, opt, model.parameters(), step);
+}
+
+/// Restore what save_checkpoint wrote into a model and optimizer built the
+/// same way; returns the step it was saved at. Every size, offset and
+/// checksum is checked: a damaged file is an error naming what is wrong.
+template <class Model, class Optimizer>
+std::uint64_t load_checkpoint(const std::filesystem::path& path, Model& model, Optimizer& opt) {
+  return detail::load_checkpoint(path, model, opt, model.parameters());
+}
+
+/// Save a trainer's run at its current step. With sharded dense parameters
+/// (prefetch::two_d) the parameters are gathered whole first and the file
+/// holds this rank's shard of their optimizer state: each rank saves its
+/// own file, and restores it on the same number of ranks.
+template <class Model, class Optimizer, class Comm>
+void save_checkpoint(const std::filesystem::path& path, trainer<Model, Optimizer, Comm>& t) {
+  t.gather_dense();
+  detail::save_checkpoint(path, t.model(), t.optimizer(), t.optimizer_parameters(), t.steps());
+}
+
+/// Restore a trainer's run (model, optimizer, step count, the shards of
+/// dense parameters) from what save_checkpoint(path, trainer) wrote; returns
+/// the step it was saved at.
+template <class Model, class Optimizer, class Comm>
+std::uint64_t load_checkpoint(const std::filesystem::path& path, trainer<Model, Optimizer, Comm>& t) {
+  const std::uint64_t step = detail::load_checkpoint(path, t.model(), t.optimizer(), t.optimizer_parameters());
+  t.reload_dense_shards();
+  t.set_steps(step);
+  return step;
 }
 
 }  // namespace semoe::train

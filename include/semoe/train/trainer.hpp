@@ -69,6 +69,7 @@ void reduce_expert_grads(Model& m, Comm& replica) {
 template <class Model, class Optimizer, class Comm>
 class trainer {
  public:
+  using value_type = typename decltype(std::declval<Model&>().parameters())::value_type::value_type;
   struct options {
     double clip_norm = 1.0;  ///< 0: no clipping
     /// Reduce dense gradients in buckets of this size, each launched as soon as
@@ -164,13 +165,34 @@ class trainer {
   void gather_dense() {
     for (std::size_t k = 0; k < shards_.size(); ++k) make_whole(k);
   }
+  /// The dense model parameters were overwritten whole (a restored
+  /// checkpoint): this rank's shards take their values from them.
+  void reload_dense_shards() {
+    for (auto& sh : shards_) {
+      if (sh.gathering) {  // the gather started after the last step writes the flat buffer: let it land first
+        sh.gather.wait();
+        sh.gathering = false;
+      }
+      sh.fs->take_from_params();
+      sh.stale = false;
+    }
+  }
+  /// The tensors the optimizer keeps dense state for, in its order: the
+  /// model's parameters, or with sharded dense parameters this rank's shards
+  /// (after the parameters sharded by their layer). Checkpoints use it.
+  param_list<value_type> optimizer_parameters() {
+    if (horizontal_) return sharded_view{this}.parameters();
+    return model_->parameters();
+  }
   std::uint64_t steps() const { return steps_; }
+  /// Set by load_checkpoint: the step the restored run had reached.
+  void set_steps(std::uint64_t s) { steps_ = s; }
+  Model& model() { return *model_; }
+  Optimizer& optimizer() { return *opt_; }
   /// Gradient buckets reduced while backward runs (0: not overlapping).
   std::size_t overlapped_buckets() const { return buckets_ ? buckets_->bucket_count() : 0; }
 
  private:
-  using value_type = typename decltype(std::declval<Model&>().parameters())::value_type::value_type;
-
   /// Buckets and the backward hook that fills them, made on the first step
   /// (parameter spans are stable from then on). False: reduce after backward.
   bool prepare_buckets() {
