@@ -10,7 +10,6 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
@@ -75,8 +74,9 @@ struct hierarchical_state {
   std::uint64_t next_seq = 0;
   std::map<std::uint64_t, std::function<void()>> pending;
   std::int64_t inter_node_messages = 0;
-  // Staging grows to the largest exchange seen, so steady-state steps allocate nothing.
-  buffer<std::byte> stage_a, stage_b;
+  // Staging (what this rank relays between the steps) grows to the largest
+  // exchange seen, so steady-state steps allocate nothing.
+  buffer<std::byte> stage;
 
   /// Collectives complete in issue order, whichever request is waited first,
   /// so every rank runs the same sub-collectives in the same order.
@@ -338,50 +338,45 @@ class hierarchical {
                            "disagree with what its peers send (options.verify_counts)");
     }
 
-    // Step 1 (intra): regroup my send buffer by destination local rank j, each
-    // part node-major, and hand part j to local rank j.
-    std::vector<index_t> soff(P + 1, 0), isc(L, 0), irc(L, 0);
+    // Step 1 (intra): one all-to-all per destination node m hands local rank j
+    // my part for rank (m, j). Node m's ranks are consecutive, so those parts
+    // are one contiguous span of send; what arrives from local rank j lands
+    // at block [m][j] of b, which is the rail step's layout: nothing is packed
+    // or regrouped. The N exchanges are all in flight at once.
+    std::vector<index_t> soff(P + 1, 0);
     for (std::size_t d = 0; d < P; ++d) soff[d + 1] = soff[d] + sc[d];
-    for (int j = 0; j < L; ++j)
-      for (int m = 0; m < N; ++m) {
-        isc[j] += sc[dst(m, j)];
-        irc[j] += cnt_recv[blk(j, m)];
-      }
-    const index_t a_n = detail::sum_counts(isc), b_n = detail::sum_counts(irc);
-    T* a = state::template staging<T>(st.stage_a, std::max(a_n, b_n));
-    T* b = state::template staging<T>(st.stage_b, b_n);
-    index_t pos = 0;
-    for (int j = 0; j < L; ++j)
-      for (int m = 0; m < N; ++m) {
-        const index_t len = sc[dst(m, j)];
-        if (len) std::memcpy(a + pos, send.data() + soff[dst(m, j)], sizeof(T) * static_cast<std::size_t>(len));
-        pos += len;
-      }
-    step(st, "intra-node data", [&] {
-      st.intra
-          .all_to_all_v_async(std::span<const T>(a, static_cast<std::size_t>(a_n)), std::span<const index_t>(isc),
-                              std::span<T>(b, static_cast<std::size_t>(b_n)), std::span<const index_t>(irc))
-          .wait();
-    });
-
-    // Step 2 (rail): b holds blocks [source local rank j][destination node m];
-    // transpose to [m][j] so the message to node m is contiguous and, since
-    // sources n * L + j arrive node by node, recv ends up in flat rank order.
-    std::vector<index_t> boff(P + 1, 0), rsc(N, 0), rrc(N, 0);
-    for (std::size_t k = 0; k < P; ++k) boff[k + 1] = boff[k] + cnt_recv[k];
-    pos = 0;
+    std::vector<std::vector<index_t>> isc(N, std::vector<index_t>(L)), irc(N, std::vector<index_t>(L));
+    std::vector<index_t> rsc(N, 0), rrc(N, 0);
     for (int m = 0; m < N; ++m)
       for (int j = 0; j < L; ++j) {
-        const index_t len = cnt_recv[blk(j, m)];
-        if (len) std::memcpy(a + pos, b + boff[blk(j, m)], sizeof(T) * static_cast<std::size_t>(len));
-        pos += len;
-        rsc[m] += len;
+        isc[m][j] = sc[dst(m, j)];
+        irc[m][j] = cnt_recv[blk(j, m)];
+        rsc[m] += irc[m][j];
         rrc[m] += rc[dst(m, j)];
       }
+    const index_t b_n = detail::sum_counts(rsc);
+    T* b = state::template staging<T>(st.stage, b_n);
+    step(st, "intra-node data", [&] {
+      std::vector<request> parts;
+      parts.reserve(static_cast<std::size_t>(N));
+      index_t at = 0;
+      for (int m = 0; m < N; ++m) {
+        const auto from = static_cast<std::size_t>(soff[dst(m, 0)]);
+        const auto len = static_cast<std::size_t>(soff[dst(m, 0) + L]) - from;
+        parts.push_back(st.intra.all_to_all_v_async(send.subspan(from, len), std::span<const index_t>(isc[m]),
+                                                    std::span<T>(b + at, static_cast<std::size_t>(rsc[m])),
+                                                    std::span<const index_t>(irc[m])));
+        at += rsc[m];
+      }
+      for (auto& r : parts) r.wait();
+    });
+
+    // Step 2 (rail): the message to node m is block m of b; since sources
+    // n * L + j arrive node by node, recv ends up in flat rank order.
     for (int m = 0; m < N; ++m) st.inter_node_messages += m != n && rsc[m] > 0;
     step(st, "rail data", [&] {
       st.rail
-          .all_to_all_v_async(std::span<const T>(a, static_cast<std::size_t>(b_n)), std::span<const index_t>(rsc),
+          .all_to_all_v_async(std::span<const T>(b, static_cast<std::size_t>(b_n)), std::span<const index_t>(rsc),
                               recv, std::span<const index_t>(rrc))
           .wait();
     });

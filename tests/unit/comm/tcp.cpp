@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "semoe/comm/hierarchical.hpp"
 #include "semoe/comm/local.hpp"
 
 #include "collective_checks.hpp"
@@ -378,6 +379,31 @@ TEST_CASE("tcp: split into groups, topology with two ranks per node") {
     CHECK(nested.rank() == 1 - across.rank());
     nested.barrier();
   }, o);
+}
+
+TEST_CASE("tcp: the hierarchical all-to-all over tcp equals the flat one bit for bit") {
+  // Its intra-node step keeps one exchange per node in flight at once; sizes
+  // up to 1.7 MB per destination go past eager_bytes and chunk_bytes.
+  for (auto [P, L] : {std::pair{4, 2}, std::pair{6, 3}, std::pair{6, 2}}) {
+    CAPTURE(P);
+    CAPTURE(L);
+    tcp_options o;
+    o.local_size = L;
+    std::vector<bytes> flat(static_cast<std::size_t>(P)), two_step(static_cast<std::size_t>(P));
+    run_tcp(
+        P,
+        [&](tcp& c) {
+          comm::hierarchical<tcp> h(c);
+          const auto me = static_cast<std::size_t>(c.rank());
+          for (unsigned seed = 0; seed < 4; ++seed) {
+            const int scale = seed % 2 ? 70000 : 1;
+            a2a<tcp, float>(c, flat[me], 50 + seed, scale);
+            a2a<comm::hierarchical<tcp>, float>(h, two_step[me], 50 + seed, scale);
+          }
+        },
+        o);
+    for (int r = 0; r < P; ++r) CHECK(flat[static_cast<std::size_t>(r)] == two_step[static_cast<std::size_t>(r)]);
+  }
 }
 
 TEST_CASE("tcp: ranks that disagree fail with a message instead of hanging") {
