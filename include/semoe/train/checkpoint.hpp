@@ -96,7 +96,6 @@ class payload_reader {
   std::string path_;
 };
 
-
 /// `stepped`: the tensors the optimizer keeps dense state for, in its order
 /// (the model's parameters, or a sharding trainer's shards).
 template <class Model, class Optimizer, class T>
