@@ -122,6 +122,18 @@ outcome run_training(int ranks, int steps, const std::filesystem::path& dir, con
   return out;
 }
 
+/// Every rank's parameters (dense, then its expert blocks) equal bit for bit.
+void check_same_bits(const outcome& ref, const outcome& got) {
+  REQUIRE(ref.params.size() == got.params.size());
+  for (std::size_t r = 0; r < ref.params.size(); ++r) {
+    CAPTURE(r);
+    const auto& x = ref.params[r];
+    const auto& y = got.params[r];
+    REQUIRE(x.size() == y.size());
+    CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0);
+  }
+}
+
 struct temp_dir {
   std::filesystem::path path;
   explicit temp_dir(const char* tag)
@@ -141,12 +153,7 @@ TEST_CASE("two_d: sharded dense parameters with layer-ahead gathers train bit fo
     const auto got = run_training<prefetch::two_d<2>>(ranks, 20, b.path);
     CHECK_FALSE(ref.sharded);
     CHECK(got.sharded);
-    for (int r = 0; r < ranks; ++r) {
-      const auto& x = ref.params[static_cast<std::size_t>(r)];
-      const auto& y = got.params[static_cast<std::size_t>(r)];
-      REQUIRE(x.size() == y.size());
-      CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0);
-    }
+    check_same_bits(ref, got);
     // Each rank keeps 1/P of the dense parameters (and so of their AdamW state).
     const std::size_t dense = (in * hidden + hidden) + depth * (2 * hidden + hidden * experts) + (hidden * classes + classes);
     std::size_t sum = 0;
@@ -167,12 +174,7 @@ TEST_CASE("two_d: a checkpoint of sharded dense parameters restores on every ran
     run_training<prefetch::two_d<2>>(ranks, 6, b.path, {.save_after = 4, .save_to = ck.path});
     const auto got = run_training<prefetch::two_d<2>>(ranks, 8, c.path, {.load_from = ck.path});
     REQUIRE(got.sharded);
-    for (int r = 0; r < ranks; ++r) {
-      const auto& x = ref.params[static_cast<std::size_t>(r)];
-      const auto& y = got.params[static_cast<std::size_t>(r)];
-      REQUIRE(x.size() == y.size());
-      CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0);
-    }
+    check_same_bits(ref, got);
   }
 }
 
