@@ -489,21 +489,20 @@ class tcp_world {
   /// until every live link has written and been acknowledged all it queued
   /// (or until `deadline`: a peer that stopped reading), then close.
   void close_when_delivered(steady::time_point deadline) {
-    bool delivered = true;
-    for (auto& l : links_)
-      if (l && l->sock.is_open() && l->writing) delivered = false;
-    for (auto& l : links_) {
-      if (!delivered || !l || !l->sock.is_open()) continue;
-      const int fd = l->sock.native_handle();
+    const auto delivered = [](tcp_link& l) {
+      if (!l.sock.is_open()) return true;
+      if (l.writing) return false;
+      const int fd = l.sock.native_handle();
       tcp_info info{};
       socklen_t len = sizeof info;
       int unacked = 0;
-      // Not reset (a reset drops the unacknowledged bytes for good); after
-      // shut() the state is FIN_WAIT1 and the FIN counts as one byte.
-      const bool live = ::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 && info.tcpi_state != TCP_CLOSE;
-      if (live && ::ioctl(fd, SIOCOUTQ, &unacked) == 0 && unacked > 0) delivered = false;
-    }
-    if (delivered || steady::now() >= deadline) {
+      // A reset link (TCP_CLOSE) has dropped its unacknowledged bytes for
+      // good; after shut() the state is FIN_WAIT1 and the FIN counts as one.
+      return ::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0 || info.tcpi_state == TCP_CLOSE ||
+             ::ioctl(fd, SIOCOUTQ, &unacked) != 0 || unacked == 0;
+    };
+    if (std::all_of(links_.begin(), links_.end(), [&](auto& l) { return !l || delivered(*l); }) ||
+        steady::now() >= deadline) {
       close_all();
       return;
     }
