@@ -12,4 +12,10 @@ command -v g++ >/dev/null || tools+=(g++)
 command -v ninja >/dev/null || tools+=(ninja-build)
 bash cmake/install-deps.sh "${tools[@]}"
 
+# The cuda backend builds where nvcc is (SEMOE_CUDA=AUTO): also find it in its
+# standard place when it is not on PATH.
+if ! command -v nvcc >/dev/null && [[ -z ${CUDACXX:-} && -x /usr/local/cuda/bin/nvcc ]]; then
+  export CUDACXX=/usr/local/cuda/bin/nvcc
+fi
+
 exec cmake --workflow --preset "$preset"

@@ -3,6 +3,9 @@
 //
 //   hidden 1024, ffn 4096, 8 experts, top-2, 4096 tokens, capacity 1.25, gelu
 //
+// Usage: bench_moe_layer [--backend cpu|cuda] [--reps N]   (or a bare N)
+// --backend cuda runs moe_layer_cuda.cu (builds with CUDA only).
+//
 // ratio_vs_gemm = layer time / GEMM time: what gating, permute, the
 // activation, combine and their backward add on top of the expert GEMMs.
 // peak_bytes is the high-water mark of semoe's buffers over the layer's life
@@ -15,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -23,6 +27,10 @@
 #include "semoe/core/buffer.hpp"
 #include "semoe/gate/top_k.hpp"
 #include "semoe/layer/moe_layer.hpp"
+#include "routed_gemms.hpp"
+#if defined(SEMOE_BENCH_WITH_CUDA)
+#include "moe_layer_cuda.hpp"
+#endif
 
 using namespace semoe;
 
@@ -43,8 +51,40 @@ double seconds(F&& f) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::string backend = "cpu";
+  int reps = 5;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::printf("usage: bench_moe_layer [--backend cpu|cuda] [--reps N]\n"
+                  "  forward + backward of one MoE layer against the bare GEMMs of the routed shapes;\n"
+                  "  prints ratios and ends with one JSON line\n");
+      return 0;
+    } else if (a == "--backend" && i + 1 < argc) {
+      backend = argv[++i];
+    } else if (a == "--reps" && i + 1 < argc) {
+      reps = std::max(1, std::atoi(argv[++i]));
+    } else if (!a.empty() && a[0] != '-') {
+      reps = std::max(1, std::atoi(a.c_str()));
+    } else {
+      std::fprintf(stderr, "bench_moe_layer: unknown argument '%s' (see --help)\n", a.c_str());
+      return 2;
+    }
+  }
+  if (backend == "cuda") {
+#if defined(SEMOE_BENCH_WITH_CUDA)
+    return bench_moe_layer_cuda(reps);
+#else
+    std::fprintf(stderr, "bench_moe_layer: --backend cuda: this build has no CUDA (configure with SEMOE_CUDA=ON)\n");
+    return 2;
+#endif
+  }
+  if (backend != "cpu") {
+    std::fprintf(stderr, "bench_moe_layer: --backend %s: expected cpu or cuda\n", backend.c_str());
+    return 2;
+  }
   const index_t tokens = 4096, H = 1024, F = 4096, E = 8;
-  const int threads = 2, reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 5;
+  const int threads = 2;
   blas::set_num_threads(threads);
   cpu_executor ex({.threads = threads});
   auto comms = comm::local::make_world(1);
@@ -80,30 +120,11 @@ int main(int argc, char** argv) {
   // The expert GEMMs of the last step, one by one, with nothing else around them.
   const auto& plan = moe.plan();
   const index_t R = plan.kept();
-  std::vector<expert::gemm_problem<float>> probs;
-  for (index_t e = 0; e < E; ++e)
-    for (auto p : moe.expert_policy().gemm_shapes(plan.counts[e])) probs.push_back(p);
-  std::size_t amax = 0, bmax = 0, cmax = 0;
-  double flops = 0;
-  for (auto& p : probs) {
-    amax = std::max<std::size_t>(amax, p.m * p.k);
-    bmax = std::max<std::size_t>(bmax, p.k * p.n);
-    cmax = std::max<std::size_t>(cmax, p.m * p.n);
-    flops += p.flops();
-  }
-  buffer<float> A(static_cast<index_t>(amax), 0.01f), B(static_cast<index_t>(bmax), 0.01f),
-      C(static_cast<index_t>(cmax), 0.0f);
-  for (auto& p : probs) {
-    p.a = A.data();
-    p.lda = p.ta == blas::op::n ? p.k : p.m;
-    p.b = B.data();
-    p.ldb = p.tb == blas::op::n ? p.n : p.k;
-    p.c = C.data();
-    p.ldc = p.n;
-  }
+  bench::routed_gemms<host_space> gemms(moe);
+  const double flops = gemms.flops;
   std::vector<double> gemm_times;
   for (int r = 0; r < reps + 1; ++r) {
-    const double t = seconds([&] { expert::grouped_gemm<float>(probs); });
+    const double t = seconds([&] { expert::grouped_gemm<float>(gemms.problems); });
     if (r > 0) gemm_times.push_back(t);
   }
 
@@ -116,12 +137,13 @@ int main(int argc, char** argv) {
               static_cast<long long>(tokens * 2), static_cast<long long>(plan.dropped));
   std::printf("layer fwd+bwd   %8.1f ms  %6.1f GFLOP/s (expert GEMM flops / layer time)\n", 1e3 * t_layer,
               flops / t_layer * 1e-9);
-  std::printf("bare GEMMs      %8.1f ms  %6.1f GFLOP/s (the OpenBLAS ceiling of this machine; LIMITS.md lists ~130 on 2 Zen 3 cores)\n",
+  std::printf("bare GEMMs      %8.1f ms  %6.1f GFLOP/s (the OpenBLAS ceiling of this machine)\n",
               1e3 * t_gemm, flops / t_gemm * 1e-9);
   std::printf("ratio layer / GEMM = %.3f   tokens/s = %.0f\n", t_layer / t_gemm, tokens / t_layer);
   std::printf("peak bytes %.1f MiB vs analytic minimum %.1f MiB (ratio %.3f)\n", peak / 1048576.0,
               min_bytes / 1048576.0, static_cast<double>(peak) / static_cast<double>(min_bytes));
   std::printf("%s\n", nlohmann::json{{"benchmark", "moe_layer"},
+                                     {"backend", "cpu"},
                                      {"tokens_per_s", tokens / t_layer},
                                      {"ratio_vs_gemm", t_layer / t_gemm},
                                      {"layer_ms", 1e3 * t_layer},

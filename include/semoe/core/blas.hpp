@@ -1,13 +1,18 @@
-// semoe/core/blas.hpp: GEMM dispatch. Row-major everywhere; CPU builds call
-// CBLAS (OpenBLAS), CUDA builds route device memory to cuBLAS in cuda/.
+// semoe/core/blas.hpp: GEMM dispatch. Row-major everywhere. The forms that
+// take an executor go through blas::engine<Executor>: CBLAS (OpenBLAS) for
+// host executors here, cuBLAS on the executor's stream for the cuda executor
+// (cuda/blas.cuh specializes the engine). The forms without an executor are
+// host CBLAS calls.
 #pragma once
 
 #include <cblas.h>
 
+#include <span>
 #include <type_traits>
 
 #include "semoe/core/config.hpp"
 #include "semoe/core/error.hpp"
+#include "semoe/core/executor.hpp"
 #include "semoe/core/tensor.hpp"
 
 namespace semoe::blas {
@@ -43,10 +48,14 @@ void gemm(op ta, op tb, index_t m, index_t n, index_t k, T alpha, const T* a, in
                 static_cast<blasint>(ldc));
 }
 
-/// C = alpha * op(A) * op(B) + beta * C on matrix views; shapes are checked.
+namespace detail {
+struct gemm_shape {
+  index_t m, n, k;
+};
+/// m, n, k of C = op(A) op(B) on views, or semoe::error naming the mismatch.
 template <class T>
-void gemm(op ta, op tb, T alpha, matrix_view<const T> a, matrix_view<const T> b, T beta,
-          matrix_view<T> c) {
+gemm_shape check_gemm(op ta, op tb, const matrix_view<const T>& a, const matrix_view<const T>& b,
+                      const matrix_view<T>& c) {
   const index_t m = ta == op::n ? a.rows() : a.cols();
   const index_t k = ta == op::n ? a.cols() : a.rows();
   const index_t kb = tb == op::n ? b.rows() : b.cols();
@@ -55,7 +64,78 @@ void gemm(op ta, op tb, T alpha, matrix_view<const T> a, matrix_view<const T> b,
               m, ", ", k, "], op(B) is [", kb, ", ", n, "], C is [", c.rows(), ", ", c.cols(), "]");
   SEMOE_CHECK(a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1,
               "semoe::blas::gemm: matrices must have unit column stride");
-  gemm(ta, tb, m, n, k, alpha, a.data(), a.ld(), b.data(), b.ld(), beta, c.data(), c.ld());
+  return {m, n, k};
+}
+}  // namespace detail
+
+/// C = alpha * op(A) * op(B) + beta * C on matrix views; shapes are checked.
+template <class T>
+void gemm(op ta, op tb, T alpha, matrix_view<const T> a, matrix_view<const T> b, T beta,
+          matrix_view<T> c) {
+  const auto s = detail::check_gemm(ta, tb, a, b, c);
+  gemm(ta, tb, s.m, s.n, s.k, alpha, a.data(), a.ld(), b.data(), b.ld(), beta, c.data(), c.ld());
+}
+
+/// One GEMM of a group: C = alpha * op(A) op(B) + beta * C, row-major with
+/// leading dimensions. Expert computation is a list of these, one or more
+/// per local expert.
+template <class T>
+struct gemm_problem {
+  op ta = op::n, tb = op::n;
+  index_t m = 0, n = 0, k = 0;
+  T alpha = 1;
+  const T* a = nullptr;
+  index_t lda = 0;
+  const T* b = nullptr;
+  index_t ldb = 0;
+  T beta = 0;
+  T* c = nullptr;
+  index_t ldc = 0;
+
+  double flops() const { return 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k); }
+};
+
+/// The BLAS of an executor's memory. This primary engine serves host
+/// executors with CBLAS, each call using every OpenBLAS thread; a device
+/// backend specializes it (cuda/blas.cuh: cuBLAS on the executor's stream).
+template <class Exec>
+struct engine {
+  static_assert(!Exec::on_device,
+                "semoe::blas::engine: this device executor has no BLAS engine; include its backend's BLAS header "
+                "(cuda/blas.cuh for the cuda executor)");
+  template <class T>
+  static void gemm(Exec&, op ta, op tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
+                   const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+    blas::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  /// Problems run back to back, each with every BLAS thread.
+  template <class T>
+  static void grouped_gemm(Exec&, std::span<const gemm_problem<T>> problems) {
+    for (const auto& p : problems)
+      blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+  }
+};
+
+/// C = alpha * op(A) * op(B) + beta * C on memory of the executor's space.
+template <Executor Exec, class T>
+void gemm(Exec& ex, op ta, op tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
+          index_t ldb, T beta, T* c, index_t ldc) {
+  engine<Exec>::template gemm<T>(ex, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+/// The same on matrix views; shapes are checked.
+template <Executor Exec, class T>
+void gemm(Exec& ex, op ta, op tb, T alpha, matrix_view<const T> a, matrix_view<const T> b, T beta,
+          matrix_view<T> c) {
+  const auto s = detail::check_gemm(ta, tb, a, b, c);
+  engine<Exec>::template gemm<T>(ex, ta, tb, s.m, s.n, s.k, alpha, a.data(), a.ld(), b.data(), b.ld(), beta,
+                                 c.data(), c.ld());
+}
+
+/// Many independent GEMMs as one call (one problem per expert and pass).
+template <Executor Exec, class T>
+void grouped_gemm(Exec& ex, std::span<const gemm_problem<T>> problems) {
+  engine<Exec>::template grouped_gemm<T>(ex, problems);
 }
 
 /// Number of threads OpenBLAS uses for one call.

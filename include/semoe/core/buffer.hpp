@@ -11,6 +11,7 @@
 
 #include "semoe/core/config.hpp"
 #include "semoe/core/error.hpp"
+#include "semoe/core/memory_space.hpp"
 #include "semoe/core/tensor.hpp"
 
 namespace semoe {
@@ -40,25 +41,15 @@ class memory_ledger {
   std::atomic<std::size_t> peak_{0};
 };
 
-/// Host memory: the memory space of the cpu backend.
-struct host_space {
-  static constexpr const char* name = "host";
-  static void* allocate(std::size_t bytes) {
-    if (bytes == 0) return nullptr;
-    const std::size_t rounded = (bytes + cache_line - 1) / cache_line * cache_line;
-    void* p = std::aligned_alloc(cache_line, rounded);
-    if (!p) throw std::bad_alloc();
-    return p;
-  }
-  static void deallocate(void* p, std::size_t) { std::free(p); }
-};
-
 /// An owning array of T in memory space Space, aligned to 64 bytes, counted in
 /// the memory ledger. Trivially copyable element types only: kernels treat
-/// buffers as raw memory that may live on a device.
-template <class T, class Space = host_space>
+/// buffers as raw memory that may live on a device. Element access, fill and
+/// iteration exist only where the host can read the space; copies and zero()
+/// go through the space.
+template <class T, MemorySpace Space = host_space>
 class buffer {
   static_assert(std::is_trivially_copyable_v<T>, "semoe::buffer: T must be trivially copyable");
+  static constexpr bool on_host = Space::host_accessible;
 
  public:
   using value_type = T;
@@ -66,12 +57,12 @@ class buffer {
 
   buffer() = default;
   explicit buffer(index_t n) { resize_discard(n); }
-  buffer(index_t n, T value) {
+  buffer(index_t n, T value) requires on_host {
     resize_discard(n);
     std::fill_n(data_, n, value);
   }
   buffer(const buffer& other) : buffer(other.size_) {
-    if (size_) std::memcpy(data_, other.data_, bytes());
+    Space::copy(data_, other.data_, bytes());
   }
   buffer(buffer&& other) noexcept
       : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
@@ -93,14 +84,12 @@ class buffer {
     size_ = n;
     memory_ledger::instance().on_alloc(bytes());
   }
-  void assign(index_t n, T value) {
+  void assign(index_t n, T value) requires on_host {
     resize_discard(n);
     std::fill_n(data_, n, value);
   }
-  void fill(T value) { std::fill_n(data_, size_, value); }
-  void zero() {
-    if (size_) std::memset(static_cast<void*>(data_), 0, bytes());
-  }
+  void fill(T value) requires on_host { std::fill_n(data_, size_, value); }
+  void zero() { Space::zero(data_, bytes()); }
   void release() {
     if (data_) {
       memory_ledger::instance().on_free(bytes());
@@ -115,12 +104,12 @@ class buffer {
   index_t size() const { return size_; }
   std::size_t bytes() const { return static_cast<std::size_t>(size_) * sizeof(T); }
   bool empty() const { return size_ == 0; }
-  T& operator[](index_t i) { return data_[i]; }
-  const T& operator[](index_t i) const { return data_[i]; }
-  T* begin() { return data_; }
-  T* end() { return data_ + size_; }
-  const T* begin() const { return data_; }
-  const T* end() const { return data_ + size_; }
+  T& operator[](index_t i) requires on_host { return data_[i]; }
+  const T& operator[](index_t i) const requires on_host { return data_[i]; }
+  T* begin() requires on_host { return data_; }
+  T* end() requires on_host { return data_ + size_; }
+  const T* begin() const requires on_host { return data_; }
+  const T* end() const requires on_host { return data_ + size_; }
 
   std::span<T> span() { return {data_, static_cast<std::size_t>(size_)}; }
   std::span<const T> span() const { return {data_, static_cast<std::size_t>(size_)}; }
@@ -139,7 +128,7 @@ class buffer {
 };
 
 /// A [rows, cols] matrix that owns its storage.
-template <class T, class Space = host_space>
+template <class T, MemorySpace Space = host_space>
 class matrix {
  public:
   matrix() = default;
@@ -154,14 +143,14 @@ class matrix {
   index_t cols() const { return cols_; }
   T* data() { return buf_.data(); }
   const T* data() const { return buf_.data(); }
-  T& operator()(index_t i, index_t j) { return buf_[i * cols_ + j]; }
-  const T& operator()(index_t i, index_t j) const { return buf_[i * cols_ + j]; }
+  T& operator()(index_t i, index_t j) requires Space::host_accessible { return buf_[i * cols_ + j]; }
+  const T& operator()(index_t i, index_t j) const requires Space::host_accessible { return buf_[i * cols_ + j]; }
   matrix_view<T> view() { return as_matrix(buf_.data(), rows_, cols_); }
   matrix_view<const T> view() const { return as_matrix(buf_.data(), rows_, cols_); }
   operator matrix_view<T>() { return view(); }
   operator matrix_view<const T>() const { return view(); }
   void zero() { buf_.zero(); }
-  void fill(T v) { buf_.fill(v); }
+  void fill(T v) requires Space::host_accessible { buf_.fill(v); }
   std::span<T> span() { return buf_.span(); }
   std::span<const T> span() const { return buf_.span(); }
   std::size_t bytes() const { return buf_.bytes(); }

@@ -1,5 +1,9 @@
-// semoe/core/executor.hpp: the cpu executor, a fork-join thread pool that runs
-// SEMOE_HD kernel bodies over an index range (DESIGN.md §6).
+// semoe/core/executor.hpp: the Executor concept and the cpu executor, a
+// fork-join thread pool that runs SEMOE_HD kernel bodies over an index range.
+// Generic code takes any Executor (Kokkos' execution spaces, CUB's dispatch):
+// it hands the executor a body, one functor for every backend, and the
+// executor decides how the indices are run: a loop over threads here, a
+// kernel launch on a stream in cuda/executor.cuh.
 #pragma once
 
 #include <algorithm>
@@ -13,8 +17,66 @@
 
 #include "semoe/core/config.hpp"
 #include "semoe/core/error.hpp"
+#include "semoe/core/memory_space.hpp"
 
 namespace semoe {
+
+/// A completion flag: record() marks the work before it done, wait() blocks
+/// until then. Loads, collectives and compute on different threads order
+/// themselves through these, never through sleeps.
+class cpu_event {
+ public:
+  void reset() { done_.store(false, std::memory_order_relaxed); }
+  void record() {
+    done_.store(true, std::memory_order_release);
+    done_.notify_all();
+  }
+  void wait() const { done_.wait(false, std::memory_order_acquire); }
+  bool ready() const { return done_.load(std::memory_order_acquire); }
+
+ private:
+  std::atomic<bool> done_{true};
+};
+
+namespace detail {
+/// The body the Executor concept probes parallel_for with (a named functor:
+/// nvcc rejects lambdas inside requires-expressions).
+struct probe_body {
+  SEMOE_HD void operator()(index_t) const {}
+};
+struct probe_chunk_body {
+  void operator()(index_t, index_t) const {}
+};
+}  // namespace detail
+
+/// Host executors may also run f(begin, end) over chunks of a range, for
+/// bodies that keep per-chunk state (a running sum, a scratch row).
+template <class E>
+concept ChunkedExecutor = requires(E& ex, index_t n) { ex.parallel_chunks(n, n, detail::probe_chunk_body{}); };
+
+/// What every backend's executor provides:
+///  * parallel_for(n, body[, grain]): body(i) for i in [0, n), each once; on
+///    the host it returns when done, on a device it is ordered on the
+///    executor's compute stream;
+///  * synchronize(): the host waits for everything issued so far;
+///  * record(event) / wait(event): order work across queues (copy stream,
+///    communication thread) without a device-wide synchronize;
+///  * copy(dst, src, bytes): bytes between its memory and the host's (either
+///    way), after the work issued so far; returns when they have landed;
+///  * memory_space: where its kernels read and write; on_device: whether
+///    they run on a device (so host memory is not theirs to touch);
+///  * concurrency(): how many indices may run at once (threads, or SMs).
+template <class E>
+concept Executor = requires(E& ex, const E& cex, index_t n, typename E::event& ev, void* p, const void* q) {
+  requires MemorySpace<typename E::memory_space>;
+  { E::on_device } -> std::convertible_to<bool>;
+  ex.parallel_for(n, detail::probe_body{});
+  ex.synchronize();
+  ex.record(ev);
+  ex.wait(ev);
+  ex.copy(p, q, std::size_t{});
+  { cex.concurrency() } -> std::convertible_to<int>;
+};
 
 /// A pool of `threads - 1` workers plus the calling thread. `parallel_for(n, f)`
 /// calls f(i) for every i in [0, n), each exactly once, and returns when all
@@ -22,6 +84,10 @@ namespace semoe {
 /// CUDA kernel. Not re-entrant: one parallel_for at a time per executor.
 class cpu_executor {
  public:
+  using memory_space = host_space;
+  using event = cpu_event;
+  static constexpr bool on_device = false;
+
   struct options {
     int threads = 0;  ///< 0: SEMOE_NUM_THREADS, else the hardware concurrency
   };
@@ -51,6 +117,12 @@ class cpu_executor {
   }
 
   int concurrency() const { return threads_; }
+
+  /// parallel_for returns when its work is done: nothing is left to wait for.
+  void synchronize() {}
+  void record(cpu_event& ev) { ev.record(); }
+  void wait(cpu_event& ev) { ev.wait(); }
+  void copy(void* dst, const void* src, std::size_t bytes) { host_space::copy(dst, src, bytes); }
 
   /// f(i) for i in [0, n). Work is handed out in chunks of at least `grain`
   /// indices so that cheap bodies are not dominated by scheduling.
@@ -156,5 +228,7 @@ class cpu_executor {
   std::uint64_t generation_ = 0;
   bool stop_ = false;
 };
+
+static_assert(Executor<cpu_executor>);
 
 }  // namespace semoe

@@ -8,7 +8,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "semoe/core/executor.hpp"
+#include "semoe/core/backend.hpp"
 #include "semoe/core/random.hpp"
 #include "semoe/core/tensor.hpp"
 
@@ -31,9 +31,11 @@ struct expert_batch {
   index_t rows(index_t e) const { return offsets[e + 1] - offsets[e]; }
 };
 
-template <class E>
+/// An expert policy whose forward and backward run on executor Exec (the
+/// cpu backend's by default; a layer checks its own backend's).
+template <class E, class Exec = cpu::executor>
 concept Expert = std::same_as<typename E::policy_kind, expert_tag> && requires(
-    const E& e, cpu_executor& ex, std::span<float> block, const expert_batch<float>& batch,
+    const E& e, Exec& ex, std::span<float> block, const expert_batch<float>& batch,
     matrix_view<float> out, matrix_view<const float> in, philox rng) {
   typename E::options;
   { E::block_elems(std::declval<const typename E::options&>()) } -> std::convertible_to<index_t>;
@@ -46,7 +48,7 @@ concept Expert = std::same_as<typename E::policy_kind, expert_tag> && requires(
 };
 
 /// Fix-it messages, one per missing piece of the contract.
-template <class E>
+template <class E, class Exec = cpu::executor>
 constexpr bool check_expert() {
   static_assert(requires { requires std::same_as<typename E::policy_kind, expert_tag>; },
                 "semoe::moe_layer: an Expert must opt in with `using policy_kind = semoe::expert::expert_tag;`");
@@ -55,10 +57,10 @@ constexpr bool check_expert() {
   static_assert(requires(const E& e) { e.saved_cols(); e.work_cols(); e.block_elems(); },
                 "semoe::moe_layer: an Expert must provide block_elems(), saved_cols() and work_cols(); see "
                 "expert/concepts.hpp");
-  static_assert(requires(const E& e, cpu_executor& ex, const expert_batch<float>& b, matrix_view<float> y) {
+  static_assert(requires(const E& e, Exec& ex, const expert_batch<float>& b, matrix_view<float> y) {
     e.forward(ex, b, y);
   }, "semoe::moe_layer: an Expert must provide forward(executor, expert_batch, y); see expert/concepts.hpp");
-  static_assert(requires(const E& e, cpu_executor& ex, const expert_batch<float>& b, matrix_view<const float> dy,
+  static_assert(requires(const E& e, Exec& ex, const expert_batch<float>& b, matrix_view<const float> dy,
                          matrix_view<float> dx) { e.backward(ex, b, dy, dx); },
                 "semoe::moe_layer: an Expert must provide backward(executor, expert_batch, dy, dx); see "
                 "expert/concepts.hpp");

@@ -72,18 +72,37 @@ struct add_bias_kernel {
   }
 };
 
-/// db[j] += sum of rows of d[:, j] for a column block (columns are independent).
+/// db[j] += sum over rows of d[:, j], one column per index, rows in order.
 template <class T>
-void add_column_sums(cpu_executor& ex, const T* d, index_t rows, index_t ld, index_t cols, T* db) {
-  constexpr index_t block = 64;
-  ex.parallel_chunks(cols, block, [&](index_t b, index_t e) {
-    T acc[block] = {};
-    for (index_t r = 0; r < rows; ++r) {
-      const T* row = d + r * ld;
-      for (index_t j = b; j < e; ++j) acc[j - b] += row[j];
-    }
-    for (index_t j = b; j < e; ++j) db[j] += acc[j - b];
-  });
+struct column_sum_kernel {
+  const T* d;
+  index_t rows, ld;
+  T* db;
+  SEMOE_HD void operator()(index_t j) const {
+    T acc = T(0);
+    for (index_t r = 0; r < rows; ++r) acc += d[r * ld + j];
+    db[j] += acc;
+  }
+};
+
+/// db[j] += sum of rows of d[:, j]. On the host a block of 64 columns walks
+/// the rows together (row-major memory, one pass); on a device each column is
+/// a thread. Both add the rows in order: the same sums.
+template <class T, Executor Exec>
+void add_column_sums(Exec& ex, const T* d, index_t rows, index_t ld, index_t cols, T* db) {
+  if constexpr (ChunkedExecutor<Exec>) {
+    constexpr index_t block = 64;
+    ex.parallel_chunks(cols, block, [&](index_t b, index_t e) {
+      T acc[block] = {};
+      for (index_t r = 0; r < rows; ++r) {
+        const T* row = d + r * ld;
+        for (index_t j = b; j < e; ++j) acc[j - b] += row[j];
+      }
+      for (index_t j = b; j < e; ++j) db[j] += acc[j - b];
+    });
+  } else {
+    ex.parallel_for(cols, column_sum_kernel<T>{d, rows, ld, db});
+  }
 }
 
 }  // namespace detail
@@ -145,8 +164,8 @@ class ffn {
   }
 
   /// y = act(x W1 + b1) W2 + b2 for every local expert; saves x W1 + b1.
-  template <class T>
-  void forward(cpu_executor& ex, const expert_batch<T>& b, matrix_view<T> y) const {
+  template <class T, Executor Exec>
+  void forward(Exec& ex, const expert_batch<T>& b, matrix_view<T> y) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1(), E = b.experts();
     check(b, y, "forward");
     std::vector<gemm_problem<T>> probs;
@@ -158,7 +177,7 @@ class ffn {
       probs.push_back({blas::op::n, blas::op::n, n, F1, H, T(1), b.x.row(r0), b.x.ld(), w1, F1, T(0),
                        b.saved.row(r0), b.saved.ld()});
     }
-    grouped_gemm<T>(probs);
+    grouped_gemm<T>(ex, probs);
     if (opt_.bias)
       for (index_t e = 0; e < E; ++e)
         ex.parallel_for(b.rows(e), detail::add_bias_kernel<T>{b.saved.row(b.offsets[e]), b.saved.ld(), F1,
@@ -174,7 +193,7 @@ class ffn {
       probs.push_back({blas::op::n, blas::op::n, n, H, F, T(1), b.work.row(r0), b.work.ld(), w2, H, T(0),
                        y.row(r0), y.ld()});
     }
-    grouped_gemm<T>(probs);
+    grouped_gemm<T>(ex, probs);
     if (opt_.bias)
       for (index_t e = 0; e < E; ++e)
         ex.parallel_for(b.rows(e), detail::add_bias_kernel<T>{y.row(b.offsets[e]), y.ld(), H, split(b.params[e]).b2},
@@ -183,8 +202,8 @@ class ffn {
 
   /// Accumulates parameter gradients into b.grads and writes dx. dx may alias
   /// dy: dy's last use comes before dx is written. Destroys b.saved.
-  template <class T>
-  void backward(cpu_executor& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
+  template <class T, Executor Exec>
+  void backward(Exec& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1(), E = b.experts();
     check(b, dx, "backward");
     std::vector<gemm_problem<T>> probs;
@@ -197,7 +216,7 @@ class ffn {
       probs.push_back({blas::op::n, blas::op::t, n, F, H, T(1), dy.row(r0), dy.ld(), w2, H, T(0), b.work.row(r0),
                        b.work.ld()});
     }
-    grouped_gemm<T>(probs);
+    grouped_gemm<T>(ex, probs);
     // saved <- a, work <- dpre, in one pass.
     const index_t R = b.offsets[E] - b.offsets[0];
     ex.parallel_for(R, detail::activation_backward_kernel<T, Act>{b.saved.row(b.offsets[0]),
@@ -217,7 +236,7 @@ class ffn {
         detail::add_column_sums(ex, b.work.row(r0), n, b.work.ld(), F1, gb1);
       }
     }
-    grouped_gemm<T>(probs);
+    grouped_gemm<T>(ex, probs);
     // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
     probs.clear();
     for (index_t e = 0; e < E; ++e) {
@@ -227,7 +246,7 @@ class ffn {
       probs.push_back({blas::op::n, blas::op::t, n, H, F1, T(1), b.work.row(r0), b.work.ld(), w1, F1, T(0),
                        dx.row(r0), dx.ld()});
     }
-    grouped_gemm<T>(probs);
+    grouped_gemm<T>(ex, probs);
   }
 
   /// GEMM shapes of one forward + backward of an expert with n rows, for

@@ -1,7 +1,7 @@
 // semoe/expert/grouped_gemm.hpp: many independent GEMMs as one call, the
 // shape of expert computation (one problem per local expert). On CPU the
-// problems run back to back, each using every BLAS thread; on CUDA builds the
-// same list maps onto cuBLAS's grouped GEMM.
+// problems run back to back, each using every BLAS thread; the cuda executor
+// maps the same list onto cuBLAS's grouped GEMM (cuda/blas.cuh).
 #pragma once
 
 #include <span>
@@ -10,23 +10,15 @@
 
 namespace semoe::expert {
 
-/// C = alpha * op(A) op(B) + beta * C, row-major with leading dimensions.
-template <class T>
-struct gemm_problem {
-  blas::op ta = blas::op::n, tb = blas::op::n;
-  index_t m = 0, n = 0, k = 0;
-  T alpha = 1;
-  const T* a = nullptr;
-  index_t lda = 0;
-  const T* b = nullptr;
-  index_t ldb = 0;
-  T beta = 0;
-  T* c = nullptr;
-  index_t ldc = 0;
+using blas::gemm_problem;
 
-  double flops() const { return 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k); }
-};
+/// Every problem, on the executor's BLAS engine.
+template <class T, Executor Exec>
+void grouped_gemm(Exec& ex, std::span<const gemm_problem<T>> problems) {
+  blas::grouped_gemm<Exec, T>(ex, problems);
+}
 
+/// Every problem, on the host's CBLAS.
 template <class T>
 void grouped_gemm(std::span<const gemm_problem<T>> problems) {
   for (const auto& p : problems)

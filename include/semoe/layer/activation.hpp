@@ -7,7 +7,7 @@
 #include <cstdint>
 
 #include "semoe/core/error.hpp"
-#include "semoe/core/executor.hpp"
+#include "semoe/core/backend.hpp"
 #include "semoe/core/parameter.hpp"
 #include "semoe/core/random.hpp"
 #include "semoe/core/tensor.hpp"
@@ -22,7 +22,7 @@ inline index_t rows_grain(index_t cols) { return std::max<index_t>(1, 16384 / st
 }  // namespace detail
 
 /// y = Act(x) elementwise; Act is relu, gelu or silu from expert/activation.hpp.
-template <class T, class Act>
+template <class T, class Act, Backend B = cpu>
 class activation {
   static_assert(act::Activation<Act>, "semoe::layer::activation: Act must be an activation of "
                                       "expert/activation.hpp (relu, gelu, silu)");
@@ -30,11 +30,15 @@ class activation {
                              "use them inside expert::ffn");
 
  public:
+  using backend = B;
+  static_assert(!B::executor::on_device, "semoe::layer::activation runs on host backends (semoe::cpu) only; its device "
+                                          "kernels are not written yet");
+
   using policy_kind = module_tag;
   using value_type = T;
   using function = Act;
 
-  explicit activation(cpu_executor& ex) : ex_(&ex) {}
+  explicit activation(typename B::executor& ex) : ex_(&ex) {}
 
   index_t output_cols(index_t input_cols) const {
     SEMOE_CHECK(input_cols > 0, "semoe::layer::activation: input has ", input_cols,
@@ -73,7 +77,7 @@ class activation {
   void zero_grad() {}
 
  private:
-  cpu_executor* ex_;
+  typename B::executor* ex_;
   matrix_view<const T> x_{};
   bool has_input_ = false;
 };
@@ -83,9 +87,13 @@ class activation {
 /// is philox(seed, stream = step)(element index), so backward recomputes it
 /// instead of storing it, and a rerun with the same seed is bit-identical.
 /// The step advances in end_step().
-template <class T>
+template <class T, Backend B = cpu>
 class dropout {
  public:
+  using backend = B;
+  static_assert(!B::executor::on_device, "semoe::layer::dropout runs on host backends (semoe::cpu) only; its device "
+                                          "kernels are not written yet");
+
   using policy_kind = module_tag;
   using value_type = T;
 
@@ -97,7 +105,7 @@ class dropout {
     SEMOE_CHECK(o.p >= 0 && o.p < 1, "semoe::layer::dropout: options.p = ", o.p, "; expected 0 <= p < 1");
   }
 
-  dropout(cpu_executor& ex, const options& o, std::uint64_t seed) : ex_(&ex), opt_(o), seed_(seed) {
+  dropout(typename B::executor& ex, const options& o, std::uint64_t seed) : ex_(&ex), opt_(o), seed_(seed) {
     validate(o);
   }
 
@@ -153,7 +161,7 @@ class dropout {
     }, detail::rows_grain(c));
   }
 
-  cpu_executor* ex_;
+  typename B::executor* ex_;
   options opt_;
   std::uint64_t seed_;
   std::uint64_t step_ = 0, mask_step_ = 0;

@@ -6,11 +6,26 @@
 #include <concepts>
 #include <type_traits>
 
+#include "semoe/core/backend.hpp"
 #include "semoe/core/config.hpp"
 #include "semoe/core/parameter.hpp"
 #include "semoe/core/tensor.hpp"
 
 namespace semoe::layer {
+
+/// The backend a module runs on: its `backend` member, or the cpu backend for
+/// modules that do not name one (user modules written before backends).
+template <class L>
+struct module_backend {
+  using type = cpu;
+};
+template <class L>
+  requires requires { typename L::backend; }
+struct module_backend<L> {
+  using type = typename L::backend;
+};
+template <class L>
+using module_backend_t = typename module_backend<L>::type;
 
 /// Opt-in tag: a type is a module because it says so (`using policy_kind =
 /// semoe::layer::module_tag;`), not because its member names happen to fit.

@@ -6,6 +6,7 @@
 
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/executor.hpp"
+#include "semoe/core/tensor.hpp"
 #include "semoe/gate/routing.hpp"
 
 namespace semoe::layer {
@@ -143,40 +144,54 @@ struct gather_rows_kernel {
 // Row kernels are memory-bound: a grain of 64 rows keeps scheduling cheap.
 inline constexpr index_t row_grain = 64;
 
+/// What the row kernels read of a routing plan, as pointers in the memory
+/// of the executor that runs them: the plan itself on the host, its device
+/// mirror on a GPU.
 template <class T>
-void permute(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row, in_view<T> x,
-             matrix_view<T> x_disp) {
-  ex.parallel_for(plan.assignments(),
-                  detail::permute_kernel<T>{row.data(), plan.k, x.cols(), x.data(), x.ld(), x_disp.data(), x_disp.ld()},
+struct dispatch_map {
+  const index_t* row = nullptr;   ///< [assignments] dispatch row or -1 (dispatch_rows)
+  const T* weight = nullptr;      ///< [assignments] combine weight
+  index_t k = 0, tokens = 0;
+
+  index_t assignments() const { return tokens * k; }
+};
+
+/// The map of a host plan and its dispatch rows.
+template <class T>
+dispatch_map<T> host_map(const gate::routing_plan<T>& plan, const buffer<index_t>& row) {
+  return {row.data(), plan.weight.data(), plan.k, plan.tokens};
+}
+
+template <Executor Exec, class T>
+void permute(Exec& ex, const dispatch_map<T>& m, in_view<T> x, matrix_view<T> x_disp) {
+  ex.parallel_for(m.assignments(),
+                  detail::permute_kernel<T>{m.row, m.k, x.cols(), x.data(), x.ld(), x_disp.data(), x_disp.ld()},
                   row_grain);
 }
 
-template <class T>
-void combine(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row,
-             in_view<T> y_disp, matrix_view<T> y) {
-  ex.parallel_for(plan.tokens,
-                  detail::combine_kernel<T>{row.data(), plan.weight.data(), plan.k, y.cols(), y_disp.data(),
-                                            y_disp.ld(), y.data(), y.ld()},
+template <Executor Exec, class T>
+void combine(Exec& ex, const dispatch_map<T>& m, in_view<T> y_disp, matrix_view<T> y) {
+  ex.parallel_for(m.tokens,
+                  detail::combine_kernel<T>{m.row, m.weight, m.k, y.cols(), y_disp.data(), y_disp.ld(), y.data(),
+                                            y.ld()},
                   row_grain);
 }
 
-template <class T>
-void combine_backward(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row,
-                      in_view<T> dy, in_view<T> y_disp, matrix_view<T> dy_disp,
-                      std::span<T> dweight) {
-  ex.parallel_for(plan.assignments(),
-                  detail::combine_backward_kernel<T>{row.data(), plan.weight.data(), plan.k, dy.cols(), dy.data(),
-                                                     dy.ld(), y_disp.data(), y_disp.ld(), dy_disp.data(),
-                                                     dy_disp.ld(), dweight.data()},
+template <Executor Exec, class T>
+void combine_backward(Exec& ex, const dispatch_map<T>& m, in_view<T> dy, in_view<T> y_disp, matrix_view<T> dy_disp,
+                      T* dweight) {
+  ex.parallel_for(m.assignments(),
+                  detail::combine_backward_kernel<T>{m.row, m.weight, m.k, dy.cols(), dy.data(), dy.ld(),
+                                                     y_disp.data(), y_disp.ld(), dy_disp.data(), dy_disp.ld(),
+                                                     dweight},
                   row_grain);
 }
 
-template <class T>
-void unpermute_sum(cpu_executor& ex, const gate::routing_plan<T>& plan, const buffer<index_t>& row,
-                   in_view<T> dx_disp, matrix_view<T> dx) {
-  ex.parallel_for(plan.tokens,
-                  detail::unpermute_sum_kernel<T>{row.data(), plan.k, dx.cols(), dx_disp.data(), dx_disp.ld(),
-                                                  dx.data(), dx.ld()},
+template <Executor Exec, class T>
+void unpermute_sum(Exec& ex, const dispatch_map<T>& m, in_view<T> dx_disp, matrix_view<T> dx) {
+  ex.parallel_for(m.tokens,
+                  detail::unpermute_sum_kernel<T>{m.row, m.k, dx.cols(), dx_disp.data(), dx_disp.ld(), dx.data(),
+                                                  dx.ld()},
                   row_grain);
 }
 

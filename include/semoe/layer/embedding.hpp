@@ -14,7 +14,7 @@
 #include "semoe/comm/concepts.hpp"
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/error.hpp"
-#include "semoe/core/executor.hpp"
+#include "semoe/core/backend.hpp"
 #include "semoe/core/parameter.hpp"
 #include "semoe/core/random.hpp"
 #include "semoe/core/tensor.hpp"
@@ -23,9 +23,13 @@ namespace semoe::layer {
 
 /// y[i] = table[ids[i]]. Not a Module (its input is ids, not rows of T): it
 /// sits in front of a sequential. The table starts N(0, 1), as in PyTorch.
-template <class T>
+template <class T, Backend B = cpu>
 class embedding {
  public:
+  using backend = B;
+  static_assert(!B::executor::on_device, "semoe::layer::embedding runs on host backends (semoe::cpu) only; its device "
+                                          "kernels are not written yet");
+
   using value_type = T;
 
   struct options {
@@ -39,7 +43,7 @@ class embedding {
     SEMOE_CHECK(o.dim > 0, "semoe::layer::embedding: options.dim = ", o.dim, "; expected a positive width");
   }
 
-  embedding(cpu_executor& ex, const options& o, std::uint64_t seed) : ex_(&ex), opt_(o) {
+  embedding(typename B::executor& ex, const options& o, std::uint64_t seed) : ex_(&ex), opt_(o) {
     validate(o);
     table_.resize_discard(o.vocab * o.dim);
     grad_.assign(o.vocab * o.dim, T(0));
@@ -94,7 +98,7 @@ class embedding {
   matrix_view<T> weight_grad() { return grad_.matrix(opt_.vocab, opt_.dim); }
 
  private:
-  cpu_executor* ex_;
+  typename B::executor* ex_;
   options opt_;
   buffer<T> table_, grad_;
   std::span<const std::int32_t> ids_{};
@@ -121,13 +125,17 @@ class embedding {
 /// skips and train::grad_norm sums over the group.
 /// With the same seed the union of the slices is embedding<T>'s table, and
 /// outputs and gradients equal its own bit for bit.
-template <class T, comm::Communicator Comm>
+template <class T, comm::Communicator Comm, Backend B = cpu>
 class partitioned_embedding {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "semoe::layer::partitioned_embedding: T must be float or double, the element types every "
                 "Communicator moves; see comm/concepts.hpp");
 
  public:
+  using backend = B;
+  static_assert(!B::executor::on_device, "semoe::layer::partitioned_embedding runs on host backends (semoe::cpu) only; its device "
+                                          "kernels are not written yet");
+
   using value_type = T;
   using comm_type = Comm;
   /// vocab and dim of the whole (unpartitioned) table.
@@ -150,7 +158,7 @@ class partitioned_embedding {
   }
 
   /// Builds this rank's slice; no communication. `comm` must outlive this.
-  partitioned_embedding(cpu_executor& ex, Comm& comm, const options& o, std::uint64_t seed)
+  partitioned_embedding(typename B::executor& ex, Comm& comm, const options& o, std::uint64_t seed)
       : ex_(&ex), comm_(&comm), opt_(o), ranks_(comm.size()), rank_(comm.rank()) {
     validate(o, ranks_);
     width_ = o.dim / ranks_;
@@ -303,7 +311,7 @@ class partitioned_embedding {
   matrix_view<T> weight_grad() { return grad_.matrix(opt_.vocab, width_); }
 
  private:
-  cpu_executor* ex_;
+  typename B::executor* ex_;
   Comm* comm_;
   options opt_;
   int ranks_, rank_;

@@ -9,7 +9,7 @@
 #include "semoe/core/blas.hpp"
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/error.hpp"
-#include "semoe/core/executor.hpp"
+#include "semoe/core/backend.hpp"
 #include "semoe/core/parameter.hpp"
 #include "semoe/core/random.hpp"
 #include "semoe/core/tensor.hpp"
@@ -19,9 +19,13 @@ namespace semoe::layer {
 
 /// A fully connected layer. W is [out, in] (PyTorch's layout, so checkpoints
 /// map one to one); W and b start uniform in ±1/sqrt(in), as in PyTorch.
-template <class T>
+template <class T, Backend B = cpu>
 class linear {
  public:
+  using backend = B;
+  static_assert(!B::executor::on_device, "semoe::layer::linear runs on host backends (semoe::cpu) only; its device "
+                                          "kernels are not written yet");
+
   using policy_kind = module_tag;
   using value_type = T;
 
@@ -37,7 +41,7 @@ class linear {
                 "; expected a positive number of output features");
   }
 
-  linear(cpu_executor& ex, const options& o, std::uint64_t seed) : ex_(&ex), opt_(o) {
+  linear(typename B::executor& ex, const options& o, std::uint64_t seed) : ex_(&ex), opt_(o) {
     validate(o);
     w_.resize_discard(o.in * o.out);
     gw_.assign(o.in * o.out, T(0));
@@ -120,7 +124,7 @@ class linear {
  private:
   index_t rows_grain() const { return std::max<index_t>(1, 16384 / opt_.out); }
 
-  cpu_executor* ex_;
+  typename B::executor* ex_;
   options opt_;
   buffer<T> w_, gw_, b_, gb_;
   matrix_view<const T> x_{};

@@ -9,7 +9,7 @@
 
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/error.hpp"
-#include "semoe/core/executor.hpp"
+#include "semoe/core/backend.hpp"
 #include "semoe/core/tensor.hpp"
 
 namespace semoe::layer {
@@ -18,9 +18,13 @@ namespace semoe::layer {
 /// q_i = (1 - s) onehot(label_i) + s / C. Dividing the local SUM by the global
 /// batch makes the losses (and gradients) of data-parallel ranks add up to the
 /// global mean, so gradient reduction is a plain sum.
-template <class T>
+template <class T, Backend B = cpu>
 class softmax_cross_entropy {
  public:
+  using backend = B;
+  static_assert(!B::executor::on_device, "semoe::layer::softmax_cross_entropy runs on host backends (semoe::cpu) only; its device "
+                                          "kernels are not written yet");
+
   using value_type = T;
 
   struct options {
@@ -32,8 +36,8 @@ class softmax_cross_entropy {
                 "options.label_smoothing = ", o.label_smoothing, "; expected 0 <= label_smoothing <= 1");
   }
 
-  explicit softmax_cross_entropy(cpu_executor& ex) : softmax_cross_entropy(ex, options{}) {}
-  softmax_cross_entropy(cpu_executor& ex, const options& o) : ex_(&ex), opt_(o) { validate(o); }
+  explicit softmax_cross_entropy(typename B::executor& ex) : softmax_cross_entropy(ex, options{}) {}
+  softmax_cross_entropy(typename B::executor& ex, const options& o) : ex_(&ex), opt_(o) { validate(o); }
 
   /// The loss of these rows divided by global_batch (the rows over all ranks
   /// and micro-batches that make up one step).
@@ -103,7 +107,7 @@ class softmax_cross_entropy {
   matrix_view<const T> probabilities() const { return probs_.view(); }
 
  private:
-  cpu_executor* ex_;
+  typename B::executor* ex_;
   options opt_;
   matrix<T> probs_;
   buffer<T> row_loss_;

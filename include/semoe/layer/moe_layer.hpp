@@ -3,12 +3,21 @@
 // plan) -> permute expert-major -> all-to-all -> grouped expert FFN ->
 // all-to-all back -> weighted combine. Backward mirrors it exactly; gate
 // gradients flow through the combine weights and the aux losses.
+//
+// On a device backend (semoe::cuda) activations, the router and the expert
+// blocks live in device memory and every step above runs there, except the
+// gate policy itself: logits come to pinned host memory, the gate builds the
+// routing plan on the host (the very plan the cpu backend builds), and its
+// rows and weights go back to the device. Gate backward does the same with
+// the combine-weight gradients. Expert parallelism over several ranks on a
+// device needs a communicator that moves device memory (NCCL), not built yet.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <functional>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "semoe/comm/concepts.hpp"
@@ -29,12 +38,52 @@
 
 namespace semoe {
 
+namespace detail {
+/// The store a storage policy makes for scalar T in memory space Space: the
+/// policy's store<T, Space> where it has one, its store<T> in host memory.
+template <class Storage, class T, class Space>
+struct store_for {
+  static_assert(std::is_same_v<Space, host_space>,
+                "semoe::moe_layer: this storage policy keeps blocks in host memory only; on a device backend use "
+                "storage::resident (device-memory tiers for tiered stores are not built yet)");
+  using type = typename Storage::template store<T>;
+};
+template <class Storage, class T, class Space>
+  requires requires { typename Storage::template store<T, Space>; }
+struct store_for<Storage, T, Space> {
+  using type = typename Storage::template store<T, Space>;
+};
+
+/// out = in * u (or out += in * u), u ~ U(1-eps, 1+eps) keyed by (step,
+/// global token, feature): the router's input jitter, one row per index.
+template <class T>
+struct jitter_kernel {
+  philox rng;
+  T eps;
+  index_t cols, base;
+  const T* in;
+  index_t in_ld;
+  T* out;
+  index_t out_ld;
+  bool accumulate;
+  SEMOE_HD void operator()(index_t t) const {
+    const T* src = in + t * in_ld;
+    T* dst = out + t * out_ld;
+    for (index_t j = 0; j < cols; ++j) {
+      const auto c = static_cast<std::uint64_t>((base + t) * cols + j);
+      const T u = T(1) - eps + T(2) * eps * T(rng.uniform(c));
+      dst[j] = accumulate ? dst[j] + src[j] * u : src[j] * u;
+    }
+  }
+};
+}  // namespace detail
+
 /// The layer for scalar T. Most code names `moe_layer` (T = float) below.
 template <class T, Backend B, class Gate, class Expert = expert::ffn<act::gelu>, class Comm = comm::local,
           class Storage = storage::resident, class Prefetch = prefetch::on_demand>
 class basic_moe_layer {
   static_assert(gate::check_gate<Gate>());
-  static_assert(expert::check_expert<Expert>());
+  static_assert(expert::check_expert<Expert, typename B::executor>());
   static_assert(comm::Communicator<Comm>,
                 "semoe::moe_layer: Comm must satisfy semoe::comm::Communicator; see comm/concepts.hpp");
   static_assert(storage::Storage<Storage>,
@@ -50,8 +99,11 @@ class basic_moe_layer {
   using gate_type = Gate;
   using expert_type = Expert;
   using comm_type = Comm;
-  using store_type = typename Storage::template store<T>;
+  using memory_space = typename B::memory_space;
+  using store_type = typename detail::store_for<Storage, T, memory_space>::type;
   using prefetch_type = Prefetch;
+  /// Activations, router and expert blocks in device memory; the gate on the host.
+  static constexpr bool on_device = B::executor::on_device;
 
   struct options {
     index_t hidden = 0;   ///< model width
@@ -77,20 +129,35 @@ class basic_moe_layer {
       : ex_(&ex), comm_(&comm), opt_(fill(opt)), gate_(opt_.gate), expert_(opt_.expert),
         store_(store ? std::move(store) : std::make_shared<store_type>()) {
     validate(opt_, comm.size());
+    if constexpr (on_device)
+      SEMOE_CHECK(comm.size() == 1, "semoe::moe_layer: on the ", B::name, " backend the layer runs on one rank (",
+                  comm.size(), " given): expert parallelism across devices needs comm::nccl, not built yet");
     (void)gate_.choices(opt_.experts);  // k > experts fails here, not mid-step
     local_experts_ = opt_.experts / comm.size();
     first_expert_ = comm.rank() * local_experts_;
     layer_id_ = store_->add_layer(local_experts_, expert_.block_elems());
     const philox rng(opt_.seed, 0x5e30e);
+    buffer<T> staged;  // a device block is initialized on the host, then copied
     for (index_t i = 0; i < local_experts_; ++i)
-      store_->visit(layer_id_, i, [&](storage::block_ref<T> blk) { expert_.init(blk.params, rng, first_expert_ + i); });
+      store_->visit(layer_id_, i, [&](storage::block_ref<T> blk) {
+        if constexpr (store_memory::type::host_accessible) {
+          expert_.init(blk.params, rng, first_expert_ + i);
+        } else {
+          staged.resize_discard(static_cast<index_t>(blk.params.size()));
+          expert_.init(staged.span(), rng, first_expert_ + i);
+          ex_->copy(blk.params.data(), staged.data(), staged.bytes());
+        }
+      });
     // Router: small uniform init, identical on every rank (seeded, not sent).
-    router_.resize_discard(opt_.hidden * opt_.experts);
-    router_grad_.assign(opt_.hidden * opt_.experts, T(0));
+    buffer<T> router(opt_.hidden * opt_.experts);
     const philox rrng(opt_.seed, 0x7047e);
     const T scale = T(1) / std::sqrt(T(opt_.hidden));
-    for (index_t i = 0; i < router_.size(); ++i)
-      router_[i] = scale * (T(2) * T(rrng.uniform(static_cast<std::uint64_t>(i))) - T(1));
+    for (index_t i = 0; i < router.size(); ++i)
+      router[i] = scale * (T(2) * T(rrng.uniform(static_cast<std::uint64_t>(i))) - T(1));
+    router_.resize_discard(router.size());
+    ex_->copy(router_.data(), router.data(), router.bytes());
+    router_grad_.resize_discard(router.size());
+    router_grad_.zero();
   }
 
   // -- Module interface ---------------------------------------------------
@@ -123,20 +190,25 @@ class basic_moe_layer {
         xr = xj_.matrix(tokens, H);
       }
       logits_.resize_discard(tokens * E);
-      blas::gemm<T>(blas::op::n, blas::op::n, T(1), xr, router_.matrix(H, E), T(0), logits_.matrix(tokens, E));
+      blas::gemm(*ex_, blas::op::n, blas::op::n, T(1), xr, matrix_view<const T>(router_.matrix(H, E)), T(0),
+                 logits_.matrix(tokens, E));
     }
     {
       trace::scope ts("gate", "compute", comm_->rank());
       const auto ctx = context();
-      gate_.route(ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_);
+      gate_.route(ctx, host_logits(tokens), plan_);
       layer::dispatch_rows(plan_, row_);
+      if constexpr (on_device) {  // the kernels read the plan's rows and weights on the device
+        to_device(row_dev_, row_);
+        to_device(weight_dev_, plan_.weight);
+      }
     }
     const index_t R = plan_.kept();
     x_disp_.resize_discard(R * H);
     y_disp_.resize_discard(R * H);
     {
       trace::scope ts("permute", "compute", comm_->rank());
-      layer::permute(*ex_, plan_, row_, x, x_disp_.matrix(R, H));
+      layer::permute(*ex_, map(), x, x_disp_.matrix(R, H));
     }
     if (comm_->size() == 1) {
       run_experts_forward(plan_.offsets.span(), x_disp_.matrix(R, H), y_disp_.matrix(R, H));
@@ -152,7 +224,7 @@ class basic_moe_layer {
     }
     {
       trace::scope ts("combine", "compute", comm_->rank());
-      layer::combine(*ex_, plan_, row_, y_disp_.matrix(R, H), y);
+      layer::combine(*ex_, map(), matrix_view<const T>(y_disp_.matrix(R, H)), y);
     }
   }
 
@@ -166,8 +238,8 @@ class basic_moe_layer {
     dweight_.resize_discard(plan_.assignments());
     {  // dy_disp overwrites y_disp row by row: each row is read before it is written.
       trace::scope ts("combine_backward", "compute", comm_->rank());
-      layer::combine_backward(*ex_, plan_, row_, dy, matrix_view<const T>(y_disp_.matrix(R, H)),
-                              y_disp_.matrix(R, H), dweight_.span());
+      layer::combine_backward(*ex_, map(), dy, matrix_view<const T>(y_disp_.matrix(R, H)),
+                              y_disp_.matrix(R, H), dweight_.data());
     }
     if (comm_->size() == 1) {
       run_experts_backward(plan_.offsets.span(), x_disp_.matrix(R, H), y_disp_.matrix(R, H));
@@ -179,25 +251,34 @@ class basic_moe_layer {
     }
     if (want_dx) {
       trace::scope ts("unpermute", "compute", comm_->rank());
-      layer::unpermute_sum(*ex_, plan_, row_, matrix_view<const T>(y_disp_.matrix(R, H)), dx);
+      layer::unpermute_sum(*ex_, map(), matrix_view<const T>(y_disp_.matrix(R, H)), dx);
     }
     {  // Gate: dlogits from the combine weights and aux losses, then the router GEMMs.
       trace::scope ts("gate_backward", "compute", comm_->rank());
       dlogits_.resize_discard(tokens * E);
       const auto ctx = context();
-      gate_.backward(ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_,
-                     std::span<const T>(dweight_.span()), dlogits_.matrix(tokens, E));
+      if constexpr (on_device) {  // the gate's backward runs where its forward did: on the host
+        dweight_host_.resize_discard(dweight_.size());
+        dlogits_host_.resize_discard(tokens * E);
+        ex_->copy(dweight_host_.data(), dweight_.data(), dweight_.bytes());
+        gate_.backward(ctx, matrix_view<const T>(logits_host_.matrix(tokens, E)), plan_,
+                       std::span<const T>(dweight_host_.span()), dlogits_host_.matrix(tokens, E));
+        ex_->copy(dlogits_.data(), dlogits_host_.data(), dlogits_host_.bytes());
+      } else {
+        gate_.backward(ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_,
+                       std::span<const T>(dweight_.span()), dlogits_.matrix(tokens, E));
+      }
       const bool jit = jitter() > 0;
       matrix_view<const T> xr = jit ? matrix_view<const T>(xj_.matrix(tokens, H)) : x_;
-      blas::gemm<T>(blas::op::t, blas::op::n, T(1), xr, matrix_view<const T>(dlogits_.matrix(tokens, E)), T(1),
+      blas::gemm(*ex_, blas::op::t, blas::op::n, T(1), xr, matrix_view<const T>(dlogits_.matrix(tokens, E)), T(1),
                     router_grad_.matrix(H, E));
       if (want_dx) {
         if (jit) {  // dx += (dlogits Wg^T) * noise; xj_ is free once dWg is done.
-          blas::gemm<T>(blas::op::n, blas::op::t, T(1), matrix_view<const T>(dlogits_.matrix(tokens, E)),
+          blas::gemm(*ex_, blas::op::n, blas::op::t, T(1), matrix_view<const T>(dlogits_.matrix(tokens, E)),
                         matrix_view<const T>(router_.matrix(H, E)), T(0), xj_.matrix(tokens, H));
           apply_jitter(matrix_view<const T>(xj_.matrix(tokens, H)), dx, true);
         } else {
-          blas::gemm<T>(blas::op::n, blas::op::t, T(1), matrix_view<const T>(dlogits_.matrix(tokens, E)),
+          blas::gemm(*ex_, blas::op::n, blas::op::t, T(1), matrix_view<const T>(dlogits_.matrix(tokens, E)),
                         matrix_view<const T>(router_.matrix(H, E)), T(1), dx);
         }
       }
@@ -283,18 +364,45 @@ class basic_moe_layer {
   /// out = in * u (or out += in * u when accumulate), u ~ U(1-eps, 1+eps),
   /// keyed by (step, global token, feature) so the split never changes it.
   void apply_jitter(matrix_view<const T> in, matrix_view<T> out, bool accumulate) {
-    const philox rng(opt_.seed ^ 0x717e4ull, step_);
-    const T eps = T(jitter());
-    const index_t H = in.cols(), base = token_offset_;
-    ex_->parallel_for(in.rows(), [=](index_t t) {
-      const T* src = in.row(t);
-      T* dst = out.row(t);
-      for (index_t j = 0; j < H; ++j) {
-        const auto c = static_cast<std::uint64_t>((base + t) * H + j);
-        const T u = T(1) - eps + T(2) * eps * T(rng.uniform(c));
-        dst[j] = accumulate ? dst[j] + src[j] * u : src[j] * u;
-      }
-    }, layer::row_grain);
+    ex_->parallel_for(in.rows(),
+                      detail::jitter_kernel<T>{philox(opt_.seed ^ 0x717e4ull, step_), T(jitter()), in.cols(),
+                                               token_offset_, in.data(), in.ld(), out.data(), out.ld(), accumulate},
+                      layer::row_grain);
+  }
+
+  /// The store's memory space (host for stores that do not say).
+  struct store_memory {
+    template <class S>
+    static auto of(int) -> typename S::memory_space;
+    template <class S>
+    static auto of(long) -> host_space;
+    using type = decltype(of<store_type>(0));
+  };
+
+  /// The logits where the gate reads them: on the host.
+  matrix_view<const T> host_logits(index_t tokens) {
+    const index_t E = opt_.experts;
+    if constexpr (on_device) {
+      logits_host_.resize_discard(tokens * E);
+      ex_->copy(logits_host_.data(), logits_.data(), static_cast<std::size_t>(tokens * E) * sizeof(T));
+      return logits_host_.matrix(tokens, E);
+    } else {
+      return logits_.matrix(tokens, E);
+    }
+  }
+
+  template <class U>
+  void to_device(buffer<U, memory_space>& dst, const buffer<U>& src) {
+    dst.resize_discard(src.size());
+    ex_->copy(dst.data(), src.data(), src.bytes());
+  }
+
+  /// The plan's rows and weights in the memory the row kernels run on.
+  layer::dispatch_map<T> map() const {
+    if constexpr (on_device)
+      return {row_dev_.data(), weight_dev_.data(), plan_.k, plan_.tokens};
+    else
+      return layer::host_map(plan_, row_);
   }
 
   void agree_on_tokens(index_t tokens) {
@@ -555,17 +663,26 @@ class basic_moe_layer {
   std::uint64_t step_ = 0;
   index_t global_tokens_ = 0, token_offset_ = 0;
 
-  buffer<T> router_, router_grad_;
+  template <class U>
+  using dbuffer = buffer<U, memory_space>;  // where the executor's kernels read and write
+  using hbuffer = buffer<T, typename B::host_memory_space>;  // host staging (pinned on a device)
+
+  dbuffer<T> router_, router_grad_;
   gate::routing_plan<T> plan_;
   buffer<index_t> row_;
   matrix_view<const T> x_;
-  buffer<T> xj_, logits_, dlogits_, dweight_;
-  buffer<T> x_disp_, y_disp_, saved_, work_;
+  dbuffer<T> xj_, logits_, dlogits_, dweight_;
+  dbuffer<T> x_disp_, y_disp_, saved_, work_;
+  // Device backends: the plan's rows and weights for the kernels, and the
+  // gate's inputs and outputs on the host.
+  dbuffer<index_t> row_dev_;
+  dbuffer<T> weight_dev_;
+  hbuffer logits_host_, dweight_host_, dlogits_host_;
   // Expert-parallel exchange (ranks > 1 only).
   std::vector<index_t> send_elems_, recv_elems_;
   buffer<index_t> expert_offsets_, to_expert_major_;
   index_t recv_rows_ = 0;
-  buffer<T> recv_, expert_in_, expert_out_;
+  dbuffer<T> recv_, expert_in_, expert_out_;
   std::vector<T*> params_, grads_;
   std::function<void(index_t)> expert_done_;
 };

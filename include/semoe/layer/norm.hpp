@@ -8,7 +8,7 @@
 
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/error.hpp"
-#include "semoe/core/executor.hpp"
+#include "semoe/core/backend.hpp"
 #include "semoe/core/parameter.hpp"
 #include "semoe/core/tensor.hpp"
 #include "semoe/layer/concepts.hpp"
@@ -17,9 +17,13 @@ namespace semoe::layer {
 
 /// y = (x - mean) / sqrt(var + eps) * gamma + beta, statistics per row with
 /// the biased variance (as PyTorch). gamma starts at 1, beta at 0.
-template <class T>
+template <class T, Backend B = cpu>
 class layer_norm {
  public:
+  using backend = B;
+  static_assert(!B::executor::on_device, "semoe::layer::layer_norm runs on host backends (semoe::cpu) only; its device "
+                                          "kernels are not written yet");
+
   using policy_kind = module_tag;
   using value_type = T;
 
@@ -35,7 +39,7 @@ class layer_norm {
                 "; expected a finite positive number");
   }
 
-  layer_norm(cpu_executor& ex, const options& o) : ex_(&ex), opt_(o) {
+  layer_norm(typename B::executor& ex, const options& o) : ex_(&ex), opt_(o) {
     validate(o);
     if (o.affine) {
       gamma_.assign(o.dim, T(1));
@@ -146,7 +150,7 @@ class layer_norm {
  private:
   index_t rows_grain() const { return std::max<index_t>(1, 8192 / opt_.dim); }
 
-  cpu_executor* ex_;
+  typename B::executor* ex_;
   options opt_;
   buffer<T> gamma_, beta_, ggamma_, gbeta_, mean_, rstd_;
   matrix_view<const T> x_{};

@@ -21,6 +21,7 @@ class repeated {
  public:
   using policy_kind = module_tag;
   using value_type = T;
+  using backend = module_backend_t<Layer>;
 
   /// make(i) builds layer i, for i = 0 .. n-1.
   template <class Make>

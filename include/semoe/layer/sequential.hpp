@@ -13,7 +13,7 @@
 
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/error.hpp"
-#include "semoe/core/executor.hpp"
+#include "semoe/core/backend.hpp"
 #include "semoe/core/parameter.hpp"
 #include "semoe/core/tensor.hpp"
 #include "semoe/layer/concepts.hpp"
@@ -34,6 +34,7 @@ class sequential {
  public:
   using policy_kind = module_tag;
   using value_type = T;
+  using backend = module_backend_t<std::tuple_element_t<0, std::tuple<Layers...>>>;
 
   explicit sequential(Layers... layers) : layers_(std::move(layers)...) {}
 
@@ -191,8 +192,12 @@ class residual {
   using policy_kind = module_tag;
   using value_type = T;
   using body_type = sequential<T, Layers...>;
+  /// The backend of the first layer of the body; the skip path runs there.
+  using backend = module_backend_t<std::tuple_element_t<0, std::tuple<Layers...>>>;
+  static_assert(!backend::executor::on_device,
+                "semoe::layer::residual runs on host backends (semoe::cpu) only; its device kernels are not written yet");
 
-  explicit residual(cpu_executor& ex, Layers... layers) : ex_(&ex), body_(std::move(layers)...) {}
+  explicit residual(typename backend::executor& ex, Layers... layers) : ex_(&ex), body_(std::move(layers)...) {}
 
   body_type& body() { return body_; }
   const body_type& body() const { return body_; }
@@ -237,11 +242,11 @@ class residual {
     }, std::max<index_t>(1, 16384 / std::max<index_t>(c, 1)));
   }
 
-  cpu_executor* ex_;
+  typename backend::executor* ex_;
   body_type body_;
 };
 
 template <class L0, class... Ls>
-residual(cpu_executor&, L0, Ls...) -> residual<typename L0::value_type, L0, Ls...>;
+residual(typename module_backend_t<L0>::executor&, L0, Ls...) -> residual<typename L0::value_type, L0, Ls...>;
 
 }  // namespace semoe::layer

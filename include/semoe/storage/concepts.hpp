@@ -35,6 +35,15 @@ struct block_ref {
   std::span<T> state;
 };
 
+namespace detail {
+/// The visitor the Store concept probes visit() with (a named functor:
+/// nvcc rejects lambdas inside requires-expressions).
+template <class T>
+struct probe_visitor {
+  void operator()(block_ref<T>) const {}
+};
+}  // namespace detail
+
 /// What a store of scalar T provides. `Storage::store<T>` is the store type a
 /// storage policy makes for a layer of scalar T.
 ///  * acquire/release: the block in fast memory for compute (params, grads;
@@ -52,7 +61,7 @@ concept Store = requires(S& s, index_t i) {
   { s.release(i, i) };
   { s.reserve_state(i) };
   { s.zero_grads(i) };
-  { s.visit(i, i, [](block_ref<T>) {}) };
+  { s.visit(i, i, detail::probe_visitor<T>{}) };
 };
 
 template <class P>

@@ -1,4 +1,7 @@
 // semoe/storage/resident.hpp: every expert block in fast memory, the default.
+// store<T> keeps blocks in host memory (the cpu backend's fast memory);
+// store<T, device_space> keeps them in device memory, where visit() hands out
+// device spans for the backend's kernels (the optimizer) to work on.
 #pragma once
 
 #include <vector>
@@ -12,10 +15,11 @@ struct resident {
   using policy_kind = storage_tag;
 
   /// All blocks of a layer in one allocation each for params, grads, state.
-  template <class T>
+  template <class T, MemorySpace Space = host_space>
   class store {
    public:
     using value_type = T;
+    using memory_space = Space;
     struct options {};  ///< nothing to configure: every block in fast memory
     store() = default;
     explicit store(options) {}
@@ -25,9 +29,9 @@ struct resident {
       layer_data l;
       l.experts = experts;
       l.block = block_elems;
-      l.params.assign(experts * block_elems, T(0));
-      l.grads.assign(experts * block_elems, T(0));
-      l.state.assign(state_slots_ * experts * block_elems, T(0));
+      zeroed(l.params, experts * block_elems);
+      zeroed(l.grads, experts * block_elems);
+      zeroed(l.state, state_slots_ * experts * block_elems);
       layers_.push_back(std::move(l));
       return static_cast<index_t>(layers_.size()) - 1;
     }
@@ -40,7 +44,7 @@ struct resident {
     void reserve_state(index_t slots) {
       if (slots <= state_slots_) return;
       state_slots_ = slots;
-      for (auto& l : layers_) l.state.assign(slots * l.experts * l.block, T(0));
+      for (auto& l : layers_) zeroed(l.state, slots * l.experts * l.block);
     }
 
     block_ref<T> acquire(index_t layer, index_t expert) {
@@ -76,8 +80,12 @@ struct resident {
    private:
     struct layer_data {
       index_t experts = 0, block = 0;
-      buffer<T> params, grads, state;
+      buffer<T, Space> params, grads, state;
     };
+    static void zeroed(buffer<T, Space>& b, index_t n) {
+      b.resize_discard(n);
+      b.zero();
+    }
     layer_data& at(index_t layer) {
       SEMOE_CHECK(layer >= 0 && layer < layers(), "semoe::storage::resident: no layer ", layer);
       return layers_[static_cast<std::size_t>(layer)];

@@ -11,7 +11,7 @@
 
 #include "semoe/comm/concepts.hpp"
 #include "semoe/core/buffer.hpp"
-#include "semoe/core/executor.hpp"
+#include "semoe/core/backend.hpp"
 #include "semoe/core/parameter.hpp"
 #include "semoe/storage/concepts.hpp"
 
@@ -187,10 +187,13 @@ struct adamw_kernel {
 /// Optimizer state of dense parameters lives in the optimizer; that of expert
 /// blocks lives in the block's `state` slots inside the store, next to the
 /// weights, so a tiered store moves it with them.
-template <class T, class Derived>
+template <class T, class Derived, Backend B>
 class optimizer_base {
  public:
-  explicit optimizer_base(cpu_executor& ex) : ex_(&ex) {}
+  using backend = B;
+  using state_buffer = buffer<T, typename B::memory_space>;
+
+  explicit optimizer_base(typename B::executor& ex) : ex_(&ex) {}
 
   /// One update of every dense parameter and every local expert block.
   template <class Model>
@@ -198,11 +201,14 @@ class optimizer_base {
     ++t_;
     auto params = m.parameters();
     const index_t slots = Derived::state_slots;
-    if (dense_state_.size() != params.size()) dense_state_.assign(params.size(), buffer<T>());
+    if (dense_state_.size() != params.size()) dense_state_.assign(params.size(), state_buffer());
     for (std::size_t i = 0; i < params.size(); ++i) {
       auto& p = params[i];
       auto& st = dense_state_[i];
-      if (st.size() != slots * static_cast<index_t>(p.value.size())) st.assign(slots * static_cast<index_t>(p.value.size()), T(0));
+      if (st.size() != slots * static_cast<index_t>(p.value.size())) {
+        st.resize_discard(slots * static_cast<index_t>(p.value.size()));
+        st.zero();
+      }
       self().update(p.value, p.grad, st.span());
     }
     for_each_moe_layer(m, [&](auto& layer) {
@@ -238,19 +244,19 @@ class optimizer_base {
   /// every dense parameter, in model.parameters() order (empty before the
   /// first step).
   std::uint64_t& step_count() { return t_; }
-  std::vector<buffer<T>>& dense_state() { return dense_state_; }
+  std::vector<state_buffer>& dense_state() { return dense_state_; }
   static constexpr index_t slots() { return Derived::state_slots; }
 
  protected:
   Derived& self() { return static_cast<Derived&>(*this); }
-  cpu_executor* ex_;
+  typename B::executor* ex_;
   std::uint64_t t_ = 0;
-  std::vector<buffer<T>> dense_state_;
+  std::vector<state_buffer> dense_state_;
   std::vector<const void*> early_;  // layers update_block_now() did this step
 };
 
-template <class T>
-class sgd : public optimizer_base<T, sgd<T>> {
+template <class T, Backend B = cpu>
+class sgd : public optimizer_base<T, sgd<T, B>, B> {
  public:
   struct options {
     double lr = 0.01;
@@ -264,7 +270,7 @@ class sgd : public optimizer_base<T, sgd<T>> {
   }
   static constexpr index_t state_slots = 1;
 
-  sgd(cpu_executor& ex, options o) : optimizer_base<T, sgd<T>>(ex), opt_(o) { validate(o); }
+  sgd(typename B::executor& ex, options o) : optimizer_base<T, sgd<T, B>, B>(ex), opt_(o) { validate(o); }
   void set_lr(double lr) { opt_.lr = lr; }
   double lr() const { return opt_.lr; }
 
@@ -279,8 +285,8 @@ class sgd : public optimizer_base<T, sgd<T>> {
   options opt_;
 };
 
-template <class T>
-class adamw : public optimizer_base<T, adamw<T>> {
+template <class T, Backend B = cpu>
+class adamw : public optimizer_base<T, adamw<T, B>, B> {
  public:
   struct options {
     double lr = 1e-3;
@@ -297,7 +303,7 @@ class adamw : public optimizer_base<T, adamw<T>> {
   }
   static constexpr index_t state_slots = 2;
 
-  adamw(cpu_executor& ex, options o) : optimizer_base<T, adamw<T>>(ex), opt_(o) { validate(o); }
+  adamw(typename B::executor& ex, options o) : optimizer_base<T, adamw<T, B>, B>(ex), opt_(o) { validate(o); }
   void set_lr(double lr) { opt_.lr = lr; }
   double lr() const { return opt_.lr; }
 

@@ -116,3 +116,25 @@ TEST_CASE("blas::gemm: shape mismatches and strided columns raise semoe::error")
   CHECK_THROWS_WITH_AS(semoe::blas::gemm<double>(op::n, op::n, 1.0, At, B3, 0.0, semoe::as_matrix(c.data(), 4, 2)),
                        "semoe::blas::gemm: matrices must have unit column stride", semoe::error);
 }
+
+TEST_CASE("the executor forms run the executor's engine: the same bits as the raw CBLAS calls") {
+  semoe::cpu_executor ex({.threads = 2});
+  const index_t m = 17, n = 23, k = 31;
+  auto a = random_values<float>(m * k, 11), b = random_values<float>(k * n, 12);
+  std::vector<float> c1(m * n, 1.0f), c2 = c1, c3 = c1;
+  semoe::blas::gemm(op::n, op::n, m, n, k, 1.5f, a.data(), k, b.data(), n, 0.5f, c1.data(), n);
+  semoe::blas::gemm(ex, op::n, op::n, m, n, k, 1.5f, a.data(), k, b.data(), n, 0.5f, c2.data(), n);
+  CHECK(c1 == c2);
+  std::vector<semoe::blas::gemm_problem<float>> probs = {
+      {op::n, op::n, 7, n, k, 1.5f, a.data(), k, b.data(), n, 0.5f, c3.data(), n},
+      {op::n, op::n, m - 7, n, k, 1.5f, a.data() + 7 * k, k, b.data(), n, 0.5f, c3.data() + 7 * n, n}};
+  semoe::blas::grouped_gemm<semoe::cpu_executor, float>(ex, probs);
+  std::vector<float> c4(m * n, 1.0f);  // the same two problems as raw calls
+  semoe::blas::gemm(op::n, op::n, 7, n, k, 1.5f, a.data(), k, b.data(), n, 0.5f, c4.data(), n);
+  semoe::blas::gemm(op::n, op::n, m - 7, n, k, 1.5f, a.data() + 7 * k, k, b.data(), n, 0.5f, c4.data() + 7 * n, n);
+  CHECK(c3 == c4);
+  CHECK_THROWS_WITH_AS(semoe::blas::gemm(ex, op::n, op::n, 1.0f, semoe::as_matrix<const float>(a.data(), m, k),
+                                         semoe::as_matrix<const float>(b.data(), n, k), 0.0f,
+                                         semoe::as_matrix(c1.data(), m, n)),
+                       doctest::Contains("shapes do not agree"), semoe::error);
+}

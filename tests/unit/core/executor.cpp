@@ -188,3 +188,53 @@ TEST_CASE("cpu_executor: the thread count comes from options, then SEMOE_NUM_THR
   }
   CHECK_THROWS_AS(cpu_executor({.threads = 1025}), semoe::error);
 }
+
+// -- The Executor and MemorySpace concepts, both ways --------------------------
+
+namespace concept_probe {
+struct no_sync {  // everything but synchronize()
+  using memory_space = semoe::host_space;
+  using event = semoe::cpu_event;
+  static constexpr bool on_device = false;
+  template <class F>
+  void parallel_for(index_t, const F&, index_t = 0) {}
+  void record(event&) {}
+  void wait(event&) {}
+  void copy(void*, const void*, std::size_t) {}
+  int concurrency() const { return 1; }
+};
+struct complete : no_sync {
+  void synchronize() {}
+};
+struct no_space_copy {  // a memory space without copy()
+  static constexpr const char* name = "x";
+  static constexpr bool host_accessible = true, device_accessible = false;
+  static void* allocate(std::size_t) { return nullptr; }
+  static void deallocate(void*, std::size_t) {}
+  static void zero(void*, std::size_t) {}
+};
+}  // namespace concept_probe
+
+static_assert(semoe::Executor<cpu_executor> && semoe::ChunkedExecutor<cpu_executor>);
+static_assert(semoe::Executor<concept_probe::complete> && !semoe::Executor<concept_probe::no_sync>);
+static_assert(!semoe::ChunkedExecutor<concept_probe::complete>);
+static_assert(semoe::MemorySpace<semoe::host_space> && !semoe::MemorySpace<concept_probe::no_space_copy>);
+static_assert(semoe::accessible_from<semoe::host_space, cpu_executor>);
+
+TEST_CASE("executor copy and the host space move bytes; copy_bytes picks the space that can") {
+  cpu_executor ex({.threads = 2});
+  std::vector<int> a(100), b(100, -1);
+  for (int i = 0; i < 100; ++i) a[i] = i * i;
+  ex.copy(b.data(), a.data(), a.size() * sizeof(int));
+  CHECK(a == b);
+  semoe::host_space::zero(b.data(), b.size() * sizeof(int));
+  CHECK(std::all_of(b.begin(), b.end(), [](int v) { return v == 0; }));
+  semoe::copy_bytes<semoe::host_space, semoe::host_space>(b.data(), a.data(), a.size() * sizeof(int));
+  CHECK(a == b);
+  semoe::cpu_event ev;
+  ev.reset();
+  CHECK(!ev.ready());
+  ex.record(ev);
+  CHECK(ev.ready());
+  ex.wait(ev);  // returns: recorded
+}

@@ -155,3 +155,19 @@ TEST_CASE("ffn validates its options and buffers") {
   matrix<float> y(2, 3);
   CHECK_THROWS_WITH_AS(p.f.forward(ex, p.batch(), y.view()), doctest::Contains("hidden = 4"), semoe::error);
 }
+
+TEST_CASE("the per-column bias-gradient body (a device executor's path) equals the host's chunked sums") {
+  const index_t rows = 37, cols = 150, ld = 160;
+  std::vector<float> d(rows * ld), db1(cols, 0.5f), db2 = db1;
+  std::mt19937 g(3);
+  std::uniform_real_distribution<float> u(-1, 1);
+  for (auto& v : d) v = u(g);
+  cpu_executor ex({.threads = 2});
+  expert::detail::add_column_sums(ex, d.data(), rows, ld, cols, db1.data());
+  ex.parallel_for(cols, expert::detail::column_sum_kernel<float>{d.data(), rows, ld, db2.data()});
+  CHECK(db1 == db2);  // both add the rows in order
+  float expect = 0.5f;
+  float acc = 0;
+  for (index_t r = 0; r < rows; ++r) acc += d[r * ld + 149];
+  CHECK(db2[149] == expect + acc);
+}

@@ -1,0 +1,73 @@
+// semoe/core/memory_space.hpp: where a buffer's bytes live, in the manner of
+// Kokkos memory spaces. A space allocates, frees, copies and zeroes raw bytes
+// and says which processors may dereference it; `accessible_from` tells
+// generic code (and the prefetcher) whether an executor can read a space
+// directly or a move is due first.
+#pragma once
+
+#include <concepts>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "semoe/core/config.hpp"
+
+namespace semoe {
+
+/// What a memory space provides. `copy` moves bytes between this space and
+/// any space the host can name (host, pinned, device: CUDA's unified virtual
+/// addressing tells them apart); it returns when the bytes have landed.
+template <class S>
+concept MemorySpace = requires(std::size_t n, void* p, const void* q) {
+  { S::name } -> std::convertible_to<const char*>;
+  { S::host_accessible } -> std::convertible_to<bool>;
+  { S::device_accessible } -> std::convertible_to<bool>;
+  { S::allocate(n) } -> std::same_as<void*>;
+  S::deallocate(p, n);
+  S::copy(p, q, n);
+  S::zero(p, n);
+};
+
+/// Host memory: the memory space of the cpu backend. 64-byte aligned.
+struct host_space {
+  static constexpr const char* name = "host";
+  static constexpr bool host_accessible = true;
+  static constexpr bool device_accessible = false;
+
+  static void* allocate(std::size_t bytes) {
+    if (bytes == 0) return nullptr;
+    const std::size_t rounded = (bytes + cache_line - 1) / cache_line * cache_line;
+    void* p = std::aligned_alloc(cache_line, rounded);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  static void deallocate(void* p, std::size_t) { std::free(p); }
+  static void copy(void* dst, const void* src, std::size_t bytes) {
+    if (bytes) std::memcpy(dst, src, bytes);
+  }
+  static void zero(void* p, std::size_t bytes) {
+    if (bytes) std::memset(p, 0, bytes);
+  }
+};
+
+static_assert(MemorySpace<host_space>);
+
+/// True when code run by executor Exec may dereference memory of Space
+/// without a copy first.
+template <class Space, class Exec>
+inline constexpr bool accessible_from = Exec::on_device ? Space::device_accessible : Space::host_accessible;
+
+/// Copy `bytes` from src (in SrcSpace) to dst (in DstSpace). A space that the
+/// host cannot read does the copy, since only it knows how; otherwise it is a
+/// host memcpy.
+template <MemorySpace DstSpace, MemorySpace SrcSpace>
+void copy_bytes(void* dst, const void* src, std::size_t bytes) {
+  if constexpr (!DstSpace::host_accessible)
+    DstSpace::copy(dst, src, bytes);
+  else if constexpr (!SrcSpace::host_accessible)
+    SrcSpace::copy(dst, src, bytes);
+  else
+    host_space::copy(dst, src, bytes);
+}
+
+}  // namespace semoe

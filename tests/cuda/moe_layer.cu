@@ -1,0 +1,122 @@
+// The MoE layer on the cuda backend against the same layer on the cpu
+// backend: the same routing plan exactly (expert and slot of every choice),
+// outputs and every gradient within 1e-5 of the tensor's scale in fp32, and
+// the same parameters after an AdamW step. GPU only (skipped without one).
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "compare.hpp"
+#include "gpu_main.cuh"
+#include "semoe/cuda/backend.cuh"
+#include "semoe/gate/switch.hpp"
+#include "semoe/gate/top_k.hpp"
+#include "semoe/layer/moe_layer.hpp"
+#include "semoe/train/optimizer.hpp"
+
+using namespace semoe;
+using test::random_vec;
+using test::scaled_error;
+
+namespace {
+
+std::vector<float> to_host(cuda_executor& ex, std::span<const float> d) {
+  std::vector<float> h(d.size());
+  ex.copy(h.data(), d.data(), d.size_bytes());
+  return h;
+}
+
+constexpr double fp32_tol = 1e-5;
+
+/// One forward + backward of both layers on the same input; everything compared.
+template <class Gate>
+void compare_layers(typename Gate::options gopt, bool bias, bool adam_step) {
+  using cpu_layer = moe_layer<cpu, Gate>;
+  using gpu_layer = moe_layer<cuda, Gate>;
+  const index_t T = 512, H = 128, F = 256, E = 8;
+  cpu_executor cex({.threads = 2});
+  cuda_executor gex;
+  auto c1 = comm::local::make_world(1), c2 = comm::local::make_world(1);
+  typename cpu_layer::options opt{.hidden = H, .ffn = F, .experts = E, .gate = gopt, .expert = {.bias = bias},
+                                  .seed = 21};
+  cpu_layer a(cex, c1[0], opt);
+  gpu_layer b(gex, c2[0], {.hidden = H, .ffn = F, .experts = E, .gate = gopt, .expert = {.bias = bias}, .seed = 21});
+
+  const auto x = random_vec(T * H, 1), dy = random_vec(T * H, 2);
+  std::vector<float> ya(T * H), dxa(T * H);
+  a.forward(as_matrix(x.data(), T, H), as_matrix(ya.data(), T, H));
+  a.zero_grad();
+  a.backward(as_matrix(dy.data(), T, H), as_matrix(dxa.data(), T, H));
+
+  buffer<float, device_space> xd(T * H), dyd(T * H), yd(T * H), dxd(T * H);
+  gex.copy(xd.data(), x.data(), xd.bytes());
+  gex.copy(dyd.data(), dy.data(), dyd.bytes());
+  b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
+  b.zero_grad();
+  b.backward(matrix_view<const float>(dyd.matrix(T, H)), dxd.matrix(T, H));
+
+  // The routing plan: the same expert and slot for every choice, exactly.
+  const auto &pa = a.plan(), &pb = b.plan();
+  REQUIRE(pa.assignments() == pb.assignments());
+  for (index_t i = 0; i < pa.assignments(); ++i) {
+    REQUIRE(pa.expert[i] == pb.expert[i]);
+    REQUIRE(pa.slot[i] == pb.slot[i]);
+  }
+  for (index_t e = 0; e <= E; ++e) REQUIRE(pa.offsets[e] == pb.offsets[e]);
+
+  CHECK(scaled_error(to_host(gex, yd.span()), ya) < fp32_tol);
+  CHECK(scaled_error(to_host(gex, dxd.span()), dxa) < fp32_tol);
+  CHECK(scaled_error(to_host(gex, b.parameters()[0].grad), a.parameters()[0].grad) < fp32_tol);
+  for (index_t e = 0; e < E; ++e) {
+    CAPTURE(e);
+    auto ba = a.store().acquire(a.layer_id(), e);
+    auto bb = b.store().acquire(b.layer_id(), e);
+    CHECK(scaled_error(to_host(gex, bb.params), ba.params) == 0.0);  // the same initial weights
+    CHECK(scaled_error(to_host(gex, bb.grads), ba.grads) < fp32_tol);
+  }
+
+  if (adam_step) {
+    train::adamw<float, cpu> oa(cex, {.lr = 1e-2});
+    train::adamw<float, cuda> ob(gex, {.lr = 1e-2});
+    oa.step(a);
+    ob.step(b);
+    CHECK(scaled_error(to_host(gex, b.parameters()[0].value), a.parameters()[0].value) < fp32_tol);
+    for (index_t e = 0; e < E; ++e) {
+      auto ba = a.store().acquire(a.layer_id(), e);
+      auto bb = b.store().acquire(b.layer_id(), e);
+      CHECK(scaled_error(to_host(gex, bb.params), ba.params) < fp32_tol);
+    }
+  }
+
+  // Eval mode: forward only, one expert at a time on both backends.
+  a.train(false);
+  b.train(false);
+  a.forward(as_matrix(x.data(), T, H), as_matrix(ya.data(), T, H));
+  b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
+  CHECK(scaled_error(to_host(gex, yd.span()), ya) < fp32_tol);
+}
+
+}  // namespace
+
+TEST_CASE("top-2 with capacity (tokens dropped), gelu with bias: cuda equals cpu, AdamW step included") {
+  compare_layers<gate::top_k<2>>({.capacity_factor = 1.0}, true, true);
+}
+
+TEST_CASE("top-2 dropless without bias: cuda equals cpu") {
+  compare_layers<gate::top_k<2>>({.dropless = true}, false, false);
+}
+
+TEST_CASE("switch (top-1) with router jitter: cuda equals cpu") {
+  compare_layers<gate::switch_gate>({.capacity_factor = 1.25, .jitter_eps = 0.01}, false, true);
+}
+
+TEST_CASE("on the cuda backend a layer over several ranks is refused with the reason") {
+  cuda_executor gex;
+  CHECK_THROWS_WITH_AS(comm::local::run(2,
+                                        [&](comm::local& c) {
+                                          moe_layer<cuda, gate::top_k<2>> l(gex, c,
+                                                                            {.hidden = 8, .ffn = 8, .experts = 2});
+                                        }),
+                       doctest::Contains("comm::nccl"), semoe::error);
+}
