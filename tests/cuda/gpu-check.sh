@@ -5,9 +5,9 @@
 #
 # Builds the CUDA tests and benchmarks in Release (build/gpu-check, for the
 # architectures in SEMOE_CUDA_ARCHS, default 90), then runs every test
-# labelled gpu (the cuda-vs-cpu equality tests among them), fashion_mnist
-# --backend cuda against the cpu loss curve where that program has the flag,
-# and bench_moe_layer --backend cuda. Everything it prints, and each step's
+# labelled gpu (the cuda-vs-cpu equality tests among them), 300 steps of
+# fashion_mnist --backend cuda against the cpu loss curve, and
+# bench_moe_layer --backend cuda. Everything it prints, and each step's
 # output, lands in OUTDIR; it exits non-zero if a step failed. --no-build
 # runs binaries already in build/gpu-check (built elsewhere and carried over).
 set -uo pipefail
@@ -50,11 +50,27 @@ fi
 
 step gpu-tests 240 ctest --test-dir "$bdir" -L gpu --output-on-failure --no-tests=error
 
-if "$bdir/examples/fashion_mnist" --help 2>/dev/null | grep -q -- '--backend'; then
-  step fashion-mnist-cpu 180 "$bdir/examples/fashion_mnist" --epochs 1 --limit 12800 --backend cpu
-  step fashion-mnist-cuda 180 "$bdir/examples/fashion_mnist" --epochs 1 --limit 12800 --backend cuda
-else
-  say "== fashion-mnist: not run: this build's fashion_mnist has no --backend flag (the dense layers have no cuda form yet)"
+# 300 steps of the same model on both backends; the cuda loss curve must
+# follow the cpu one: the first 20 steps within 1e-3 relative (the same
+# arithmetic up to reduction order), the mean of the last 50 within 2 %.
+fm=(--epochs 1 --limit 38400 --steps 300 --print-loss --threads "$(nproc)")
+step fashion-mnist-cpu 300 "$bdir/examples/fashion_mnist" "${fm[@]}" --backend cpu
+step fashion-mnist-cuda 300 "$bdir/examples/fashion_mnist" "${fm[@]}" --backend cuda
+if [[ -s $out/fashion-mnist-cpu.txt && -s $out/fashion-mnist-cuda.txt ]]; then
+  step fashion-mnist-curves 10 awk '
+    FNR == 1 { f++ }
+    $1 == "step" && $3 == "loss" { l[f, $2] = $4; if ($2 + 1 > n[f]) n[f] = $2 + 1 }
+    END {
+      if (n[1] != n[2] || n[1] < 100) { printf "curves differ in length: cpu %d, cuda %d steps\n", n[1], n[2]; exit 1 }
+      worst = 0
+      for (s = 0; s < 20; s++) { d = l[1, s] - l[2, s]; if (d < 0) d = -d; d /= l[1, s]; if (d > worst) worst = d }
+      a = 0; b = 0
+      for (s = n[1] - 50; s < n[1]; s++) { a += l[1, s]; b += l[2, s] }
+      tail = (a - b) / a; if (tail < 0) tail = -tail
+      printf "first 20 steps: worst relative difference %.2e; last 50 steps: mean loss cpu %.4f cuda %.4f (%.2f %%)\n",
+             worst, a / 50, b / 50, 100 * tail
+      exit (worst < 1e-3 && tail < 0.02) ? 0 : 1
+    }' "$out/fashion-mnist-cpu.txt" "$out/fashion-mnist-cuda.txt"
 fi
 
 step bench-moe-layer 240 "$bdir/examples/bench_moe_layer" --backend cuda --reps 5

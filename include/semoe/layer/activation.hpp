@@ -19,6 +19,56 @@ namespace semoe::layer {
 namespace detail {
 /// Rows per task for a loop that touches `cols` elements per row.
 inline index_t rows_grain(index_t cols) { return std::max<index_t>(1, 16384 / std::max<index_t>(cols, 1)); }
+
+/// y = Act(x), one row per index.
+template <class T, class Act>
+struct activation_forward_rows {
+  matrix_view<const T> x;
+  matrix_view<T> y;
+  SEMOE_HD void operator()(index_t i) const {
+    const T* xi = x.row(i);
+    T* yi = y.row(i);
+    for (index_t j = 0; j < x.cols(); ++j) yi[j] = Act::f(xi[j]);
+  }
+};
+
+/// dx = dy * Act'(x), one row per index.
+template <class T, class Act>
+struct activation_backward_rows {
+  matrix_view<const T> x, dy;
+  matrix_view<T> dx;
+  SEMOE_HD void operator()(index_t i) const {
+    const T* xi = x.row(i);
+    const T* dyi = dy.row(i);
+    T* dxi = dx.row(i);
+    for (index_t j = 0; j < x.cols(); ++j) dxi[j] = dyi[j] * Act::df(xi[j]);
+  }
+};
+
+/// out = in with each element zeroed with probability p (philox counter =
+/// element index) and the rest times scale; a copy when not masked.
+template <class T>
+struct dropout_rows {
+  matrix_view<const T> in;
+  matrix_view<T> out;
+  philox rng;
+  float p;
+  T scale;
+  bool masked;
+  SEMOE_HD void operator()(index_t i) const {
+    const index_t c = in.cols();
+    const T* a = in.row(i);
+    T* b = out.row(i);
+    for (index_t j = 0; j < c; ++j) {
+      if (!masked) {
+        b[j] = a[j];
+        continue;
+      }
+      const auto k = static_cast<std::uint64_t>(i * c + j);
+      b[j] = rng.uniform(k / 4, int(k % 4)) < p ? T(0) : a[j] * scale;
+    }
+  }
+};
 }  // namespace detail
 
 /// y = Act(x) elementwise; Act is relu, gelu or silu from expert/activation.hpp.
@@ -31,9 +81,6 @@ class activation {
 
  public:
   using backend = B;
-  static_assert(!B::executor::on_device, "semoe::layer::activation runs on host backends (semoe::cpu) only; its device "
-                                          "kernels are not written yet");
-
   using policy_kind = module_tag;
   using value_type = T;
   using function = Act;
@@ -48,12 +95,7 @@ class activation {
 
   void forward(matrix_view<const T> x, matrix_view<T> y) {
     check_shape(y, x.rows(), x.cols(), "semoe::layer::activation::forward: y");
-    const index_t c = x.cols();
-    ex_->parallel_for(x.rows(), [=](index_t i) {
-      const T* xi = x.row(i);
-      T* yi = y.row(i);
-      for (index_t j = 0; j < c; ++j) yi[j] = Act::f(xi[j]);
-    }, detail::rows_grain(c));
+    ex_->parallel_for(x.rows(), detail::activation_forward_rows<T, Act>{x, y}, detail::rows_grain(x.cols()));
     x_ = x;
     has_input_ = true;
   }
@@ -63,14 +105,8 @@ class activation {
     check_shape(dy, x_.rows(), x_.cols(), "semoe::layer::activation::backward: dy");
     if (dx.rows() == 0) return;  // no parameters: nothing else to do
     check_shape(dx, x_.rows(), x_.cols(), "semoe::layer::activation::backward: dx");
-    const matrix_view<const T> x = x_;
-    const index_t c = x.cols();
-    ex_->parallel_for(x.rows(), [=](index_t i) {
-      const T* xi = x.row(i);
-      const T* dyi = dy.row(i);
-      T* dxi = dx.row(i);
-      for (index_t j = 0; j < c; ++j) dxi[j] = dyi[j] * Act::df(xi[j]);
-    }, detail::rows_grain(c));
+    ex_->parallel_for(x_.rows(), detail::activation_backward_rows<T, Act>{x_, dy, dx},
+                      detail::rows_grain(x_.cols()));
   }
 
   param_list<T> parameters() { return {}; }
@@ -91,9 +127,6 @@ template <class T, Backend B = cpu>
 class dropout {
  public:
   using backend = B;
-  static_assert(!B::executor::on_device, "semoe::layer::dropout runs on host backends (semoe::cpu) only; its device "
-                                          "kernels are not written yet");
-
   using policy_kind = module_tag;
   using value_type = T;
 
@@ -142,23 +175,10 @@ class dropout {
 
  private:
   void apply(matrix_view<const T> in, matrix_view<T> out) const {
-    const index_t c = cols_;
-    const bool masked = masked_;
-    const float p = static_cast<float>(opt_.p);
-    const T scale = T(1) / (T(1) - static_cast<T>(opt_.p));
-    const philox rng(seed_, mask_step_);
-    ex_->parallel_for(rows_, [=](index_t i) {
-      const T* a = in.row(i);
-      T* b = out.row(i);
-      for (index_t j = 0; j < c; ++j) {
-        if (!masked) {
-          b[j] = a[j];
-          continue;
-        }
-        const auto k = static_cast<std::uint64_t>(i * c + j);
-        b[j] = rng.uniform(k / 4, int(k % 4)) < p ? T(0) : a[j] * scale;
-      }
-    }, detail::rows_grain(c));
+    ex_->parallel_for(rows_,
+                      detail::dropout_rows<T>{in, out, philox(seed_, mask_step_), static_cast<float>(opt_.p),
+                                              T(1) / (T(1) - static_cast<T>(opt_.p)), masked_},
+                      detail::rows_grain(cols_));
   }
 
   typename B::executor* ex_;

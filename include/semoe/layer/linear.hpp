@@ -17,15 +17,52 @@
 
 namespace semoe::layer {
 
+namespace detail {
+
+/// y[i, :] += b, one row per index.
+template <class T>
+struct add_row_bias_kernel {
+  matrix_view<T> y;
+  const T* b;
+  SEMOE_HD void operator()(index_t i) const {
+    T* yi = y.row(i);
+    for (index_t j = 0; j < y.cols(); ++j) yi[j] += b[j];
+  }
+};
+
+/// db[j] += sum over rows of dy[:, j], one column per index: each sum is
+/// serial, so the result does not depend on the thread count.
+template <class T>
+struct add_column_sums_kernel {
+  matrix_view<const T> dy;
+  T* db;
+  SEMOE_HD void operator()(index_t j) const {
+    T s = 0;
+    for (index_t i = 0; i < dy.rows(); ++i) s += dy(i, j);
+    db[j] += s;
+  }
+};
+
+/// PyTorch's init: U(-bound, bound), element k drawn from counter k / 4,
+/// lane k % 4 of the stream, a pure function of the seed.
+template <class T>
+struct uniform_init_kernel {
+  T* w;
+  philox rng;
+  T bound;
+  SEMOE_HD void operator()(index_t k) const {
+    w[k] = bound * (T(2) * static_cast<T>(rng.uniform(static_cast<std::uint64_t>(k) / 4, int(k % 4))) - T(1));
+  }
+};
+
+}  // namespace detail
+
 /// A fully connected layer. W is [out, in] (PyTorch's layout, so checkpoints
 /// map one to one); W and b start uniform in ±1/sqrt(in), as in PyTorch.
 template <class T, Backend B = cpu>
 class linear {
  public:
   using backend = B;
-  static_assert(!B::executor::on_device, "semoe::layer::linear runs on host backends (semoe::cpu) only; its device "
-                                          "kernels are not written yet");
-
   using policy_kind = module_tag;
   using value_type = T;
 
@@ -44,20 +81,17 @@ class linear {
   linear(typename B::executor& ex, const options& o, std::uint64_t seed) : ex_(&ex), opt_(o) {
     validate(o);
     w_.resize_discard(o.in * o.out);
-    gw_.assign(o.in * o.out, T(0));
+    gw_.resize_discard(o.in * o.out);
+    gw_.zero();
     if (o.bias) {
       b_.resize_discard(o.out);
-      gb_.assign(o.out, T(0));
+      gb_.resize_discard(o.out);
+      gb_.zero();
     }
     // Stream 0 draws W, stream 1 draws b: each a pure function of the seed.
     const T bound = T(1) / std::sqrt(static_cast<T>(o.in));
-    const philox wr(seed, 0), br(seed, 1);
-    T* w = w_.data();
-    ex.parallel_for(w_.size(), [=](index_t k) {
-      w[k] = bound * (T(2) * static_cast<T>(wr.uniform(static_cast<std::uint64_t>(k) / 4, int(k % 4))) - T(1));
-    });
-    for (index_t k = 0; k < b_.size(); ++k)
-      b_[k] = bound * (T(2) * static_cast<T>(br.uniform(static_cast<std::uint64_t>(k) / 4, int(k % 4))) - T(1));
+    ex.parallel_for(w_.size(), detail::uniform_init_kernel<T>{w_.data(), philox(seed, 0), bound});
+    ex.parallel_for(b_.size(), detail::uniform_init_kernel<T>{b_.data(), philox(seed, 1), bound});
   }
 
   const options& opts() const { return opt_; }
@@ -71,15 +105,8 @@ class linear {
   void forward(matrix_view<const T> x, matrix_view<T> y) {
     check_shape(x, x.rows(), opt_.in, "semoe::layer::linear::forward: x");
     check_shape(y, x.rows(), opt_.out, "semoe::layer::linear::forward: y");
-    blas::gemm<T>(blas::op::n, blas::op::t, T(1), x, weight(), T(0), y);
-    if (opt_.bias) {
-      const T* b = b_.data();
-      const index_t out = opt_.out;
-      ex_->parallel_for(x.rows(), [=](index_t i) {
-        T* yi = y.row(i);
-        for (index_t j = 0; j < out; ++j) yi[j] += b[j];
-      }, rows_grain());
-    }
+    blas::gemm(*ex_, blas::op::n, blas::op::t, T(1), x, matrix_view<const T>(weight()), T(0), y);
+    if (opt_.bias) ex_->parallel_for(x.rows(), detail::add_row_bias_kernel<T>{y, b_.data()}, rows_grain());
     x_ = x;
     has_input_ = true;
   }
@@ -90,18 +117,11 @@ class linear {
     check_shape(dy, n, opt_.out, "semoe::layer::linear::backward: dy");
     if (dx.rows() != 0) check_shape(dx, n, opt_.in, "semoe::layer::linear::backward: dx");
     // dW += dy^T x
-    blas::gemm<T>(blas::op::t, blas::op::n, T(1), dy, x_, T(1), weight_grad());
-    if (opt_.bias) {
-      // One column per index: each db[j] is a serial sum, so the result does
-      // not depend on the thread count.
-      T* gb = gb_.data();
-      ex_->parallel_for(opt_.out, [=](index_t j) {
-        T s = 0;
-        for (index_t i = 0; i < n; ++i) s += dy(i, j);
-        gb[j] += s;
-      }, std::max<index_t>(1, 16384 / std::max<index_t>(n, 1)));
-    }
-    if (dx.rows() != 0) blas::gemm<T>(blas::op::n, blas::op::n, T(1), dy, weight(), T(0), dx);
+    blas::gemm(*ex_, blas::op::t, blas::op::n, T(1), dy, x_, T(1), weight_grad());
+    if (opt_.bias)
+      ex_->parallel_for(opt_.out, detail::add_column_sums_kernel<T>{dy, gb_.data()},
+                        std::max<index_t>(1, 16384 / std::max<index_t>(n, 1)));
+    if (dx.rows() != 0) blas::gemm(*ex_, blas::op::n, blas::op::n, T(1), dy, matrix_view<const T>(weight()), T(0), dx);
   }
 
   param_list<T> parameters() {
@@ -126,7 +146,7 @@ class linear {
 
   typename B::executor* ex_;
   options opt_;
-  buffer<T> w_, gw_, b_, gb_;
+  buffer<T, typename B::memory_space> w_, gw_, b_, gb_;
   matrix_view<const T> x_{};
   bool has_input_ = false;
 };

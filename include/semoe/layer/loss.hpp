@@ -14,6 +14,53 @@
 
 namespace semoe::layer {
 
+namespace detail {
+
+/// probs = softmax(z) of one row and its loss, logsumexp(z) - sum_j q_j z_j.
+template <class T>
+struct softmax_xent_forward_kernel {
+  matrix_view<const T> logits;
+  matrix_view<T> probs;
+  const std::int32_t* labels;
+  T smoothing;
+  T* row_loss;
+  SEMOE_HD void operator()(index_t i) const {
+    const index_t c = logits.cols();
+    const T* z = logits.row(i);
+    T* pi = probs.row(i);
+    T m = z[0];
+    for (index_t j = 1; j < c; ++j) m = z[j] > m ? z[j] : m;
+    T sum = 0, zsum = 0;
+    for (index_t j = 0; j < c; ++j) {
+      pi[j] = std::exp(z[j] - m);
+      sum += pi[j];
+      zsum += z[j];
+    }
+    const T inv = T(1) / sum;
+    for (index_t j = 0; j < c; ++j) pi[j] *= inv;
+    const T lse = m + std::log(sum);
+    row_loss[i] = lse - (T(1) - smoothing) * z[labels[i]] - smoothing / T(c) * zsum;
+  }
+};
+
+/// dlogits = (softmax - q) / global batch, one row per index.
+template <class T>
+struct softmax_xent_backward_kernel {
+  matrix_view<const T> probs;
+  matrix_view<T> dlogits;
+  const std::int32_t* labels;
+  T smoothing, inv_batch;
+  SEMOE_HD void operator()(index_t i) const {
+    const index_t c = probs.cols();
+    const T* pi = probs.row(i);
+    T* di = dlogits.row(i);
+    for (index_t j = 0; j < c; ++j) di[j] = (pi[j] - smoothing / T(c)) * inv_batch;
+    di[labels[i]] -= (T(1) - smoothing) * inv_batch;
+  }
+};
+
+}  // namespace detail
+
 /// loss = sum_i [logsumexp(z_i) - sum_j q_ij z_ij] / global_batch, with
 /// q_i = (1 - s) onehot(label_i) + s / C. Dividing the local SUM by the global
 /// batch makes the losses (and gradients) of data-parallel ranks add up to the
@@ -22,9 +69,6 @@ template <class T, Backend B = cpu>
 class softmax_cross_entropy {
  public:
   using backend = B;
-  static_assert(!B::executor::on_device, "semoe::layer::softmax_cross_entropy runs on host backends (semoe::cpu) only; its device "
-                                          "kernels are not written yet");
-
   using value_type = T;
 
   struct options {
@@ -57,31 +101,17 @@ class softmax_cross_entropy {
     probs_.resize(n, c);
     row_loss_.resize_discard(n);
     labels_.resize_discard(n);
-    std::copy(labels.begin(), labels.end(), labels_.begin());
-
-    const matrix_view<T> p = probs_.view();
-    T* rl = row_loss_.data();
-    const std::int32_t* y = labels_.data();
-    const T s = static_cast<T>(opt_.label_smoothing);
-    ex_->parallel_for(n, [=](index_t i) {
-      const T* z = logits.row(i);
-      T* pi = p.row(i);
-      T m = z[0];
-      for (index_t j = 1; j < c; ++j) m = std::max(m, z[j]);
-      T sum = 0, zsum = 0;
-      for (index_t j = 0; j < c; ++j) {
-        pi[j] = std::exp(z[j] - m);
-        sum += pi[j];
-        zsum += z[j];
-      }
-      const T inv = T(1) / sum;
-      for (index_t j = 0; j < c; ++j) pi[j] *= inv;
-      const T lse = m + std::log(sum);
-      rl[i] = lse - (T(1) - s) * z[y[i]] - s / T(c) * zsum;
-    }, std::max<index_t>(1, 4096 / c));
-    // A serial sum in double: the result does not depend on the thread count.
+    ex_->copy(labels_.data(), labels.data(), labels.size_bytes());
+    ex_->parallel_for(n,
+                      detail::softmax_xent_forward_kernel<T>{logits, probs_.view(), labels_.data(),
+                                                             static_cast<T>(opt_.label_smoothing), row_loss_.data()},
+                      std::max<index_t>(1, 4096 / c));
+    // A serial sum in double on the host: the result does not depend on the
+    // thread count or the backend's reduction order.
+    row_loss_host_.resize_discard(n);
+    ex_->copy(row_loss_host_.data(), row_loss_.data(), row_loss_.bytes());
     double total = 0;
-    for (index_t i = 0; i < n; ++i) total += static_cast<double>(rl[i]);
+    for (index_t i = 0; i < n; ++i) total += static_cast<double>(row_loss_host_[i]);
     has_input_ = true;
     return static_cast<T>(total / static_cast<double>(global_batch));
   }
@@ -90,17 +120,11 @@ class softmax_cross_entropy {
   void backward(matrix_view<T> dlogits) const {
     SEMOE_CHECK(has_input_, "semoe::layer::softmax_cross_entropy::backward: called before forward");
     check_shape(dlogits, rows_, cols_, "semoe::layer::softmax_cross_entropy::backward: dlogits");
-    const matrix_view<const T> p = probs_.view();
-    const std::int32_t* y = labels_.data();
-    const index_t c = cols_;
-    const T s = static_cast<T>(opt_.label_smoothing);
-    const T inv_b = T(1) / static_cast<T>(global_batch_);
-    ex_->parallel_for(rows_, [=](index_t i) {
-      const T* pi = p.row(i);
-      T* di = dlogits.row(i);
-      for (index_t j = 0; j < c; ++j) di[j] = (pi[j] - s / T(c)) * inv_b;
-      di[y[i]] -= (T(1) - s) * inv_b;
-    }, std::max<index_t>(1, 4096 / c));
+    ex_->parallel_for(rows_,
+                      detail::softmax_xent_backward_kernel<T>{probs_.view(), dlogits, labels_.data(),
+                                                              static_cast<T>(opt_.label_smoothing),
+                                                              T(1) / static_cast<T>(global_batch_)},
+                      std::max<index_t>(1, 4096 / cols_));
   }
 
   /// The softmax of the last forward, [rows, classes].
@@ -109,9 +133,10 @@ class softmax_cross_entropy {
  private:
   typename B::executor* ex_;
   options opt_;
-  matrix<T> probs_;
-  buffer<T> row_loss_;
-  buffer<std::int32_t> labels_;
+  matrix<T, typename B::memory_space> probs_;
+  buffer<T, typename B::memory_space> row_loss_;
+  buffer<std::int32_t, typename B::memory_space> labels_;
+  buffer<T, typename B::host_memory_space> row_loss_host_;
   index_t rows_ = 0, cols_ = 0, global_batch_ = 1;
   bool has_input_ = false;
 };

@@ -78,7 +78,7 @@ class repeated {
         layers_[0].backward(g, dx);
         if (bwd_hook_) bwd_hook_(0);
       } else {
-        buffer<T>& out = grads_[i % 2];  // layer i writes one while reading the other
+        auto& out = grads_[i % 2];  // layer i writes one while reading the other
         const index_t need = rows_ * cols_[i];
         if (out.size() < need) out.resize_discard(need);
         const matrix_view<T> d = as_matrix(out.data(), rows_, cols_[i]);
@@ -115,8 +115,8 @@ class repeated {
 
  private:
   std::vector<Layer> layers_;
-  std::vector<matrix<T>> acts_;
-  std::array<buffer<T>, 2> grads_{};
+  std::vector<matrix<T, typename backend::memory_space>> acts_;
+  std::array<buffer<T, typename backend::memory_space>, 2> grads_{};
   std::vector<index_t> cols_;
   index_t rows_ = 0;
   std::function<void(std::size_t)> fwd_hook_, bwd_hook_;

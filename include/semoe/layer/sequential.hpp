@@ -162,7 +162,7 @@ class sequential {
       if (hook_) hook_(0);
     } else {
       // Two buffers in turn: layer I writes one while reading the other.
-      buffer<T>& g = grads_[I % 2];
+      auto& g = grads_[I % 2];
       const index_t need = rows_ * cols_[I];
       if (g.size() < need) g.resize_discard(need);
       const matrix_view<T> dx = as_matrix(g.data(), rows_, cols_[I]);
@@ -173,8 +173,9 @@ class sequential {
   }
 
   std::tuple<Layers...> layers_;
-  std::array<matrix<T>, count> acts_{};  // [count - 1] only for forward(x)
-  std::array<buffer<T>, 2> grads_{};
+  using space = typename backend::memory_space;
+  std::array<matrix<T, space>, count> acts_{};  // [count - 1] only for forward(x)
+  std::array<buffer<T, space>, 2> grads_{};
   std::array<index_t, count + 1> cols_{};
   index_t rows_ = 0;
   bool has_input_ = false;
@@ -183,6 +184,20 @@ class sequential {
 
 template <class L0, class... Ls>
 sequential(L0, Ls...) -> sequential<typename L0::value_type, L0, Ls...>;
+
+namespace detail {
+/// b[i, :] += a[i, :], one row per index.
+template <class T>
+struct add_rows_kernel {
+  matrix_view<const T> a;
+  matrix_view<T> b;
+  SEMOE_HD void operator()(index_t i) const {
+    const T* ai = a.row(i);
+    T* bi = b.row(i);
+    for (index_t j = 0; j < a.cols(); ++j) bi[j] += ai[j];
+  }
+};
+}  // namespace detail
 
 /// y = x + body(x): a pre-norm transformer block is
 /// residual<T, layer_norm<T>, moe_layer<...>>. The body must keep the width.
@@ -194,8 +209,6 @@ class residual {
   using body_type = sequential<T, Layers...>;
   /// The backend of the first layer of the body; the skip path runs there.
   using backend = module_backend_t<std::tuple_element_t<0, std::tuple<Layers...>>>;
-  static_assert(!backend::executor::on_device,
-                "semoe::layer::residual runs on host backends (semoe::cpu) only; its device kernels are not written yet");
 
   explicit residual(typename backend::executor& ex, Layers... layers) : ex_(&ex), body_(std::move(layers)...) {}
 
@@ -234,12 +247,8 @@ class residual {
 
  private:
   void add_into(matrix_view<const T> a, matrix_view<T> b) {
-    const index_t c = a.cols();
-    ex_->parallel_for(a.rows(), [=](index_t i) {
-      const T* ai = a.row(i);
-      T* bi = b.row(i);
-      for (index_t j = 0; j < c; ++j) bi[j] += ai[j];
-    }, std::max<index_t>(1, 16384 / std::max<index_t>(c, 1)));
+    ex_->parallel_for(a.rows(), detail::add_rows_kernel<T>{a, b},
+                      std::max<index_t>(1, 16384 / std::max<index_t>(a.cols(), 1)));
   }
 
   typename backend::executor* ex_;

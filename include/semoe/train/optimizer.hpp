@@ -17,12 +17,21 @@
 
 namespace semoe::train {
 
+namespace detail {
+/// What for_each_moe_layer probes containers with (a named functor: nvcc
+/// rejects lambdas inside requires-expressions).
+struct probe_layer_visitor {
+  template <class L>
+  void operator()(L&) const {}
+};
+}  // namespace detail
+
 /// f(layer) for every MoE layer inside model (sequential and residual nest).
 template <class Model, class F>
 void for_each_moe_layer(Model& m, F&& f) {
   if constexpr (requires { m.store(); m.layer_id(); m.local_experts(); }) {
     f(m);
-  } else if constexpr (requires { m.for_each_layer([](auto&) {}); }) {
+  } else if constexpr (requires { m.for_each_layer(detail::probe_layer_visitor{}); }) {
     m.for_each_layer([&](auto& l) { for_each_moe_layer(l, f); });
   }
 }
@@ -36,6 +45,35 @@ constexpr index_t read_ahead_of() {
     return Layer::prefetch_type::read_ahead;
   else
     return 0;
+}
+}  // namespace detail
+
+namespace detail {
+/// The memory a model's parameters live in: its backend's (host for models
+/// that name no backend).
+template <class Model>
+struct model_space {
+  using type = host_space;
+};
+template <class Model>
+  requires requires { typename Model::backend::memory_space; }
+struct model_space<Model> {
+  using type = typename Model::backend::memory_space;
+};
+
+/// f(span) on the host: the span itself when the host can read its memory,
+/// else a host copy (written back when `write_back`). Gradient clipping on a
+/// device backend goes this way: correct, not fast.
+template <class Space, class U, class F>
+void on_host(std::span<U> v, bool write_back, F&& f) {
+  if constexpr (Space::host_accessible) {
+    f(v);
+  } else {
+    std::vector<std::remove_const_t<U>> h(v.size());
+    copy_bytes<host_space, Space>(h.data(), v.data(), v.size_bytes());
+    f(std::span<std::remove_const_t<U>>(h));
+    if (write_back) copy_bytes<Space, host_space>(v.data(), h.data(), v.size_bytes());
+  }
 }
 }  // namespace detail
 
@@ -105,16 +143,16 @@ void reduce_dense_grads(Model& m, Comm& comm) {
 /// the data-parallel group `shards` they are split across.
 template <class Model, class ExpertComm, class ShardComm>
 double grad_norm(Model& m, ExpertComm& experts, ShardComm& shards) {
+  using space = typename detail::model_space<Model>::type;
   double sq[3] = {0, 0, 0};  // replicated, experts, sharded
-  for (auto& p : m.parameters()) {
-    double& acc = sq[p.scope == param_scope::sharded ? 2 : 0];
-    for (auto g : p.grad) acc += static_cast<double>(g) * static_cast<double>(g);
-  }
+  auto add = [](double& acc) {
+    return [&acc]<class U>(std::span<U> g) {
+      for (auto v : g) acc += static_cast<double>(v) * static_cast<double>(v);
+    };
+  };
+  for (auto& p : m.parameters()) detail::on_host<space>(p.grad, false, add(sq[p.scope == param_scope::sharded ? 2 : 0]));
   for_each_expert_block(
-      m, [&](auto& blk, auto&) {
-        for (auto g : blk.grads) sq[1] += static_cast<double>(g) * static_cast<double>(g);
-      },
-      block_access::read);
+      m, [&](auto& blk, auto&) { detail::on_host<space>(blk.grads, false, add(sq[1])); }, block_access::read);
   if (experts.size() > 1) comm::all_reduce(experts, std::span<double>(&sq[1], 1));
   if (shards.size() > 1) comm::all_reduce(shards, std::span<double>(&sq[2], 1));
   return std::sqrt(sq[0] + sq[1] + sq[2]);
@@ -136,11 +174,12 @@ double clip_grad_norm(Model& m, ExpertComm& experts, ShardComm& shards, double m
               " (NaN or Inf in a gradient)");
   if (norm > max_norm) {
     const double s = max_norm / (norm + 1e-6);
+    using space = typename detail::model_space<Model>::type;
     auto scale = [s]<class U>(std::span<U> g) {
       for (auto& v : g) v = static_cast<U>(v * s);
     };
-    for (auto& p : m.parameters()) scale(p.grad);
-    for_each_expert_block(m, [&](auto& blk, auto&) { scale(blk.grads); });
+    for (auto& p : m.parameters()) detail::on_host<space>(p.grad, true, scale);
+    for_each_expert_block(m, [&](auto& blk, auto&) { detail::on_host<space>(blk.grads, true, scale); });
   }
   return norm;
 }
