@@ -1,0 +1,77 @@
+// A device backend emulated on the host, for CI without a GPU: its memory
+// space says the host cannot read it (so every generic code path that would
+// dereference device memory on the host fails to compile against it), and
+// its executor says it runs on a device (so layers take their device paths:
+// staging the gate through host memory, uploading the plan, initializing
+// parameters on the host and copying them over). The arithmetic is the cpu
+// executor's and CBLAS's, so results must equal the cpu backend bit for bit.
+#pragma once
+
+#include "semoe/core/backend.hpp"
+#include "semoe/core/blas.hpp"
+
+namespace semoe::test {
+
+/// Host memory that claims not to be host-accessible.
+struct emulated_device_space {
+  static constexpr const char* name = "emulated-device";
+  static constexpr bool host_accessible = false;
+  static constexpr bool device_accessible = true;
+  static void* allocate(std::size_t bytes) { return host_space::allocate(bytes); }
+  static void deallocate(void* p, std::size_t bytes) { host_space::deallocate(p, bytes); }
+  static void copy(void* dst, const void* src, std::size_t bytes) { host_space::copy(dst, src, bytes); }
+  static void zero(void* p, std::size_t bytes) { host_space::zero(p, bytes); }
+};
+
+class emulated_device_executor {
+ public:
+  using memory_space = emulated_device_space;
+  using event = cpu_event;
+  static constexpr bool on_device = true;
+  struct options {
+    int threads = 2;
+  };
+  emulated_device_executor() : emulated_device_executor(options{}) {}
+  explicit emulated_device_executor(options o) : host_({.threads = o.threads}) {}
+
+  template <class F>
+  void parallel_for(index_t n, const F& body, index_t grain = 1024) {
+    host_.parallel_for(n, body, grain);
+  }
+  void synchronize() {}
+  void record(cpu_event& ev) { ev.record(); }
+  void wait(cpu_event& ev) { ev.wait(); }
+  void copy(void* dst, const void* src, std::size_t bytes) { host_space::copy(dst, src, bytes); }
+  int concurrency() const { return host_.concurrency(); }
+
+ private:
+  cpu_executor host_;
+};
+
+struct emulated_device {
+  using policy_kind = backend_tag;
+  using memory_space = emulated_device_space;
+  using host_memory_space = host_space;
+  using executor = emulated_device_executor;
+  using event = cpu_event;
+  static constexpr const char* name = "emulated-device";
+};
+
+static_assert(Backend<emulated_device>);
+
+}  // namespace semoe::test
+
+/// Its BLAS: CBLAS on the (really host) memory, as the cpu engine does.
+template <>
+struct semoe::blas::engine<semoe::test::emulated_device_executor> {
+  template <class T>
+  static void gemm(semoe::test::emulated_device_executor&, op ta, op tb, index_t m, index_t n, index_t k, T alpha,
+                   const T* a, index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+    blas::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  template <class T>
+  static void grouped_gemm(semoe::test::emulated_device_executor&, std::span<const gemm_problem<T>> problems) {
+    for (const auto& p : problems)
+      blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+  }
+};

@@ -1,0 +1,157 @@
+// The device code paths of layers, optimizer and trainer, run in CI on a
+// device backend emulated on the host (tests/unit/core/emulated_device.hpp):
+// the gate staged through host memory, the plan uploaded, parameters
+// initialized on the host and copied, gradient clipping through host copies.
+// Same arithmetic as the cpu backend, so every result must be bit-identical.
+#include <doctest/doctest.h>
+
+#include <random>
+#include <vector>
+
+#include "../core/emulated_device.hpp"
+#include "semoe/gate/switch.hpp"
+#include "semoe/gate/top_k.hpp"
+#include "semoe/layer/activation.hpp"
+#include "semoe/layer/linear.hpp"
+#include "semoe/layer/loss.hpp"
+#include "semoe/layer/moe_layer.hpp"
+#include "semoe/layer/norm.hpp"
+#include "semoe/layer/sequential.hpp"
+#include "semoe/storage/tiered_store.hpp"
+#include "semoe/train/trainer.hpp"
+
+using namespace semoe;
+using dev = test::emulated_device;
+
+namespace {
+
+std::vector<float> random_vec(std::size_t n, unsigned seed) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> u(-1, 1);
+  std::vector<float> v(n);
+  for (auto& x : v) x = u(g);
+  return v;
+}
+
+/// The emulated device memory is host memory in fact: a test may look.
+std::vector<float> look(std::span<const float> s) { return {s.begin(), s.end()}; }
+
+template <class Gate>
+void same_layer(typename Gate::options gopt) {
+  const index_t T = 96, H = 24, F = 40, E = 4;
+  cpu_executor cex({.threads = 2});
+  dev::executor dex({.threads = 2});
+  auto w1 = comm::local::make_world(1), w2 = comm::local::make_world(1);
+  moe_layer<cpu, Gate> a(cex, w1[0], {.hidden = H, .ffn = F, .experts = E, .gate = gopt, .expert = {.bias = true}, .seed = 9});
+  moe_layer<dev, Gate> b(dex, w2[0], {.hidden = H, .ffn = F, .experts = E, .gate = gopt, .expert = {.bias = true}, .seed = 9});
+  const auto x = random_vec(T * H, 1), dy = random_vec(T * H, 2);
+  buffer<float, dev::memory_space> xd(T * H), dyd(T * H), yd(T * H), dxd(T * H);
+  dex.copy(xd.data(), x.data(), xd.bytes());
+  dex.copy(dyd.data(), dy.data(), dyd.bytes());
+  std::vector<float> ya(T * H), dxa(T * H);
+  for (int step = 0; step < 2; ++step) {
+    a.zero_grad();
+    b.zero_grad();
+    a.forward(as_matrix<const float>(x.data(), T, H), as_matrix(ya.data(), T, H));
+    b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
+    a.backward(as_matrix<const float>(dy.data(), T, H), as_matrix(dxa.data(), T, H));
+    b.backward(matrix_view<const float>(dyd.matrix(T, H)), dxd.matrix(T, H));
+    CHECK(look(yd.span()) == ya);
+    CHECK(look(dxd.span()) == dxa);
+    CHECK(look(b.parameters()[0].value) == look(a.parameters()[0].value));
+    CHECK(look(b.parameters()[0].grad) == look(a.parameters()[0].grad));
+    CHECK(b.plan().dropped == a.plan().dropped);
+    for (index_t e = 0; e < E; ++e) {
+      CHECK(look(b.store().acquire(b.layer_id(), e).params) == look(a.store().acquire(a.layer_id(), e).params));
+      CHECK(look(b.store().acquire(b.layer_id(), e).grads) == look(a.store().acquire(a.layer_id(), e).grads));
+    }
+    a.end_step();
+    b.end_step();
+  }
+  a.train(false);
+  b.train(false);
+  a.forward(as_matrix<const float>(x.data(), T, H), as_matrix(ya.data(), T, H));
+  b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
+  CHECK(look(yd.span()) == ya);
+}
+
+template <class B>
+using model_t = layer::sequential<float, layer::linear<float, B>, layer::activation<float, act::gelu, B>,
+                                  layer::dropout<float, B>,
+                                  layer::residual<float, layer::layer_norm<float, B>, moe_layer<B, gate::top_k<2>>>,
+                                  layer::layer_norm<float, B>, layer::linear<float, B>>;
+
+template <class B>
+model_t<B> make_model(typename B::executor& ex, comm::local& c) {
+  using norm = layer::layer_norm<float, B>;
+  using moe = moe_layer<B, gate::top_k<2>>;
+  return model_t<B>(layer::linear<float, B>(ex, {.in = 20, .out = 16}, 1), layer::activation<float, act::gelu, B>(ex),
+                    layer::dropout<float, B>(ex, {.p = 0.2}, 4),
+                    layer::residual<float, norm, moe>(
+                        ex, norm(ex, {.dim = 16}),
+                        moe(ex, c, {.hidden = 16, .ffn = 24, .experts = 4, .expert = {.bias = true}, .seed = 3})),
+                    norm(ex, {.dim = 16}), layer::linear<float, B>(ex, {.in = 16, .out = 5}, 2));
+}
+
+}  // namespace
+
+TEST_CASE("moe_layer on a device backend: the cpu backend's results, bit for bit") {
+  SUBCASE("top-2, capacity 1.0 (drops)") { same_layer<gate::top_k<2>>({.capacity_factor = 1.0}); }
+  SUBCASE("top-2 dropless") { same_layer<gate::top_k<2>>({.dropless = true}); }
+  SUBCASE("switch with router jitter") { same_layer<gate::switch_gate>({.jitter_eps = 0.05}); }
+}
+
+TEST_CASE("a model and its trainer on a device backend: the same losses and parameters, clipping included") {
+  cpu_executor cex({.threads = 2});
+  dev::executor dex({.threads = 2});
+  auto w1 = comm::local::make_world(1), w2 = comm::local::make_world(1);
+  auto g1 = train::make_groups(w1[0]), g2 = train::make_groups(w2[0]);
+  auto a = make_model<cpu>(cex, g1.expert);
+  auto b = make_model<dev>(dex, g2.expert);
+  train::adamw<float, cpu> oa(cex, {.lr = 1e-2});
+  train::adamw<float, dev> ob(dex, {.lr = 1e-2});
+  train::trainer ta(a, oa, w1[0], g1, {.clip_norm = 0.05});  // small enough to clip every step
+  train::trainer tb(b, ob, w2[0], g2, {.clip_norm = 0.05});
+  layer::softmax_cross_entropy<float, cpu> la(cex, {.label_smoothing = 0.1});
+  layer::softmax_cross_entropy<float, dev> lb(dex, {.label_smoothing = 0.1});
+  const index_t N = 64;
+  std::vector<std::int32_t> labels(N);
+  for (index_t i = 0; i < N; ++i) labels[i] = static_cast<std::int32_t>(i % 5);
+  matrix<float> dla(N, 5);
+  matrix<float, dev::memory_space> xd(N, 20), dlb(N, 5);
+  for (int step = 0; step < 4; ++step) {
+    CAPTURE(step);
+    const auto x = random_vec(N * 20, 10 + step);
+    dex.copy(xd.data(), x.data(), xd.bytes());
+    const double l1 = ta.step([&](auto& m) {
+      const double l = la.forward(m.forward(as_matrix<const float>(x.data(), N, 20)), labels, N);
+      la.backward(dla.view());
+      m.backward(dla.view());
+      return l;
+    });
+    const double l2 = tb.step([&](auto& m) {
+      const double l = lb.forward(m.forward(matrix_view<const float>(xd.view())), labels, N);
+      lb.backward(dlb.view());
+      m.backward(dlb.view());
+      return l;
+    });
+    CHECK(l1 == l2);
+    CHECK(ta.last_grad_norm() > 0.05);
+    CHECK(ta.last_grad_norm() == tb.last_grad_norm());
+    auto pa = a.parameters(), pb = b.parameters();
+    REQUIRE(pa.size() == pb.size());
+    for (std::size_t i = 0; i < pa.size(); ++i) {
+      CAPTURE(pa[i].name);
+      CHECK(look(pb[i].value) == look(pa[i].value));
+    }
+  }
+}
+
+TEST_CASE("a device backend refuses what it cannot do yet, saying why") {
+  dev::executor dex({.threads = 1});
+  CHECK_THROWS_WITH_AS(comm::local::run(2,
+                                        [&](comm::local& c) {
+                                          moe_layer<dev, gate::top_k<2>> l(dex, c, {.hidden = 8, .ffn = 8, .experts = 2});
+                                        }),
+                       doctest::Contains("comm::nccl"), semoe::error);
+}
