@@ -110,13 +110,3 @@ TEST_CASE("top-2 dropless without bias: cuda equals cpu") {
 TEST_CASE("switch (top-1) with router jitter: cuda equals cpu") {
   compare_layers<gate::switch_gate>({.capacity_factor = 1.25, .jitter_eps = 0.01}, false, true);
 }
-
-TEST_CASE("on the cuda backend a layer over several ranks is refused with the reason") {
-  cuda_executor gex;
-  CHECK_THROWS_WITH_AS(comm::local::run(2,
-                                        [&](comm::local& c) {
-                                          moe_layer<cuda, gate::top_k<2>> l(gex, c,
-                                                                            {.hidden = 8, .ffn = 8, .experts = 2});
-                                        }),
-                       doctest::Contains("comm::nccl"), semoe::error);
-}

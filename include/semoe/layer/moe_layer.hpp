@@ -9,8 +9,9 @@
 // gate policy itself: logits come to pinned host memory, the gate builds the
 // routing plan on the host (the very plan the cpu backend builds), and its
 // rows and weights go back to the device. Gate backward does the same with
-// the combine-weight gradients. Expert parallelism over several ranks on a
-// device needs a communicator that moves device memory (NCCL), not built yet.
+// the combine-weight gradients. Over several ranks the host communicators
+// (comm::local, comm::tcp) carry the rows through pinned host memory: correct,
+// not fast; a communicator that moves device memory (NCCL) is not built yet.
 #pragma once
 
 #include <algorithm>
@@ -129,9 +130,6 @@ class basic_moe_layer {
       : ex_(&ex), comm_(&comm), opt_(fill(opt)), gate_(opt_.gate), expert_(opt_.expert),
         store_(store ? std::move(store) : std::make_shared<store_type>()) {
     validate(opt_, comm.size());
-    if constexpr (on_device)
-      SEMOE_CHECK(comm.size() == 1, "semoe::moe_layer: on the ", B::name, " backend the layer runs on one rank (",
-                  comm.size(), " given): expert parallelism across devices needs comm::nccl, not built yet");
     (void)gate_.choices(opt_.experts);  // k > experts fails here, not mid-step
     local_experts_ = opt_.experts / comm.size();
     first_expert_ = comm.rank() * local_experts_;
@@ -473,23 +471,31 @@ class basic_moe_layer {
     for (int p = 0; p < P; ++p)
       for (index_t i = 0; i < L; ++i)
         for (index_t j = 0; j < recv[p * L + i]; ++j) to_expert_major_[r++] = cursor[i]++;
+    if constexpr (on_device) to_device(to_expert_major_dev_, to_expert_major_);
   }
 
   /// Rows of this rank's dispatch order (destination-rank-major) to the
   /// local experts' rows, expert-major: all-to-all, then regroup.
   void to_experts(const T* dispatched, T* expert_major) {
     all_to_all_rows(dispatched, send_elems_, recv_.data(), recv_elems_);
-    ex_->parallel_for(recv_rows_, layer::detail::scatter_rows_kernel<T>{to_expert_major_.data(), opt_.hidden,
+    ex_->parallel_for(recv_rows_, layer::detail::scatter_rows_kernel<T>{expert_major_map(), opt_.hidden,
                                                                         recv_.data(), expert_major},
                       layer::row_grain);
   }
 
   /// The way back: expert-major rows regrouped by source rank, then returned.
   void from_experts(const T* expert_major, T* dispatched) {
-    ex_->parallel_for(recv_rows_, layer::detail::gather_rows_kernel<T>{to_expert_major_.data(), opt_.hidden,
+    ex_->parallel_for(recv_rows_, layer::detail::gather_rows_kernel<T>{expert_major_map(), opt_.hidden,
                                                                        expert_major, recv_.data()},
                       layer::row_grain);
     all_to_all_rows(recv_.data(), recv_elems_, dispatched, send_elems_);
+  }
+
+  const index_t* expert_major_map() const {
+    if constexpr (on_device)
+      return to_expert_major_dev_.data();
+    else
+      return to_expert_major_.data();
   }
 
   void all_to_all_rows(const T* send, const std::vector<index_t>& send_counts, T* recv,
@@ -498,10 +504,22 @@ class basic_moe_layer {
     index_t ns = 0, nr = 0;
     for (auto c : send_counts) ns += c;
     for (auto c : recv_counts) nr += c;
-    comm::all_to_all_v(*comm_, std::span<const T>(send, static_cast<std::size_t>(ns)),
-                       std::span<const index_t>(send_counts), std::span<T>(recv, static_cast<std::size_t>(nr)),
-                       std::span<const index_t>(recv_counts));
+    if constexpr (on_device) {  // the host communicators move host memory: stage through it
+      send_host_.resize_discard(ns);
+      recv_host_.resize_discard(nr);
+      ex_->copy(send_host_.data(), send, send_host_.bytes());
+      send = send_host_.data();
+      comm::all_to_all_v(*comm_, std::span<const T>(send, static_cast<std::size_t>(ns)),
+                         std::span<const index_t>(send_counts), recv_host_.span(),
+                         std::span<const index_t>(recv_counts));
+      ex_->copy(recv, recv_host_.data(), recv_host_.bytes());
+    } else {
+      comm::all_to_all_v(*comm_, std::span<const T>(send, static_cast<std::size_t>(ns)),
+                         std::span<const index_t>(send_counts), std::span<T>(recv, static_cast<std::size_t>(nr)),
+                         std::span<const index_t>(recv_counts));
+    }
   }
+
 
   /// Local expert counts in the layout the prefetcher expects.
   std::vector<std::int32_t> local_counts(std::span<const index_t> offsets) const {
@@ -681,6 +699,8 @@ class basic_moe_layer {
   // Expert-parallel exchange (ranks > 1 only).
   std::vector<index_t> send_elems_, recv_elems_;
   buffer<index_t> expert_offsets_, to_expert_major_;
+  dbuffer<index_t> to_expert_major_dev_;
+  hbuffer send_host_, recv_host_;
   index_t recv_rows_ = 0;
   dbuffer<T> recv_, expert_in_, expert_out_;
   std::vector<T*> params_, grads_;

@@ -48,34 +48,6 @@ constexpr index_t read_ahead_of() {
 }
 }  // namespace detail
 
-namespace detail {
-/// The memory a model's parameters live in: its backend's (host for models
-/// that name no backend).
-template <class Model>
-struct model_space {
-  using type = host_space;
-};
-template <class Model>
-  requires requires { typename Model::backend::memory_space; }
-struct model_space<Model> {
-  using type = typename Model::backend::memory_space;
-};
-
-/// f(span) on the host: the span itself when the host can read its memory,
-/// else a host copy (written back when `write_back`). Gradient clipping on a
-/// device backend goes this way: correct, not fast.
-template <class Space, class U, class F>
-void on_host(std::span<U> v, bool write_back, F&& f) {
-  if constexpr (Space::host_accessible) {
-    f(v);
-  } else {
-    std::vector<std::remove_const_t<U>> h(v.size());
-    copy_bytes<host_space, Space>(h.data(), v.data(), v.size_bytes());
-    f(std::span<std::remove_const_t<U>>(h));
-    if (write_back) copy_bytes<Space, host_space>(v.data(), h.data(), v.size_bytes());
-  }
-}
-}  // namespace detail
 
 /// Whether f of for_each_expert_block changes the blocks.
 enum class block_access { read, write };
@@ -112,6 +84,35 @@ void for_each_layer_block(Layer& layer, F&& f, block_access access) {
   }
 }
 
+namespace detail {
+/// The memory a model's parameters live in: its backend's (host for models
+/// that name no backend).
+template <class Model>
+struct model_space {
+  using type = host_space;
+};
+template <class Model>
+  requires requires { typename Model::backend::memory_space; }
+struct model_space<Model> {
+  using type = typename Model::backend::memory_space;
+};
+
+/// f(span) on the host: the span itself when the host can read its memory,
+/// else a host copy (written back when `write_back`). Gradient clipping on a
+/// device backend goes this way: correct, not fast.
+template <class Space, class U, class F>
+void on_host(std::span<U> v, bool write_back, F&& f) {
+  if constexpr (Space::host_accessible) {
+    f(v);
+  } else {
+    std::vector<std::remove_const_t<U>> h(v.size());
+    copy_bytes<host_space, Space>(h.data(), v.data(), v.size_bytes());
+    f(std::span<std::remove_const_t<U>>(h));
+    if (write_back) copy_bytes<Space, host_space>(v.data(), h.data(), v.size_bytes());
+  }
+}
+}  // namespace detail
+
 /// Sum replicated dense gradients over the data-parallel ranks of `comm`,
 /// fused into one flat buffer so the reduction is one collective, not one per
 /// tensor. Sharded parameters are skipped: their gradients are complete.
@@ -123,16 +124,17 @@ void reduce_dense_grads(Model& m, Comm& comm) {
   using T = typename decltype(params)::value_type::value_type;
   index_t n = 0;
   for (auto& p : params) n += static_cast<index_t>(p.grad.size());
+  using space = typename detail::model_space<Model>::type;  // device gradients go through the host
   buffer<T> flat(n);
   index_t off = 0;
   for (auto& p : params) {
-    std::copy(p.grad.begin(), p.grad.end(), flat.data() + off);
+    copy_bytes<host_space, space>(flat.data() + off, p.grad.data(), p.grad.size_bytes());
     off += static_cast<index_t>(p.grad.size());
   }
   comm::all_reduce(comm, flat.span());
   off = 0;
   for (auto& p : params) {
-    std::copy(flat.data() + off, flat.data() + off + p.grad.size(), p.grad.begin());
+    copy_bytes<space, host_space>(p.grad.data(), flat.data() + off, p.grad.size_bytes());
     off += static_cast<index_t>(p.grad.size());
   }
 }

@@ -49,18 +49,19 @@ void reduce_expert_grads(Model& m, Comm& replica) {
   index_t n = 0;
   for_each_expert_block(m, [&](auto& blk, auto&) { n += static_cast<index_t>(blk.grads.size()); }, block_access::read);
   using T = typename decltype(m.parameters())::value_type::value_type;
+  using space = typename detail::model_space<Model>::type;  // device gradients go through the host
   buffer<T> flat(n);
   index_t off = 0;
   for_each_expert_block(
       m, [&](auto& blk, auto&) {
-        std::copy(blk.grads.begin(), blk.grads.end(), flat.data() + off);
+        copy_bytes<host_space, space>(flat.data() + off, blk.grads.data(), blk.grads.size_bytes());
         off += static_cast<index_t>(blk.grads.size());
       },
       block_access::read);
   comm::all_reduce(replica, flat.span());
   off = 0;
   for_each_expert_block(m, [&](auto& blk, auto&) {
-    std::copy(flat.data() + off, flat.data() + off + blk.grads.size(), blk.grads.begin());
+    copy_bytes<space, host_space>(blk.grads.data(), flat.data() + off, blk.grads.size_bytes());
     off += static_cast<index_t>(blk.grads.size());
   });
 }
@@ -196,7 +197,10 @@ class trainer {
   /// Buckets and the backward hook that fills them, made on the first step
   /// (parameter spans are stable from then on). False: reduce after backward.
   bool prepare_buckets() {
-    if constexpr (requires { model_->set_backward_hook(std::function<void(std::size_t)>{}); }) {
+    // Buckets pack gradients with host copies: device models reduce after backward.
+    if constexpr (!detail::model_space<Model>::type::host_accessible) {
+      return false;
+    } else if constexpr (requires { model_->set_backward_hook(std::function<void(std::size_t)>{}); }) {
       if (opt_o_.bucket_bytes == 0 || world_->size() == 1) return false;
       if (!buckets_) {
         // Parameters of top-level layer i are params[first_[i] .. first_[i + 1]).
@@ -221,7 +225,10 @@ class trainer {
   void shard_dense() {
     SEMOE_CHECK(opt_o_.clip_norm == 0, "semoe::train::trainer: sharded dense parameters (prefetch::two_d) need "
                 "clip_norm = 0 (got ", opt_o_.clip_norm, ")");
-    if constexpr (hookable<Model>) {
+    if constexpr (!detail::model_space<Model>::type::host_accessible) {
+      ::semoe::detail::fail("semoe::train::trainer: sharded dense parameters (prefetch::two_d) run on host backends "
+                            "only; on a device backend the flat shards are not built yet");
+    } else if constexpr (hookable<Model>) {
       install(*model_);
     } else {
       ::semoe::detail::fail("semoe::train::trainer: sharded dense parameters (prefetch::two_d) need a model with "

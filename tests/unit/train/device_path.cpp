@@ -5,6 +5,7 @@
 // Same arithmetic as the cpu backend, so every result must be bit-identical.
 #include <doctest/doctest.h>
 
+#include <mutex>
 #include <random>
 #include <vector>
 
@@ -147,11 +148,45 @@ TEST_CASE("a model and its trainer on a device backend: the same losses and para
   }
 }
 
-TEST_CASE("a device backend refuses what it cannot do yet, saying why") {
-  dev::executor dex({.threads = 1});
-  CHECK_THROWS_WITH_AS(comm::local::run(2,
-                                        [&](comm::local& c) {
-                                          moe_layer<dev, gate::top_k<2>> l(dex, c, {.hidden = 8, .ffn = 8, .experts = 2});
-                                        }),
-                       doctest::Contains("comm::nccl"), semoe::error);
+TEST_CASE("two expert-parallel ranks on a device backend (rows through host memory) equal two cpu ranks") {
+  const index_t N = 64;  // per rank
+  auto run = [&]<class B>(std::vector<std::vector<float>>& params, std::vector<double>& losses) {
+    std::mutex m;
+    comm::local::run(2, [&](comm::local& world) {
+      typename B::executor ex({.threads = 1});
+      auto groups = train::make_groups(world);
+      auto model = make_model<B>(ex, groups.expert);
+      train::adamw<float, B> opt(ex, {.lr = 1e-2});
+      train::trainer tr(model, opt, world, groups, {.clip_norm = 0.05});
+      layer::softmax_cross_entropy<float, B> loss(ex, {.label_smoothing = 0.1});
+      std::vector<std::int32_t> labels(N);
+      for (index_t i = 0; i < N; ++i) labels[i] = static_cast<std::int32_t>((i + world.rank()) % 5);
+      matrix<float, typename B::memory_space> x(N, 20), dl(N, 5);
+      std::vector<double> mine;
+      for (int step = 0; step < 3; ++step) {
+        const auto h = random_vec(N * 20, 50 + 2 * step + world.rank());
+        ex.copy(x.data(), h.data(), x.bytes());
+        mine.push_back(tr.step([&](auto& md) {
+          const double l = loss.forward(md.forward(matrix_view<const float>(x.view())), labels, 2 * N);
+          loss.backward(dl.view());
+          md.backward(dl.view());
+          return l;
+        }));
+      }
+      std::lock_guard lock(m);
+      if (world.rank() == 1) {  // the replicated dense parameters, and rank 1's experts
+        for (auto& p : model.parameters()) params.push_back(look(p.value));
+        train::for_each_expert_block(
+            model, [&](auto& blk, auto&) { params.push_back(look(blk.params)); }, train::block_access::read);
+        losses = mine;
+      }
+    });
+  };
+  std::vector<std::vector<float>> pa, pb;
+  std::vector<double> la, lb;
+  run.template operator()<cpu>(pa, la);
+  run.template operator()<dev>(pb, lb);
+  CHECK(la == lb);
+  REQUIRE(pa.size() == pb.size());
+  for (std::size_t i = 0; i < pa.size(); ++i) CHECK(pa[i] == pb[i]);
 }
