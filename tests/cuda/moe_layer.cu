@@ -4,6 +4,8 @@
 // the same parameters after an AdamW step. GPU only (skipped without one).
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -13,7 +15,11 @@
 #include "semoe/gate/switch.hpp"
 #include "semoe/gate/top_k.hpp"
 #include "semoe/layer/moe_layer.hpp"
+#include "semoe/prefetch/vertical.hpp"
+#include "semoe/storage/tiered_store.hpp"
 #include "semoe/train/optimizer.hpp"
+
+#include <unistd.h>
 
 using namespace semoe;
 using test::random_vec;
@@ -109,4 +115,56 @@ TEST_CASE("top-2 dropless without bias: cuda equals cpu") {
 
 TEST_CASE("switch (top-1) with router jitter: cuda equals cpu") {
   compare_layers<gate::switch_gate>({.capacity_factor = 1.25, .jitter_eps = 0.01}, false, true);
+}
+
+TEST_CASE("experts offloaded to SSD, device tier in device memory, vertical prefetch: cuda equals cpu") {
+  using tiers = storage::tiered<storage::device_tier, storage::host_tier, storage::ssd_tier>;
+  using cpu_layer = basic_moe_layer<float, cpu, gate::top_k<2>, expert::ffn<act::gelu>, comm::local, tiers,
+                                    prefetch::vertical<1>>;
+  using gpu_layer = basic_moe_layer<float, cuda, gate::top_k<2>, expert::ffn<act::gelu>, comm::local, tiers,
+                                    prefetch::vertical<1>>;
+  const index_t T = 256, H = 128, F = 256, E = 8;
+  const auto block = static_cast<std::size_t>(expert::ffn<>::block_elems({H, F}));
+  const auto dir = std::filesystem::temp_directory_path() / ("semoe-gpu-offload-" + std::to_string(::getpid()));
+  auto make = [&]<class Store>(const char* sub) {
+    typename Store::options o;
+    o.device.budget_bytes = 3 * 2 * sizeof(float) * block;   // three experts' weights and gradients
+    o.host.budget_bytes = 4 * 4 * sizeof(float) * block + 8 * 4096;
+    o.ssd.dir = dir / sub;
+    std::filesystem::create_directories(o.ssd.dir);
+    return std::make_shared<Store>(o);
+  };
+  cpu_executor cex({.threads = 2});
+  cuda_executor gex;
+  auto c1 = comm::local::make_world(1), c2 = comm::local::make_world(1);
+  auto sa = make.template operator()<typename cpu_layer::store_type>("cpu");
+  auto sb = make.template operator()<typename gpu_layer::store_type>("gpu");
+  cpu_layer a(cex, c1[0], {.hidden = H, .ffn = F, .experts = E, .seed = 8}, sa);
+  gpu_layer b(gex, c2[0], {.hidden = H, .ffn = F, .experts = E, .seed = 8}, sb);
+  train::adamw<float, cpu> oa(cex, {.lr = 1e-2});
+  train::adamw<float, cuda> ob(gex, {.lr = 1e-2});
+  buffer<float, device_space> xd(T * H), dyd(T * H), yd(T * H), dxd(T * H);
+  std::vector<float> ya(T * H), dxa(T * H);
+  for (int step = 0; step < 3; ++step) {
+    CAPTURE(step);
+    const auto x = random_vec(T * H, 60 + step), dy = random_vec(T * H, 70 + step);
+    gex.copy(xd.data(), x.data(), xd.bytes());
+    gex.copy(dyd.data(), dy.data(), dyd.bytes());
+    a.zero_grad();
+    b.zero_grad();
+    a.forward(as_matrix(x.data(), T, H), as_matrix(ya.data(), T, H));
+    b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
+    a.backward(as_matrix(dy.data(), T, H), as_matrix(dxa.data(), T, H));
+    b.backward(matrix_view<const float>(dyd.matrix(T, H)), dxd.matrix(T, H));
+    CHECK(scaled_error(to_host(gex, yd.span()), ya) < fp32_tol);
+    CHECK(scaled_error(to_host(gex, dxd.span()), dxa) < fp32_tol);
+    oa.step(a);
+    ob.step(b);
+    a.end_step();
+    b.end_step();
+  }
+  CHECK(sb->stats().device.peak_bytes <= sb->stats().device.budget_bytes);
+  sa.reset();
+  sb.reset();
+  std::filesystem::remove_all(dir);
 }

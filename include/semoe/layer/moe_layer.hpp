@@ -138,7 +138,7 @@ class basic_moe_layer {
     buffer<T> staged;  // a device block is initialized on the host, then copied
     for (index_t i = 0; i < local_experts_; ++i)
       store_->visit(layer_id_, i, [&](storage::block_ref<T> blk) {
-        if constexpr (store_memory::type::host_accessible) {
+        if constexpr (storage::visit_space_t<store_type>::host_accessible) {
           expert_.init(blk.params, rng, first_expert_ + i);
         } else {
           staged.resize_discard(static_cast<index_t>(blk.params.size()));
@@ -368,15 +368,6 @@ class basic_moe_layer {
                       layer::row_grain);
   }
 
-  /// The store's memory space (host for stores that do not say).
-  struct store_memory {
-    template <class S>
-    static auto of(int) -> typename S::memory_space;
-    template <class S>
-    static auto of(long) -> host_space;
-    using type = decltype(of<store_type>(0));
-  };
-
   /// The logits where the gate reads them: on the host.
   matrix_view<const T> host_logits(index_t tokens) {
     const index_t E = opt_.experts;
@@ -543,6 +534,7 @@ class basic_moe_layer {
       grads_[i] = blk.grads.data();
     }
     f();
+    if constexpr (on_device) ex_->synchronize();  // the store may move a block once released
     for (index_t i = 0; i < local_experts_; ++i)
       if (counts[i] > 0) store_->release(layer_id_, i);
     prefetch_.after(*store_, layer_id_, ph);
@@ -593,6 +585,7 @@ class basic_moe_layer {
       grads_[i] = blk.grads.data();
       try {
         f(i);
+        if constexpr (on_device) ex_->synchronize();  // the store may move the block once released
       } catch (...) {
         store_->release(layer_id_, i);
         throw;

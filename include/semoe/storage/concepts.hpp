@@ -10,6 +10,7 @@
 #include <string_view>
 
 #include "semoe/core/config.hpp"
+#include "semoe/core/memory_space.hpp"
 
 namespace semoe::storage {
 
@@ -63,6 +64,29 @@ concept Store = requires(S& s, index_t i) {
   { s.zero_grads(i) };
   { s.visit(i, i, detail::probe_visitor<T>{}) };
 };
+
+/// Where a store's acquire() spans point (host memory for stores that do
+/// not say), and where its visit() spans point (the same unless it says).
+template <class S>
+struct memory_space_of {
+  using type = host_space;
+};
+template <class S>
+  requires requires { typename S::memory_space; }
+struct memory_space_of<S> {
+  using type = typename S::memory_space;
+};
+template <class S>
+struct visit_space_of {
+  using type = typename memory_space_of<S>::type;
+};
+template <class S>
+  requires requires { typename S::visit_space; }
+struct visit_space_of<S> {
+  using type = typename S::visit_space;
+};
+template <class S>
+using visit_space_t = typename visit_space_of<S>::type;
 
 template <class P>
 concept Storage = std::same_as<typename P::policy_kind, storage_tag> &&

@@ -1,9 +1,13 @@
 // semoe/storage/device_tier.hpp: fast memory for expert blocks under compute.
-// On CPU builds it is a bounded arena standing for HBM: allocations are real,
-// the byte budget is never exceeded, and moves into it are real copies that
-// the trace shows on the copy-engine lane (a CUDA stream on GPU builds).
+// A bounded arena in the layer's memory space: device memory on the cuda
+// backend, host memory standing for HBM on the cpu backend. Allocations are
+// real, the byte budget is never exceeded, and moves into it are real copies
+// that the trace shows on the copy-engine lane.
 #pragma once
 
+#include <type_traits>
+
+#include "semoe/core/memory_space.hpp"
 #include "semoe/storage/detail/arena.hpp"
 #include "semoe/storage/concepts.hpp"
 
@@ -19,10 +23,28 @@ struct device_tier {
     std::size_t budget_bytes = 0;  ///< 0: unbounded
   };
 
-  class arena : public detail::budget_arena {
+  /// The tier's memory in Space (host memory: the default).
+  template <MemorySpace Space = host_space>
+  class basic_arena : public detail::budget_arena {
    public:
-    explicit arena(options o) : budget_arena("semoe::storage::device_tier", o.budget_bytes, 256) {}
+    explicit basic_arena(options o)
+        : budget_arena("semoe::storage::device_tier", o.budget_bytes, 256, &space_allocate, &space_deallocate) {}
+
+   private:
+    static void* space_allocate(std::size_t bytes, std::size_t alignment) {
+      if constexpr (std::is_same_v<Space, host_space>)
+        return budget_arena::host_allocate(bytes, alignment);
+      else
+        return Space::allocate(bytes);  // device allocators align to at least 256 bytes
+    }
+    static void space_deallocate(void* p, std::size_t bytes) {
+      if constexpr (std::is_same_v<Space, host_space>)
+        budget_arena::host_deallocate(p, bytes);
+      else
+        Space::deallocate(p, bytes);
+    }
   };
+  using arena = basic_arena<host_space>;
 };
 
 }  // namespace semoe::storage

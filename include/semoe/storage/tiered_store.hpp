@@ -90,11 +90,15 @@ struct tiered_policy {
     int rank = 0;                    ///< trace process id
   };
 
-  template <class T>
+  /// Blocks under compute live in Space (device memory on a device backend);
+  /// visit() works on the host DRAM copy, where the optimizer state is.
+  template <class T, MemorySpace Space = host_space>
   class store {
    public:
     using value_type = T;
     using options = store_options;
+    using memory_space = Space;     ///< where acquire()'s spans point
+    using visit_space = host_space;  ///< where visit()'s spans point
     store() : store(options{}) {}
     explicit store(options o)
         : opt_(std::move(o)), device_(opt_.device), host_(opt_.host) {
@@ -216,10 +220,10 @@ struct tiered_policy {
       T* d = reinterpret_cast<T*>(b.dev);
       if (grads && !b.dev_grads) {
         if (b.grads_zero) {
-          std::fill(d + n, d + 2 * n, T(0));
+          Space::zero(d + n, n * sizeof(T));
           b.grads_zero = false;
         } else {
-          std::memcpy(d + n, reinterpret_cast<const T*>(b.host) + n, n * sizeof(T));
+          copy_bytes<Space, host_space>(d + n, reinterpret_cast<const T*>(b.host) + n, n * sizeof(T));
           stats_.device.bytes_in += n * sizeof(T);
         }
         b.dev_grads = true;
@@ -254,7 +258,7 @@ struct tiered_policy {
       lk.unlock();
       const auto n = static_cast<std::size_t>(b.elems);
       T* h = reinterpret_cast<T*>(b.host);
-      if (pull_grads) copy_traced(h + n, reinterpret_cast<const T*>(b.dev) + n, n, "grads to host ", b);
+      if (pull_grads) copy_traced<host_space, Space>(h + n, reinterpret_cast<const T*>(b.dev) + n, n, "grads to host ", b);
       if (zero) std::fill(h + n, h + 2 * n, T(0));
       try {
         f(block_ref<T>{std::span<T>(h, n), std::span<T>(h + n, n),
@@ -501,9 +505,10 @@ struct tiered_policy {
       if (rec.enabled()) rec.add({what + label(b), cat, t0, rec.now_us() - t0, opt_.rank, lane});
     }
 
+    template <class DstSpace, class SrcSpace>
     void copy_traced(T* dst, const T* src, std::size_t n, const char* what, const block& b) {
       const double t0 = trace::recorder::instance().now_us();
-      std::memcpy(dst, src, n * sizeof(T));
+      copy_bytes<DstSpace, SrcSpace>(dst, src, n * sizeof(T));
       record(what, b, "load", t0, copy_lane);
     }
 
@@ -597,7 +602,8 @@ struct tiered_policy {
         }
         lk.unlock();
         const auto n = static_cast<std::size_t>(b.elems);
-        copy_traced(reinterpret_cast<T*>(slot), reinterpret_cast<const T*>(b.host), n, "to device ", b);
+        copy_traced<Space, host_space>(reinterpret_cast<T*>(slot), reinterpret_cast<const T*>(b.host), n, "to device ",
+                                       b);
         lk.lock();
         stats_.device.bytes_in += n * sizeof(T);
         stats_.host.bytes_out += n * sizeof(T);
@@ -681,8 +687,8 @@ struct tiered_policy {
       if (v.dev_dirty) {
         lk.unlock();
         const auto n = static_cast<std::size_t>(v.elems);
-        copy_traced(reinterpret_cast<T*>(v.host) + n, reinterpret_cast<const T*>(v.dev) + n, n,
-                    "grads to host ", v);
+        copy_traced<host_space, Space>(reinterpret_cast<T*>(v.host) + n, reinterpret_cast<const T*>(v.dev) + n, n,
+                                       "grads to host ", v);
         lk.lock();
         stats_.device.bytes_out += n * sizeof(T);
         stats_.host.bytes_in += n * sizeof(T);
@@ -789,7 +795,7 @@ struct tiered_policy {
     }
 
     options opt_;
-    device_tier::arena device_;
+    device_tier::basic_arena<Space> device_;
     host_tier::arena host_;
     std::conditional_t<HasSsd, std::optional<ssd_tier>, std::monostate> ssd_{};
     std::array<std::uint64_t, 2> ssd_base_{0, 0};

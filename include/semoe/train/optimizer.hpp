@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -250,13 +251,12 @@ class optimizer_base {
         st.resize_discard(slots * static_cast<index_t>(p.value.size()));
         st.zero();
       }
-      self().update(p.value, p.grad, st.span());
+      self().update(*ex_, p.value, p.grad, st.span());
     }
     for_each_moe_layer(m, [&](auto& layer) {
       if (std::find(early_.begin(), early_.end(), static_cast<const void*>(&layer)) != early_.end()) return;
       layer.store().reserve_state(slots);
-      for_each_layer_block(layer, [&](auto& blk, auto&) { self().update(blk.params, blk.grads, blk.state); },
-                           block_access::write);
+      for_each_layer_block(layer, [&](auto& blk, auto& store) { update_block(store, blk); }, block_access::write);
     });
     early_.clear();
   }
@@ -271,9 +271,8 @@ class optimizer_base {
   void update_block_now(Layer& layer, index_t expert) {
     ++t_;  // the count step() is about to use
     layer.store().reserve_state(Derived::state_slots);
-    layer.store().visit(layer.layer_id(), expert, [&](storage::block_ref<T> blk) {
-      self().update(blk.params, blk.grads, blk.state);
-    });
+    auto& store = layer.store();
+    store.visit(layer.layer_id(), expert, [&](storage::block_ref<T> blk) { update_block(store, blk); });
     --t_;
     if (std::find(early_.begin(), early_.end(), static_cast<const void*>(&layer)) == early_.end())
       early_.push_back(&layer);
@@ -290,7 +289,23 @@ class optimizer_base {
 
  protected:
   Derived& self() { return static_cast<Derived&>(*this); }
+
+  /// An expert block where its store keeps its optimizer state: on the
+  /// backend's executor when it can reach that memory, else on the host
+  /// (a device model over a tiered store: offloaded blocks are updated in
+  /// host DRAM, as ZeRO-Offload does).
+  template <class Store>
+  void update_block(Store&, storage::block_ref<T> blk) {
+    if constexpr (accessible_from<storage::visit_space_t<Store>, typename B::executor>) {
+      self().update(*ex_, blk.params, blk.grads, blk.state);
+    } else {
+      if (!host_ex_) host_ex_ = std::make_unique<typename cpu::executor>();
+      self().update(*host_ex_, blk.params, blk.grads, blk.state);
+    }
+  }
+
   typename B::executor* ex_;
+  std::unique_ptr<typename cpu::executor> host_ex_;  // made on first need
   std::uint64_t t_ = 0;
   std::vector<state_buffer> dense_state_;
   std::vector<const void*> early_;  // layers update_block_now() did this step
@@ -315,8 +330,9 @@ class sgd : public optimizer_base<T, sgd<T, B>, B> {
   void set_lr(double lr) { opt_.lr = lr; }
   double lr() const { return opt_.lr; }
 
-  void update(std::span<T> p, std::span<const T> g, std::span<T> state) {
-    this->ex_->parallel_for(static_cast<index_t>(p.size()),
+  template <Executor Ex>
+  void update(Ex& ex, std::span<T> p, std::span<const T> g, std::span<T> state) {
+    ex.parallel_for(static_cast<index_t>(p.size()),
                             detail::sgd_kernel<T>{p.data(), g.data(), opt_.momentum > 0 ? state.data() : nullptr,
                                                   T(opt_.lr), T(opt_.momentum), T(opt_.weight_decay)},
                             4096);
@@ -348,10 +364,11 @@ class adamw : public optimizer_base<T, adamw<T, B>, B> {
   void set_lr(double lr) { opt_.lr = lr; }
   double lr() const { return opt_.lr; }
 
-  void update(std::span<T> p, std::span<const T> g, std::span<T> state) {
+  template <Executor Ex>
+  void update(Ex& ex, std::span<T> p, std::span<const T> g, std::span<T> state) {
     const auto n = static_cast<index_t>(p.size());
     const double t = static_cast<double>(this->t_);
-    this->ex_->parallel_for(n,
+    ex.parallel_for(n,
                             detail::adamw_kernel<T>{p.data(), g.data(), state.data(), state.data() + n, T(opt_.lr),
                                                     T(opt_.beta1), T(opt_.beta2), T(opt_.eps), T(opt_.weight_decay),
                                                     T(1 - std::pow(opt_.beta1, t)), T(1 - std::pow(opt_.beta2, t))},

@@ -5,9 +5,13 @@
 // Same arithmetic as the cpu backend, so every result must be bit-identical.
 #include <doctest/doctest.h>
 
+#include <filesystem>
 #include <mutex>
+#include <string>
 #include <random>
 #include <vector>
+
+#include <unistd.h>
 
 #include "../core/emulated_device.hpp"
 #include "semoe/gate/switch.hpp"
@@ -18,6 +22,7 @@
 #include "semoe/layer/moe_layer.hpp"
 #include "semoe/layer/norm.hpp"
 #include "semoe/layer/sequential.hpp"
+#include "semoe/prefetch/vertical.hpp"
 #include "semoe/storage/tiered_store.hpp"
 #include "semoe/train/trainer.hpp"
 
@@ -189,4 +194,77 @@ TEST_CASE("two expert-parallel ranks on a device backend (rows through host memo
   CHECK(la == lb);
   REQUIRE(pa.size() == pb.size());
   for (std::size_t i = 0; i < pa.size(); ++i) CHECK(pa[i] == pb[i]);
+}
+
+namespace {
+
+using ssd_tiers = storage::tiered<storage::device_tier, storage::host_tier, storage::ssd_tier>;
+
+template <class B>
+using offloaded_moe = basic_moe_layer<float, B, gate::top_k<2>, expert::ffn<act::gelu>, comm::local, ssd_tiers,
+                                      prefetch::vertical<1>>;
+
+struct scratch_dir {
+  std::filesystem::path path;
+  explicit scratch_dir(const char* tag)
+      : path(std::filesystem::temp_directory_path() / (std::string("semoe-devpath-") + tag + "-" +
+                                                      std::to_string(::getpid()))) {
+    std::filesystem::create_directories(path);
+  }
+  ~scratch_dir() { std::filesystem::remove_all(path); }
+};
+
+}  // namespace
+
+TEST_CASE("experts offloaded to SSD under tight budgets, device tier in device memory: the cpu backend's results") {
+  const index_t T = 64, H = 32, F = 48, E = 4;
+  scratch_dir da("cpu"), db("dev");
+  auto make_store = [&]<class Store>(const std::filesystem::path& dir) {
+    typename Store::options o;
+    o.device.budget_bytes = 2 * 2 * sizeof(float) * static_cast<std::size_t>(expert::ffn<>::block_elems({H, F}));
+    o.host.budget_bytes = 3 * 4 * sizeof(float) * static_cast<std::size_t>(expert::ffn<>::block_elems({H, F})) + 4 * 4096;
+    o.ssd.dir = dir;
+    return std::make_shared<Store>(o);
+  };
+  cpu_executor cex({.threads = 2});
+  dev::executor dex({.threads = 2});
+  auto w1 = comm::local::make_world(1), w2 = comm::local::make_world(1);
+  using ma = offloaded_moe<cpu>;
+  using mb = offloaded_moe<dev>;
+  static_assert(std::is_same_v<typename mb::store_type::memory_space, dev::memory_space>);
+  auto sa = make_store.template operator()<typename ma::store_type>(da.path);
+  auto sb = make_store.template operator()<typename mb::store_type>(db.path);
+  ma a(cex, w1[0], {.hidden = H, .ffn = F, .experts = E, .seed = 5}, sa);
+  mb b(dex, w2[0], {.hidden = H, .ffn = F, .experts = E, .seed = 5}, sb);
+  train::adamw<float, cpu> oa(cex, {.lr = 1e-2});
+  train::adamw<float, dev> ob(dex, {.lr = 1e-2});
+  buffer<float, dev::memory_space> xd(T * H), dyd(T * H), yd(T * H), dxd(T * H);
+  std::vector<float> ya(T * H), dxa(T * H);
+  for (int step = 0; step < 3; ++step) {
+    CAPTURE(step);
+    const auto x = random_vec(T * H, 30 + step), dy = random_vec(T * H, 40 + step);
+    dex.copy(xd.data(), x.data(), xd.bytes());
+    dex.copy(dyd.data(), dy.data(), dyd.bytes());
+    a.zero_grad();
+    b.zero_grad();
+    a.forward(as_matrix<const float>(x.data(), T, H), as_matrix(ya.data(), T, H));
+    b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
+    a.backward(as_matrix<const float>(dy.data(), T, H), as_matrix(dxa.data(), T, H));
+    b.backward(matrix_view<const float>(dyd.matrix(T, H)), dxd.matrix(T, H));
+    CHECK(look(yd.span()) == ya);
+    CHECK(look(dxd.span()) == dxa);
+    oa.step(a);  // offloaded blocks: AdamW in host DRAM, on the host, for both
+    ob.step(b);
+    a.end_step();
+    b.end_step();
+  }
+  for (index_t e = 0; e < E; ++e) {
+    std::vector<float> pa, pb;
+    sa->visit(a.layer_id(), e, [&](storage::block_ref<float> blk) { pa = look(blk.params); }, false);
+    sb->visit(b.layer_id(), e, [&](storage::block_ref<float> blk) { pb = look(blk.params); }, false);
+    CHECK(pa == pb);
+  }
+  const auto st = sb->stats();
+  CHECK(st.ssd.bytes_out > 0);  // blocks really came back from SSD
+  CHECK(st.device.peak_bytes <= st.device.budget_bytes);
 }

@@ -1,6 +1,7 @@
 // semoe/storage/detail/arena.hpp: a byte budget over aligned allocations. The
-// device and host tiers of CPU builds are arenas: every allocation is real
-// memory, and the budget is a hard limit that allocate() reports, not a hint.
+// device and host tiers are arenas: every allocation is real memory (host
+// memory, or a memory space's: device memory on the cuda backend), and the
+// budget is a hard limit that allocate() reports, not a hint.
 #pragma once
 
 #include <algorithm>
@@ -16,9 +17,16 @@ namespace semoe::storage::detail {
 
 class budget_arena {
  public:
+  /// Where the bytes come from: aligned host memory unless told otherwise.
+  using allocate_fn = void* (*)(std::size_t bytes, std::size_t alignment);
+  using deallocate_fn = void (*)(void* p, std::size_t bytes);
+  static void* host_allocate(std::size_t bytes, std::size_t alignment) { return std::aligned_alloc(alignment, bytes); }
+  static void host_deallocate(void* p, std::size_t) { std::free(p); }
+
   /// budget 0: unbounded.
-  budget_arena(std::string_view who, std::size_t budget, std::size_t alignment)
-      : who_(who), budget_(budget), alignment_(alignment) {
+  budget_arena(std::string_view who, std::size_t budget, std::size_t alignment,
+               allocate_fn allocate = &host_allocate, deallocate_fn deallocate = &host_deallocate)
+      : who_(who), budget_(budget), alignment_(alignment), allocate_(allocate), deallocate_(deallocate) {
     SEMOE_CHECK(alignment >= alignof(std::max_align_t) && (alignment & (alignment - 1)) == 0, who,
                 ": alignment ", alignment, " must be a power of two >= ", alignof(std::max_align_t));
   }
@@ -33,7 +41,7 @@ class budget_arena {
     do {
       if (budget_ && used + rounded > budget_) return nullptr;
     } while (!used_.compare_exchange_weak(used, used + rounded, std::memory_order_relaxed));
-    auto* p = static_cast<std::byte*>(std::aligned_alloc(alignment_, rounded));
+    auto* p = static_cast<std::byte*>(allocate_(rounded, alignment_));
     if (!p) {
       used_.fetch_sub(rounded, std::memory_order_relaxed);
       throw std::bad_alloc();
@@ -45,7 +53,7 @@ class budget_arena {
   }
   void deallocate(std::byte* p, std::size_t bytes) noexcept {
     if (!p) return;
-    std::free(p);
+    deallocate_(p, round_up(bytes));
     used_.fetch_sub(round_up(bytes), std::memory_order_relaxed);
   }
 
@@ -61,6 +69,8 @@ class budget_arena {
  private:
   std::string_view who_;
   std::size_t budget_, alignment_;
+  allocate_fn allocate_;
+  deallocate_fn deallocate_;
   std::atomic<std::size_t> used_{0}, peak_{0};
 };
 
