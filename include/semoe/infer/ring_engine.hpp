@@ -1,6 +1,7 @@
 // semoe/infer/ring_engine.hpp: SE-MoE's ring memory for inference (§4).
 // Fast memory is formed into K fixed slots; layer i's expert weights live in
-// slot i mod K. A loader thread (a copy stream on GPU builds) fills the slots
+// slot i mod K. A loader thread (copying on its own stream on the cuda
+// backend, where the slots are device memory) fills the slots
 // in layer order from the weights' home, host DRAM or an SSD file: layers
 // 0..K-1 first, then, as soon as layer i's forward ends and frees its slot,
 // layer i+K while layers i+1.. compute. Fixed slots mean no fragmentation; the
@@ -22,10 +23,12 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <unistd.h>
 
+#include "semoe/core/memory_space.hpp"
 #include "semoe/core/trace.hpp"
 #include "semoe/prefetch/concepts.hpp"
 #include "semoe/storage/concepts.hpp"
@@ -71,11 +74,15 @@ struct ring {
     int rank = 0;                   ///< trace process id
   };
 
-  template <class T>
+  /// Slots in Space (device memory on a device backend); the weights' home
+  /// copies, which visit() reads and writes, in host memory.
+  template <class T, MemorySpace Space = host_space>
   class store {
    public:
     using value_type = T;
     using options = store_options;
+    using memory_space = Space;
+    using visit_space = host_space;
 
     store() : store(options{}) {}
     explicit store(options o) : opt_(std::move(o)) {
@@ -292,7 +299,12 @@ struct ring {
                   " bytes (the largest ", opt_.unit == ring_unit::layer ? "layer's expert weights" : "expert",
                   "; ring_unit::expert needs less)");
       all_fit_ = static_cast<std::uint64_t>(k_) >= items_;
-      arena_ = std::make_unique<storage::detail::budget_arena>("semoe::infer::ring", 0, 4096);
+      if constexpr (std::is_same_v<Space, host_space>)
+        arena_ = std::make_unique<storage::detail::budget_arena>("semoe::infer::ring", 0, 4096);
+      else
+        arena_ = std::make_unique<storage::detail::budget_arena>(
+            "semoe::infer::ring", 0, 4096, [](std::size_t b, std::size_t) { return Space::allocate(b); },
+            [](void* p, std::size_t b) { Space::deallocate(p, b); });
       slots_.resize(static_cast<std::size_t>(k_));
       for (auto& s : slots_) s.data = reinterpret_cast<T*>(arena_->allocate(slot_bytes()));
       if (opt_.source == ring_source::ssd) write_ssd_copy();
@@ -308,16 +320,17 @@ struct ring {
         bytes = std::max(bytes, stride(l) * sizeof(T));
       }
       ssd_.emplace(opt_.ssd, bytes, std::max<std::size_t>(blocks, 1));
-      auto* buf = arena_->allocate(bytes);
+      std::unique_ptr<std::byte, void (*)(std::byte*)> buf(static_cast<std::byte*>(std::aligned_alloc(4096, bytes)),
+                                                           [](std::byte* p) { std::free(p); });
+      if (!buf) throw std::bad_alloc();
       std::size_t b = 0;
       for (const auto& l : layers_)
         for (const auto& h : l.home) {
-          std::memset(buf, 0, bytes);
-          std::memcpy(buf, h.data(), h.size() * sizeof(T));
-          ssd_->write(b++, buf).wait();
+          std::memset(buf.get(), 0, bytes);
+          std::memcpy(buf.get(), h.data(), h.size() * sizeof(T));
+          ssd_->write(b++, buf.get()).wait();
         }
       ssd_->commit();
-      arena_->deallocate(buf, bytes);
       ssd_bytes_ = bytes;
       reads_.assign(blocks, 0);
     }
@@ -373,12 +386,14 @@ struct ring {
       const std::size_t st = stride(l);
       if (opt_.source == ring_source::dram) {
         for (index_t e = e0; e < e1; ++e)
-          std::memcpy(dst + static_cast<std::size_t>(e - e0) * st, l.home[static_cast<std::size_t>(e)].data(),
-                      static_cast<std::size_t>(l.elems) * sizeof(T));
+          copy_bytes<Space, host_space>(dst + static_cast<std::size_t>(e - e0) * st,
+                                        l.home[static_cast<std::size_t>(e)].data(),
+                                        static_cast<std::size_t>(l.elems) * sizeof(T));
         return static_cast<std::size_t>(e1 - e0) * static_cast<std::size_t>(l.elems) * sizeof(T);
       }
-      // In place when the slot's stride equals the SSD block; otherwise through a bounce buffer.
-      const bool in_place = st * sizeof(T) == ssd_bytes_;
+      // In place when the slot is host memory whose stride equals the SSD
+      // block; otherwise through a bounce buffer.
+      const bool in_place = Space::host_accessible && st * sizeof(T) == ssd_bytes_;
       std::unique_ptr<std::byte[], void (*)(std::byte*)> bounce(nullptr, [](std::byte* p) { std::free(p); });
       if (!in_place) bounce.reset(static_cast<std::byte*>(std::aligned_alloc(4096, ssd_bytes_)));
       std::vector<storage::io_handle> pending;
@@ -394,7 +409,7 @@ struct ring {
           pending.push_back(ssd_->read(block, reinterpret_cast<std::byte*>(to), check));
         } else {
           ssd_->read(block, bounce.get(), check).wait();
-          std::memcpy(to, bounce.get(), static_cast<std::size_t>(l.elems) * sizeof(T));
+          copy_bytes<Space, host_space>(to, bounce.get(), static_cast<std::size_t>(l.elems) * sizeof(T));
         }
       }
       for (auto& h : pending) h.wait();

@@ -16,6 +16,7 @@
 #include "../core/emulated_device.hpp"
 #include "semoe/gate/switch.hpp"
 #include "semoe/gate/top_k.hpp"
+#include "semoe/infer/ring_engine.hpp"
 #include "semoe/layer/activation.hpp"
 #include "semoe/layer/linear.hpp"
 #include "semoe/layer/loss.hpp"
@@ -267,4 +268,45 @@ TEST_CASE("experts offloaded to SSD under tight budgets, device tier in device m
   const auto st = sb->stats();
   CHECK(st.ssd.bytes_out > 0);  // blocks really came back from SSD
   CHECK(st.device.peak_bytes <= st.device.budget_bytes);
+}
+
+TEST_CASE("ring-memory inference with slots in device memory, from DRAM and SSD: the cpu backend's outputs") {
+  const index_t T = 48, H = 32, F = 64, E = 4;
+  for (auto source : {infer::ring_source::dram, infer::ring_source::ssd}) {
+    CAPTURE(int(source));
+    scratch_dir da("ring-cpu"), db("ring-dev");
+    auto run = [&]<class B>(typename B::executor& ex, const std::filesystem::path& dir) {
+      using layer_t = basic_moe_layer<float, B, gate::top_k<2>, expert::ffn<act::gelu>, comm::local, infer::ring,
+                                      infer::ring_release>;
+      infer::ring::store_options o;
+      o.slots = 2;  // three layers through two slots: the ring turns
+      o.source = source;
+      o.ssd.dir = dir;
+      auto ring = std::make_shared<typename layer_t::store_type>(o);
+      auto w = comm::local::make_world(1);
+      std::vector<std::unique_ptr<layer_t>> layers;
+      for (int l = 0; l < 3; ++l) {
+        layers.push_back(std::make_unique<layer_t>(
+            ex, w[0], typename layer_t::options{.hidden = H, .ffn = F, .experts = E, .seed = 20u + l}, ring));
+        layers.back()->train(false);
+      }
+      buffer<float, typename B::memory_space> a(T * H), b(T * H);
+      const auto x = random_vec(T * H, 77);
+      ex.copy(a.data(), x.data(), a.bytes());
+      std::vector<float> out;
+      for (int pass = 0; pass < 2; ++pass)  // twice round: slots are reused
+        for (auto& l : layers) {
+          l->forward(matrix_view<const float>(a.matrix(T, H)), b.matrix(T, H));
+          std::swap(a, b);
+        }
+      out.resize(static_cast<std::size_t>(T * H));
+      ex.copy(out.data(), a.data(), a.bytes());
+      return out;
+    };
+    cpu_executor cex({.threads = 2});
+    dev::executor dex({.threads = 2});
+    const auto ya = run.template operator()<cpu>(cex, da.path);
+    const auto yb = run.template operator()<dev>(dex, db.path);
+    CHECK(ya == yb);
+  }
 }
