@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "../unit/core/ring_scenario.hpp"
 #include "compare.hpp"
 #include "gpu_main.cuh"
 #include "semoe/cuda/backend.cuh"
@@ -173,40 +174,15 @@ TEST_CASE("experts offloaded to SSD, device tier in device memory, vertical pref
 
 TEST_CASE("ring-memory inference with slots in device memory, from DRAM and SSD: cuda equals cpu") {
   const index_t T = 256, H = 128, F = 256, E = 8;
+  const auto x = random_vec(T * H, 77);
+  const auto dir = std::filesystem::temp_directory_path() / ("semoe-gpu-ring-" + std::to_string(::getpid()));
   for (auto source : {infer::ring_source::dram, infer::ring_source::ssd}) {
     CAPTURE(int(source));
-    auto run = [&]<class B>(typename B::executor& ex, const char* tag) {
-      using layer_t = basic_moe_layer<float, B, gate::top_k<2>, expert::ffn<act::gelu>, comm::local, infer::ring,
-                                      infer::ring_release>;
-      infer::ring::store_options o;
-      o.slots = 2;  // three layers through two slots: the ring turns
-      o.source = source;
-      o.ssd.dir = std::filesystem::temp_directory_path() / ("semoe-gpu-ring-" + std::string(tag) + "-" +
-                                                          std::to_string(::getpid()));
-      auto ring = std::make_shared<typename layer_t::store_type>(o);
-      auto w = comm::local::make_world(1);
-      std::vector<std::unique_ptr<layer_t>> layers;
-      for (int l = 0; l < 3; ++l) {
-        layers.push_back(std::make_unique<layer_t>(
-            ex, w[0], typename layer_t::options{.hidden = H, .ffn = F, .experts = E, .seed = 20u + l}, ring));
-        layers.back()->train(false);
-      }
-      buffer<float, typename B::memory_space> a(T * H), b(T * H);
-      const auto x = random_vec(T * H, 77);
-      ex.copy(a.data(), x.data(), a.bytes());
-      for (int pass = 0; pass < 2; ++pass)
-        for (auto& l : layers) {
-          l->forward(matrix_view<const float>(a.matrix(T, H)), b.matrix(T, H));
-          std::swap(a, b);
-        }
-      std::vector<float> out(static_cast<std::size_t>(T * H));
-      ex.copy(out.data(), a.data(), a.bytes());
-      return out;
-    };
     cpu_executor cex({.threads = 2});
     cuda_executor gex;
-    const auto ya = run.template operator()<cpu>(cex, "cpu");
-    const auto yb = run.template operator()<cuda>(gex, "gpu");
+    const auto ya = test::ring_scenario<cpu>(cex, source, dir / "cpu", x, T, H, F, E);
+    const auto yb = test::ring_scenario<cuda>(gex, source, dir / "gpu", x, T, H, F, E);
     CHECK(scaled_error(yb, ya) < fp32_tol);
   }
+  std::filesystem::remove_all(dir);
 }

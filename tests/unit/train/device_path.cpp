@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "../core/emulated_device.hpp"
+#include "../core/ring_scenario.hpp"
 #include "semoe/gate/switch.hpp"
 #include "semoe/gate/top_k.hpp"
 #include "semoe/infer/ring_engine.hpp"
@@ -272,41 +273,14 @@ TEST_CASE("experts offloaded to SSD under tight budgets, device tier in device m
 
 TEST_CASE("ring-memory inference with slots in device memory, from DRAM and SSD: the cpu backend's outputs") {
   const index_t T = 48, H = 32, F = 64, E = 4;
+  const auto x = random_vec(T * H, 77);
   for (auto source : {infer::ring_source::dram, infer::ring_source::ssd}) {
     CAPTURE(int(source));
     scratch_dir da("ring-cpu"), db("ring-dev");
-    auto run = [&]<class B>(typename B::executor& ex, const std::filesystem::path& dir) {
-      using layer_t = basic_moe_layer<float, B, gate::top_k<2>, expert::ffn<act::gelu>, comm::local, infer::ring,
-                                      infer::ring_release>;
-      infer::ring::store_options o;
-      o.slots = 2;  // three layers through two slots: the ring turns
-      o.source = source;
-      o.ssd.dir = dir;
-      auto ring = std::make_shared<typename layer_t::store_type>(o);
-      auto w = comm::local::make_world(1);
-      std::vector<std::unique_ptr<layer_t>> layers;
-      for (int l = 0; l < 3; ++l) {
-        layers.push_back(std::make_unique<layer_t>(
-            ex, w[0], typename layer_t::options{.hidden = H, .ffn = F, .experts = E, .seed = 20u + l}, ring));
-        layers.back()->train(false);
-      }
-      buffer<float, typename B::memory_space> a(T * H), b(T * H);
-      const auto x = random_vec(T * H, 77);
-      ex.copy(a.data(), x.data(), a.bytes());
-      std::vector<float> out;
-      for (int pass = 0; pass < 2; ++pass)  // twice round: slots are reused
-        for (auto& l : layers) {
-          l->forward(matrix_view<const float>(a.matrix(T, H)), b.matrix(T, H));
-          std::swap(a, b);
-        }
-      out.resize(static_cast<std::size_t>(T * H));
-      ex.copy(out.data(), a.data(), a.bytes());
-      return out;
-    };
     cpu_executor cex({.threads = 2});
     dev::executor dex({.threads = 2});
-    const auto ya = run.template operator()<cpu>(cex, da.path);
-    const auto yb = run.template operator()<dev>(dex, db.path);
+    const auto ya = test::ring_scenario<cpu>(cex, source, da.path, x, T, H, F, E);
+    const auto yb = test::ring_scenario<dev>(dex, source, db.path, x, T, H, F, E);
     CHECK(ya == yb);
   }
 }
