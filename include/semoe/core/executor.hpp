@@ -44,6 +44,9 @@ namespace detail {
 struct probe_body {
   SEMOE_HD void operator()(index_t) const {}
 };
+struct probe_row_body {
+  SEMOE_HD void operator()(index_t, index_t, index_t) const {}
+};
 struct probe_chunk_body {
   void operator()(index_t, index_t) const {}
 };
@@ -58,6 +61,11 @@ concept ChunkedExecutor = requires(E& ex, index_t n) { ex.parallel_chunks(n, n, 
 ///  * parallel_for(n, body[, grain]): body(i) for i in [0, n), each once; on
 ///    the host it returns when done, on a device it is ordered on the
 ///    executor's compute stream;
+///  * parallel_rows(rows, cols, body[, grain]): body(r, j0, j1) covering
+///    every column j of every row r exactly once. The host passes whole rows
+///    (j0 = 0, j1 = cols: a loop the compiler vectorizes); a device passes one
+///    column per thread, so neighbouring threads touch neighbouring memory.
+///    For row-wise bodies whose columns are independent;
 ///  * synchronize(): the host waits for everything issued so far;
 ///  * record(event) / wait(event): order work across queues (copy stream,
 ///    communication thread) without a device-wide synchronize;
@@ -71,6 +79,7 @@ concept Executor = requires(E& ex, const E& cex, index_t n, typename E::event& e
   requires MemorySpace<typename E::memory_space>;
   { E::on_device } -> std::convertible_to<bool>;
   ex.parallel_for(n, detail::probe_body{});
+  ex.parallel_rows(n, n, detail::probe_row_body{});
   ex.synchronize();
   ex.record(ev);
   ex.wait(ev);
@@ -139,6 +148,12 @@ class cpu_executor {
     parallel_chunks(n, chunk, [&f](index_t b, index_t e) {
       for (index_t i = b; i < e; ++i) f(i);
     });
+  }
+
+  /// body(r, 0, cols) for every row r: whole rows, `grain` rows at least per task.
+  template <class F>
+  void parallel_rows(index_t rows, index_t cols, const F& body, index_t grain = 1) {
+    parallel_for(rows, [&body, cols](index_t r) { body(r, index_t{0}, cols); }, grain);
   }
 
   /// f(begin, end) over a partition of [0, n) into chunks of `chunk` indices:

@@ -23,6 +23,16 @@ SEMOE_KERNEL void for_each_index_kernel(F body, index_t n) {
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) body(i);
 }
+
+/// Rows over grid.y, columns over the threads of grid.x: one column per
+/// thread, so a warp reads 32 neighbouring elements of a row.
+template <class F>
+SEMOE_KERNEL void for_each_row_kernel(F body, index_t rows, index_t cols) {
+  const index_t col_stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t r = blockIdx.y; r < rows; r += gridDim.y)
+    for (index_t j = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < cols; j += col_stride)
+      body(r, j, j + 1);
+}
 }  // namespace detail
 
 /// True when this process can see at least one CUDA device. Tests and
@@ -97,6 +107,17 @@ class cuda_executor {
     const index_t blocks =
         std::min<index_t>((n + opt_.block - 1) / opt_.block, static_cast<index_t>(sms_) * 32);
     detail::for_each_index_kernel<<<static_cast<unsigned>(blocks), opt_.block, 0, stream_>>>(body, n);
+    SEMOE_CUDA_TRY(cudaGetLastError());
+  }
+
+  /// body(r, j, j + 1) for every row r and column j, one column per thread.
+  template <class F>
+  void parallel_rows(index_t rows, index_t cols, const F& body, index_t /*grain*/ = 0) {
+    if (rows <= 0 || cols <= 0) return;
+    const index_t col_blocks = std::min<index_t>((cols + opt_.block - 1) / opt_.block, 64);
+    const index_t row_blocks = std::min<index_t>(rows, std::max<index_t>(1, static_cast<index_t>(sms_) * 32 / col_blocks));
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(std::min<index_t>(row_blocks, 65535)));
+    detail::for_each_row_kernel<<<grid, opt_.block, 0, stream_>>>(body, rows, cols);
     SEMOE_CUDA_TRY(cudaGetLastError());
   }
 

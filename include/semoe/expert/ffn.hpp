@@ -22,15 +22,16 @@ struct activation_forward_kernel {
   index_t pre_ld;
   T* a;
   index_t a_ld, cols;
-  SEMOE_HD void operator()(index_t r) const {
+  SEMOE_HD void operator()(index_t r, index_t j0, index_t j1) const {
     const T* p = pre + r * pre_ld;
     T* out = a + r * a_ld;
     if constexpr (Act::gated) {
-      for (index_t j = 0; j < cols; ++j) out[j] = Act::template f<T>(p[j]) * p[cols + j];
+      for (index_t j = j0; j < j1; ++j) out[j] = Act::template f<T>(p[j]) * p[cols + j];
     } else {
-      for (index_t j = 0; j < cols; ++j) out[j] = Act::template f<T>(p[j]);
+      for (index_t j = j0; j < j1; ++j) out[j] = Act::template f<T>(p[j]);
     }
   }
+  SEMOE_HD void operator()(index_t r) const { (*this)(r, 0, cols); }
 };
 
 /// Backward activation, in place: pre <- a (for dW2), work <- dpre (from da in work).
@@ -39,11 +40,11 @@ struct activation_backward_kernel {
   T* pre;
   T* work;
   index_t ld, cols;
-  SEMOE_HD void operator()(index_t r) const {
+  SEMOE_HD void operator()(index_t r, index_t j0, index_t j1) const {
     T* p = pre + r * ld;
     T* w = work + r * ld;
     if constexpr (Act::gated) {
-      for (index_t j = 0; j < cols; ++j) {
+      for (index_t j = j0; j < j1; ++j) {
         const T g = p[j], u = p[cols + j], da = w[j];
         const T fg = Act::template f<T>(g);
         p[j] = fg * u;
@@ -51,13 +52,14 @@ struct activation_backward_kernel {
         w[cols + j] = da * fg;
       }
     } else {
-      for (index_t j = 0; j < cols; ++j) {
+      for (index_t j = j0; j < j1; ++j) {
         const T x = p[j];
         p[j] = Act::template f<T>(x);
         w[j] = w[j] * Act::template df<T>(x);
       }
     }
   }
+  SEMOE_HD void operator()(index_t r) const { (*this)(r, 0, cols); }
 };
 
 /// y[r, :] += b over rows.
@@ -66,10 +68,11 @@ struct add_bias_kernel {
   T* y;
   index_t ld, cols;
   const T* b;
-  SEMOE_HD void operator()(index_t r) const {
+  SEMOE_HD void operator()(index_t r, index_t j0, index_t j1) const {
     T* row = y + r * ld;
-    for (index_t j = 0; j < cols; ++j) row[j] += b[j];
+    for (index_t j = j0; j < j1; ++j) row[j] += b[j];
   }
+  SEMOE_HD void operator()(index_t r) const { (*this)(r, 0, cols); }
 };
 
 /// db[j] += sum over rows of d[:, j], one column per index, rows in order.
@@ -180,11 +183,11 @@ class ffn {
     grouped_gemm<T>(ex, probs);
     if (opt_.bias)
       for (index_t e = 0; e < E; ++e)
-        ex.parallel_for(b.rows(e), detail::add_bias_kernel<T>{b.saved.row(b.offsets[e]), b.saved.ld(), F1,
-                                                               split(b.params[e]).b1}, 16);
+        ex.parallel_rows(b.rows(e), F1, detail::add_bias_kernel<T>{b.saved.row(b.offsets[e]), b.saved.ld(), F1,
+                                                                    split(b.params[e]).b1}, 16);
     const index_t R = b.offsets[E] - b.offsets[0];
-    ex.parallel_for(R, detail::activation_forward_kernel<T, Act>{b.saved.row(b.offsets[0]), b.saved.ld(),
-                                                                 b.work.row(b.offsets[0]), b.work.ld(), F}, 16);
+    ex.parallel_rows(R, F, detail::activation_forward_kernel<T, Act>{b.saved.row(b.offsets[0]), b.saved.ld(),
+                                                                      b.work.row(b.offsets[0]), b.work.ld(), F}, 16);
     probs.clear();
     for (index_t e = 0; e < E; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
@@ -196,8 +199,8 @@ class ffn {
     grouped_gemm<T>(ex, probs);
     if (opt_.bias)
       for (index_t e = 0; e < E; ++e)
-        ex.parallel_for(b.rows(e), detail::add_bias_kernel<T>{y.row(b.offsets[e]), y.ld(), H, split(b.params[e]).b2},
-                        16);
+        ex.parallel_rows(b.rows(e), H, detail::add_bias_kernel<T>{y.row(b.offsets[e]), y.ld(), H, split(b.params[e]).b2},
+                         16);
   }
 
   /// Accumulates parameter gradients into b.grads and writes dx. dx may alias
@@ -219,8 +222,8 @@ class ffn {
     grouped_gemm<T>(ex, probs);
     // saved <- a, work <- dpre, in one pass.
     const index_t R = b.offsets[E] - b.offsets[0];
-    ex.parallel_for(R, detail::activation_backward_kernel<T, Act>{b.saved.row(b.offsets[0]),
-                                                                  b.work.row(b.offsets[0]), b.work.ld(), F}, 16);
+    ex.parallel_rows(R, F, detail::activation_backward_kernel<T, Act>{b.saved.row(b.offsets[0]),
+                                                                       b.work.row(b.offsets[0]), b.work.ld(), F}, 16);
     // dW2 += a^T dy, dW1 += x^T dpre.
     probs.clear();
     for (index_t e = 0; e < E; ++e) {

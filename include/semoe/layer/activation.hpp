@@ -20,28 +20,28 @@ namespace detail {
 /// Rows per task for a loop that touches `cols` elements per row.
 inline index_t rows_grain(index_t cols) { return std::max<index_t>(1, 16384 / std::max<index_t>(cols, 1)); }
 
-/// y = Act(x), one row per index.
+/// y = Act(x), a row and a range of its columns per call.
 template <class T, class Act>
 struct activation_forward_rows {
   matrix_view<const T> x;
   matrix_view<T> y;
-  SEMOE_HD void operator()(index_t i) const {
+  SEMOE_HD void operator()(index_t i, index_t j0, index_t j1) const {
     const T* xi = x.row(i);
     T* yi = y.row(i);
-    for (index_t j = 0; j < x.cols(); ++j) yi[j] = Act::f(xi[j]);
+    for (index_t j = j0; j < j1; ++j) yi[j] = Act::f(xi[j]);
   }
 };
 
-/// dx = dy * Act'(x), one row per index.
+/// dx = dy * Act'(x), a row and a range of its columns per call.
 template <class T, class Act>
 struct activation_backward_rows {
   matrix_view<const T> x, dy;
   matrix_view<T> dx;
-  SEMOE_HD void operator()(index_t i) const {
+  SEMOE_HD void operator()(index_t i, index_t j0, index_t j1) const {
     const T* xi = x.row(i);
     const T* dyi = dy.row(i);
     T* dxi = dx.row(i);
-    for (index_t j = 0; j < x.cols(); ++j) dxi[j] = dyi[j] * Act::df(xi[j]);
+    for (index_t j = j0; j < j1; ++j) dxi[j] = dyi[j] * Act::df(xi[j]);
   }
 };
 
@@ -55,11 +55,11 @@ struct dropout_rows {
   float p;
   T scale;
   bool masked;
-  SEMOE_HD void operator()(index_t i) const {
+  SEMOE_HD void operator()(index_t i, index_t j0, index_t j1) const {
     const index_t c = in.cols();
     const T* a = in.row(i);
     T* b = out.row(i);
-    for (index_t j = 0; j < c; ++j) {
+    for (index_t j = j0; j < j1; ++j) {
       if (!masked) {
         b[j] = a[j];
         continue;
@@ -95,7 +95,7 @@ class activation {
 
   void forward(matrix_view<const T> x, matrix_view<T> y) {
     check_shape(y, x.rows(), x.cols(), "semoe::layer::activation::forward: y");
-    ex_->parallel_for(x.rows(), detail::activation_forward_rows<T, Act>{x, y}, detail::rows_grain(x.cols()));
+    ex_->parallel_rows(x.rows(), x.cols(), detail::activation_forward_rows<T, Act>{x, y}, detail::rows_grain(x.cols()));
     x_ = x;
     has_input_ = true;
   }
@@ -105,7 +105,7 @@ class activation {
     check_shape(dy, x_.rows(), x_.cols(), "semoe::layer::activation::backward: dy");
     if (dx.rows() == 0) return;  // no parameters: nothing else to do
     check_shape(dx, x_.rows(), x_.cols(), "semoe::layer::activation::backward: dx");
-    ex_->parallel_for(x_.rows(), detail::activation_backward_rows<T, Act>{x_, dy, dx},
+    ex_->parallel_rows(x_.rows(), x_.cols(), detail::activation_backward_rows<T, Act>{x_, dy, dx},
                       detail::rows_grain(x_.cols()));
   }
 
@@ -175,7 +175,7 @@ class dropout {
 
  private:
   void apply(matrix_view<const T> in, matrix_view<T> out) const {
-    ex_->parallel_for(rows_,
+    ex_->parallel_rows(rows_, cols_,
                       detail::dropout_rows<T>{in, out, philox(seed_, mask_step_), static_cast<float>(opt_.p),
                                               T(1) / (T(1) - static_cast<T>(opt_.p)), masked_},
                       detail::rows_grain(cols_));

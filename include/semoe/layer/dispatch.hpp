@@ -1,7 +1,9 @@
 // semoe/layer/dispatch.hpp: moving token rows between token order and the
 // expert-major dispatch order of a routing plan (SE-MoE §3.1: the permute
 // before global_scatter and the weighted combine after global_gather), each
-// with its exact backward. Every kernel is a SEMOE_HD body over one index.
+// with its exact backward. Every kernel is a SEMOE_HD body over one index or,
+// for the row copies and sums, over a row and a range of its columns
+// (Executor::parallel_rows), so a GPU reads rows with whole warps.
 #pragma once
 
 #include "semoe/core/buffer.hpp"
@@ -23,8 +25,8 @@ void dispatch_rows(const gate::routing_plan<T>& plan, buffer<index_t>& row) {
 namespace detail {
 
 template <class T>
-SEMOE_HD inline void copy_row(T* SEMOE_RESTRICT dst, const T* SEMOE_RESTRICT src, index_t n) {
-  for (index_t j = 0; j < n; ++j) dst[j] = src[j];
+SEMOE_HD inline void copy_cols(T* SEMOE_RESTRICT dst, const T* SEMOE_RESTRICT src, index_t j0, index_t j1) {
+  for (index_t j = j0; j < j1; ++j) dst[j] = src[j];
 }
 
 /// x_disp[row(a)] = x[token(a)] for kept assignments.
@@ -36,10 +38,11 @@ struct permute_kernel {
   index_t x_ld;
   T* out;
   index_t out_ld;
-  SEMOE_HD void operator()(index_t a) const {
+  SEMOE_HD void operator()(index_t a, index_t j0, index_t j1) const {
     const index_t r = row[a];
-    if (r >= 0) copy_row(out + r * out_ld, x + (a / k) * x_ld, cols);
+    if (r >= 0) copy_cols(out + r * out_ld, x + (a / k) * x_ld, j0, j1);
   }
+  SEMOE_HD void operator()(index_t a) const { (*this)(a, 0, cols); }
 };
 
 /// y[t] = sum over kept choices c of weight * y_disp[row(t, c)].
@@ -52,17 +55,18 @@ struct combine_kernel {
   index_t yd_ld;
   T* y;
   index_t y_ld;
-  SEMOE_HD void operator()(index_t t) const {
+  SEMOE_HD void operator()(index_t t, index_t j0, index_t j1) const {
     T* out = y + t * y_ld;
-    for (index_t j = 0; j < cols; ++j) out[j] = T(0);
+    for (index_t j = j0; j < j1; ++j) out[j] = T(0);
     for (index_t c = 0; c < k; ++c) {
       const index_t a = t * k + c, r = row[a];
       if (r < 0) continue;
       const T w = weight[a];
       const T* src = y_disp + r * yd_ld;
-      for (index_t j = 0; j < cols; ++j) out[j] += w * src[j];
+      for (index_t j = j0; j < j1; ++j) out[j] += w * src[j];
     }
   }
+  SEMOE_HD void operator()(index_t t) const { (*this)(t, 0, cols); }
 };
 
 /// Backward of combine: dy_disp[row(a)] = weight * dy[t] and
@@ -107,16 +111,17 @@ struct unpermute_sum_kernel {
   index_t dd_ld;
   T* dx;
   index_t dx_ld;
-  SEMOE_HD void operator()(index_t t) const {
+  SEMOE_HD void operator()(index_t t, index_t j0, index_t j1) const {
     T* out = dx + t * dx_ld;
-    for (index_t j = 0; j < cols; ++j) out[j] = T(0);
+    for (index_t j = j0; j < j1; ++j) out[j] = T(0);
     for (index_t c = 0; c < k; ++c) {
       const index_t r = row[t * k + c];
       if (r < 0) continue;
       const T* src = dx_disp + r * dd_ld;
-      for (index_t j = 0; j < cols; ++j) out[j] += src[j];
+      for (index_t j = j0; j < j1; ++j) out[j] += src[j];
     }
   }
+  SEMOE_HD void operator()(index_t t) const { (*this)(t, 0, cols); }
 };
 
 /// out[dst(i)] = in[i] for a row permutation given as a destination map.
@@ -126,7 +131,10 @@ struct scatter_rows_kernel {
   index_t cols;
   const T* in;
   T* out;
-  SEMOE_HD void operator()(index_t i) const { copy_row(out + dst[i] * cols, in + i * cols, cols); }
+  SEMOE_HD void operator()(index_t i, index_t j0, index_t j1) const {
+    copy_cols(out + dst[i] * cols, in + i * cols, j0, j1);
+  }
+  SEMOE_HD void operator()(index_t i) const { (*this)(i, 0, cols); }
 };
 
 /// out[i] = in[dst(i)]: the inverse of scatter_rows_kernel.
@@ -136,7 +144,10 @@ struct gather_rows_kernel {
   index_t cols;
   const T* in;
   T* out;
-  SEMOE_HD void operator()(index_t i) const { copy_row(out + i * cols, in + dst[i] * cols, cols); }
+  SEMOE_HD void operator()(index_t i, index_t j0, index_t j1) const {
+    copy_cols(out + i * cols, in + dst[i] * cols, j0, j1);
+  }
+  SEMOE_HD void operator()(index_t i) const { (*this)(i, 0, cols); }
 };
 
 }  // namespace detail
@@ -164,17 +175,17 @@ dispatch_map<T> host_map(const gate::routing_plan<T>& plan, const buffer<index_t
 
 template <Executor Exec, class T>
 void permute(Exec& ex, const dispatch_map<T>& m, in_view<T> x, matrix_view<T> x_disp) {
-  ex.parallel_for(m.assignments(),
-                  detail::permute_kernel<T>{m.row, m.k, x.cols(), x.data(), x.ld(), x_disp.data(), x_disp.ld()},
-                  row_grain);
+  ex.parallel_rows(m.assignments(), x.cols(),
+                   detail::permute_kernel<T>{m.row, m.k, x.cols(), x.data(), x.ld(), x_disp.data(), x_disp.ld()},
+                   row_grain);
 }
 
 template <Executor Exec, class T>
 void combine(Exec& ex, const dispatch_map<T>& m, in_view<T> y_disp, matrix_view<T> y) {
-  ex.parallel_for(m.tokens,
-                  detail::combine_kernel<T>{m.row, m.weight, m.k, y.cols(), y_disp.data(), y_disp.ld(), y.data(),
-                                            y.ld()},
-                  row_grain);
+  ex.parallel_rows(m.tokens, y.cols(),
+                   detail::combine_kernel<T>{m.row, m.weight, m.k, y.cols(), y_disp.data(), y_disp.ld(), y.data(),
+                                             y.ld()},
+                   row_grain);
 }
 
 template <Executor Exec, class T>
@@ -189,10 +200,10 @@ void combine_backward(Exec& ex, const dispatch_map<T>& m, in_view<T> dy, in_view
 
 template <Executor Exec, class T>
 void unpermute_sum(Exec& ex, const dispatch_map<T>& m, in_view<T> dx_disp, matrix_view<T> dx) {
-  ex.parallel_for(m.tokens,
-                  detail::unpermute_sum_kernel<T>{m.row, m.k, dx.cols(), dx_disp.data(), dx_disp.ld(), dx.data(),
-                                                  dx.ld()},
-                  row_grain);
+  ex.parallel_rows(m.tokens, dx.cols(),
+                   detail::unpermute_sum_kernel<T>{m.row, m.k, dx.cols(), dx_disp.data(), dx_disp.ld(), dx.data(),
+                                                   dx.ld()},
+                   row_grain);
 }
 
 }  // namespace semoe::layer

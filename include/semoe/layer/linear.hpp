@@ -19,14 +19,14 @@ namespace semoe::layer {
 
 namespace detail {
 
-/// y[i, :] += b, one row per index.
+/// y[i, :] += b, a row and a range of its columns per call.
 template <class T>
 struct add_row_bias_kernel {
   matrix_view<T> y;
   const T* b;
-  SEMOE_HD void operator()(index_t i) const {
+  SEMOE_HD void operator()(index_t i, index_t j0, index_t j1) const {
     T* yi = y.row(i);
-    for (index_t j = 0; j < y.cols(); ++j) yi[j] += b[j];
+    for (index_t j = j0; j < j1; ++j) yi[j] += b[j];
   }
 };
 
@@ -106,7 +106,7 @@ class linear {
     check_shape(x, x.rows(), opt_.in, "semoe::layer::linear::forward: x");
     check_shape(y, x.rows(), opt_.out, "semoe::layer::linear::forward: y");
     blas::gemm(*ex_, blas::op::n, blas::op::t, T(1), x, matrix_view<const T>(weight()), T(0), y);
-    if (opt_.bias) ex_->parallel_for(x.rows(), detail::add_row_bias_kernel<T>{y, b_.data()}, rows_grain());
+    if (opt_.bias) ex_->parallel_rows(x.rows(), opt_.out, detail::add_row_bias_kernel<T>{y, b_.data()}, rows_grain());
     x_ = x;
     has_input_ = true;
   }

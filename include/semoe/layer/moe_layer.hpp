@@ -67,10 +67,10 @@ struct jitter_kernel {
   T* out;
   index_t out_ld;
   bool accumulate;
-  SEMOE_HD void operator()(index_t t) const {
+  SEMOE_HD void operator()(index_t t, index_t j0, index_t j1) const {
     const T* src = in + t * in_ld;
     T* dst = out + t * out_ld;
-    for (index_t j = 0; j < cols; ++j) {
+    for (index_t j = j0; j < j1; ++j) {
       const auto c = static_cast<std::uint64_t>((base + t) * cols + j);
       const T u = T(1) - eps + T(2) * eps * T(rng.uniform(c));
       dst[j] = accumulate ? dst[j] + src[j] * u : src[j] * u;
@@ -362,7 +362,7 @@ class basic_moe_layer {
   /// out = in * u (or out += in * u when accumulate), u ~ U(1-eps, 1+eps),
   /// keyed by (step, global token, feature) so the split never changes it.
   void apply_jitter(matrix_view<const T> in, matrix_view<T> out, bool accumulate) {
-    ex_->parallel_for(in.rows(),
+    ex_->parallel_rows(in.rows(), in.cols(),
                       detail::jitter_kernel<T>{philox(opt_.seed ^ 0x717e4ull, step_), T(jitter()), in.cols(),
                                                token_offset_, in.data(), in.ld(), out.data(), out.ld(), accumulate},
                       layer::row_grain);
@@ -469,14 +469,14 @@ class basic_moe_layer {
   /// local experts' rows, expert-major: all-to-all, then regroup.
   void to_experts(const T* dispatched, T* expert_major) {
     all_to_all_rows(dispatched, send_elems_, recv_.data(), recv_elems_);
-    ex_->parallel_for(recv_rows_, layer::detail::scatter_rows_kernel<T>{expert_major_map(), opt_.hidden,
+    ex_->parallel_rows(recv_rows_, opt_.hidden, layer::detail::scatter_rows_kernel<T>{expert_major_map(), opt_.hidden,
                                                                         recv_.data(), expert_major},
                       layer::row_grain);
   }
 
   /// The way back: expert-major rows regrouped by source rank, then returned.
   void from_experts(const T* expert_major, T* dispatched) {
-    ex_->parallel_for(recv_rows_, layer::detail::gather_rows_kernel<T>{expert_major_map(), opt_.hidden,
+    ex_->parallel_rows(recv_rows_, opt_.hidden, layer::detail::gather_rows_kernel<T>{expert_major_map(), opt_.hidden,
                                                                        expert_major, recv_.data()},
                       layer::row_grain);
     all_to_all_rows(recv_.data(), recv_elems_, dispatched, send_elems_);

@@ -186,15 +186,15 @@ template <class L0, class... Ls>
 sequential(L0, Ls...) -> sequential<typename L0::value_type, L0, Ls...>;
 
 namespace detail {
-/// b[i, :] += a[i, :], one row per index.
+/// b[i, :] += a[i, :], a row and a range of its columns per call.
 template <class T>
 struct add_rows_kernel {
   matrix_view<const T> a;
   matrix_view<T> b;
-  SEMOE_HD void operator()(index_t i) const {
+  SEMOE_HD void operator()(index_t i, index_t j0, index_t j1) const {
     const T* ai = a.row(i);
     T* bi = b.row(i);
-    for (index_t j = 0; j < a.cols(); ++j) bi[j] += ai[j];
+    for (index_t j = j0; j < j1; ++j) bi[j] += ai[j];
   }
 };
 }  // namespace detail
@@ -247,7 +247,7 @@ class residual {
 
  private:
   void add_into(matrix_view<const T> a, matrix_view<T> b) {
-    ex_->parallel_for(a.rows(), detail::add_rows_kernel<T>{a, b},
+    ex_->parallel_rows(a.rows(), a.cols(), detail::add_rows_kernel<T>{a, b},
                       std::max<index_t>(1, 16384 / std::max<index_t>(a.cols(), 1)));
   }
 

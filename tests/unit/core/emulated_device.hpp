@@ -38,6 +38,14 @@ class emulated_device_executor {
   void parallel_for(index_t n, const F& body, index_t grain = 1024) {
     host_.parallel_for(n, body, grain);
   }
+  /// One column per call, as the cuda executor's threads take them: row
+  /// bodies must give the same bits split this way as over whole rows.
+  template <class F>
+  void parallel_rows(index_t rows, index_t cols, const F& body, index_t grain = 1) {
+    host_.parallel_for(rows, [&](index_t r) {
+      for (index_t j = 0; j < cols; ++j) body(r, j, j + 1);
+    }, grain);
+  }
   void synchronize() {}
   void record(cpu_event& ev) { ev.record(); }
   void wait(cpu_event& ev) { ev.wait(); }

@@ -198,6 +198,8 @@ struct no_sync {  // everything but synchronize()
   static constexpr bool on_device = false;
   template <class F>
   void parallel_for(index_t, const F&, index_t = 0) {}
+  template <class F>
+  void parallel_rows(index_t, index_t, const F&, index_t = 0) {}
   void record(event&) {}
   void wait(event&) {}
   void copy(void*, const void*, std::size_t) {}
