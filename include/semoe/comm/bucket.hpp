@@ -1,5 +1,5 @@
 // semoe/comm/bucket.hpp: fusion communication of SE-MoE §3.2 (Shen et al.,
-// arXiv 2205.10034; DESIGN.md §2). Many small collectives cost a latency
+// arXiv 2205.10034). Many small collectives cost a latency
 // each; packing tensors into a few large flat buffers pays it a few times.
 //  * gradient_buckets: dense gradients in fixed-size buckets, each summed by
 //    one all_reduce launched the moment its last gradient is final, so the

@@ -1,4 +1,4 @@
-// semoe/comm/concepts.hpp: the Communicator concept (DESIGN.md §7). Every
+// semoe/comm/concepts.hpp: the Communicator concept. Every
 // collective has an async form that returns a request; the blocking form is
 // the async one followed by wait(). Groups are sub-communicators from split().
 #pragma once

@@ -1,5 +1,5 @@
 // semoe/comm/hierarchical.hpp: the rail-aware hierarchical all-to-all of
-// SE-MoE §4 (Shen et al., arXiv 2205.10034; DESIGN.md §2, §7). Local rank r
+// SE-MoE §4 (Shen et al., arXiv 2205.10034). Local rank r
 // of every node first gathers, inside its node, everything the node sends to
 // local rank r on any node; then the ranks with the same local rank (a
 // "rail") exchange one message per other node. Inter-node messages become

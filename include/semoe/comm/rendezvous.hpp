@@ -1,5 +1,5 @@
-// semoe/comm/rendezvous.hpp: how the ranks of a comm::tcp job find each other
-// (DESIGN.md §7). Every rank connects to rank 0 (the master) and proves the
+// semoe/comm/rendezvous.hpp: how the ranks of a comm::tcp job find each
+// other. Every rank connects to rank 0 (the master) and proves the
 // shared secret by HMAC challenge-response, in both directions; the master
 // hands out the table of listening addresses; then every pair of ranks gets
 // one authenticated connection (the higher rank accepts, rank 0's links are

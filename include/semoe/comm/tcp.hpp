@@ -1,4 +1,4 @@
-// semoe/comm/tcp.hpp: one process per rank over TCP (DESIGN.md §7). A full
+// semoe/comm/tcp.hpp: one process per rank over TCP. A full
 // mesh of authenticated connections (rendezvous.hpp) carries framed messages
 // (wire.hpp). A background io thread per process drives every send and
 // receive, so async collectives overlap the caller's compute; results are

@@ -1,4 +1,4 @@
-// semoe/comm/wire.hpp: the frame format comm::tcp speaks (DESIGN.md §7, §8).
+// semoe/comm/wire.hpp: the frame format comm::tcp speaks.
 // Every message on a connection is a run of frames; each frame is a fixed
 // 48-byte little-endian header followed by at most max_frame_bytes of payload.
 // The header is checked in full (magic, version, checksum, bounds) before a

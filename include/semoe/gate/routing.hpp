@@ -1,5 +1,5 @@
 // semoe/gate/routing.hpp: the routing plan, the gate's whole output for one
-// step (DESIGN.md §4a), and the capacity limit that turns a gate's choices
+// step, and the capacity limit that turns a gate's choices
 // into slots (SE-MoE §3.1: number_count, assign_pos, limit_by_capacity).
 #pragma once
 

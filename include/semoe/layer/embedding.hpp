@@ -1,6 +1,6 @@
 // semoe/layer/embedding.hpp: the token embedding, ids -> rows of a [vocab, dim]
 // table, and its column-partitioned form across data-parallel ranks (SE-MoE
-// §4.3, "embedding partition"; DESIGN.md §2).
+// §4.3, "embedding partition").
 #pragma once
 
 #include <algorithm>

@@ -34,6 +34,7 @@
 #include "semoe/gate/routing.hpp"
 #include "semoe/layer/concepts.hpp"
 #include "semoe/layer/dispatch.hpp"
+#include "semoe/layer/expert_exchange.hpp"
 #include "semoe/prefetch/on_demand.hpp"
 #include "semoe/storage/resident.hpp"
 
@@ -211,14 +212,13 @@ class basic_moe_layer {
     if (comm_->size() == 1) {
       run_experts_forward(plan_.offsets.span(), x_disp_.matrix(R, H), y_disp_.matrix(R, H));
     } else {
-      exchange_counts();
-      const index_t Rr = recv_rows_;
-      recv_.resize_discard(Rr * H);
+      exchange_.plan(*ex_, *comm_, plan_.counts.span(), local_experts_, H);
+      const index_t Rr = exchange_.rows();
       expert_in_.resize_discard(Rr * H);
       expert_out_.resize_discard(Rr * H);
-      to_experts(x_disp_.data(), expert_in_.data());
-      run_experts_forward(expert_offsets_.span(), expert_in_.matrix(Rr, H), expert_out_.matrix(Rr, H));
-      from_experts(expert_out_.data(), y_disp_.data());
+      exchange_.to_experts(*ex_, *comm_, x_disp_.data(), expert_in_.data());
+      run_experts_forward(exchange_.expert_offsets(), expert_in_.matrix(Rr, H), expert_out_.matrix(Rr, H));
+      exchange_.from_experts(*ex_, *comm_, expert_out_.data(), y_disp_.data());
     }
     {
       trace::scope ts("combine", "compute", comm_->rank());
@@ -242,10 +242,10 @@ class basic_moe_layer {
     if (comm_->size() == 1) {
       run_experts_backward(plan_.offsets.span(), x_disp_.matrix(R, H), y_disp_.matrix(R, H));
     } else {
-      const index_t Rr = recv_rows_;
-      to_experts(y_disp_.data(), expert_out_.data());
-      run_experts_backward(expert_offsets_.span(), expert_in_.matrix(Rr, H), expert_out_.matrix(Rr, H));
-      from_experts(expert_out_.data(), y_disp_.data());
+      const index_t Rr = exchange_.rows();
+      exchange_.to_experts(*ex_, *comm_, y_disp_.data(), expert_out_.data());
+      run_experts_backward(exchange_.expert_offsets(), expert_in_.matrix(Rr, H), expert_out_.matrix(Rr, H));
+      exchange_.from_experts(*ex_, *comm_, expert_out_.data(), y_disp_.data());
     }
     if (want_dx) {
       trace::scope ts("unpermute", "compute", comm_->rank());
@@ -431,87 +431,6 @@ class basic_moe_layer {
     return c;
   }
 
-  /// All-to-all of per-expert row counts, then the maps between receive order
-  /// (source rank, then local expert) and expert-major order.
-  void exchange_counts() {
-    const int P = comm_->size();
-    const index_t L = local_experts_, H = opt_.hidden;
-    std::vector<index_t> send(static_cast<std::size_t>(P * L)), recv(static_cast<std::size_t>(P * L));
-    std::vector<index_t> per_rank(static_cast<std::size_t>(P), L);
-    for (index_t e = 0; e < opt_.experts; ++e) send[e] = plan_.counts[e];
-    comm::all_to_all_v(*comm_, std::span<const index_t>(send), std::span<const index_t>(per_rank),
-                       std::span<index_t>(recv), std::span<const index_t>(per_rank));
-    send_elems_.assign(static_cast<std::size_t>(P), 0);
-    recv_elems_.assign(static_cast<std::size_t>(P), 0);
-    for (int p = 0; p < P; ++p)
-      for (index_t i = 0; i < L; ++i) {
-        send_elems_[p] += plan_.counts[p * L + i] * H;
-        recv_elems_[p] += recv[p * L + i] * H;
-      }
-    expert_offsets_.resize_discard(L + 1);
-    expert_offsets_[0] = 0;
-    for (index_t i = 0; i < L; ++i) {
-      index_t n = 0;
-      for (int p = 0; p < P; ++p) n += recv[p * L + i];
-      expert_offsets_[i + 1] = expert_offsets_[i] + n;
-    }
-    recv_rows_ = expert_offsets_[L];
-    to_expert_major_.resize_discard(recv_rows_);
-    std::vector<index_t> cursor(expert_offsets_.begin(), expert_offsets_.end() - 1);
-    index_t r = 0;
-    for (int p = 0; p < P; ++p)
-      for (index_t i = 0; i < L; ++i)
-        for (index_t j = 0; j < recv[p * L + i]; ++j) to_expert_major_[r++] = cursor[i]++;
-    if constexpr (on_device) to_device(to_expert_major_dev_, to_expert_major_);
-  }
-
-  /// Rows of this rank's dispatch order (destination-rank-major) to the
-  /// local experts' rows, expert-major: all-to-all, then regroup.
-  void to_experts(const T* dispatched, T* expert_major) {
-    all_to_all_rows(dispatched, send_elems_, recv_.data(), recv_elems_);
-    ex_->parallel_rows(recv_rows_, opt_.hidden, layer::detail::scatter_rows_kernel<T>{expert_major_map(), opt_.hidden,
-                                                                        recv_.data(), expert_major},
-                      layer::row_grain);
-  }
-
-  /// The way back: expert-major rows regrouped by source rank, then returned.
-  void from_experts(const T* expert_major, T* dispatched) {
-    ex_->parallel_rows(recv_rows_, opt_.hidden, layer::detail::gather_rows_kernel<T>{expert_major_map(), opt_.hidden,
-                                                                       expert_major, recv_.data()},
-                      layer::row_grain);
-    all_to_all_rows(recv_.data(), recv_elems_, dispatched, send_elems_);
-  }
-
-  const index_t* expert_major_map() const {
-    if constexpr (on_device)
-      return to_expert_major_dev_.data();
-    else
-      return to_expert_major_.data();
-  }
-
-  void all_to_all_rows(const T* send, const std::vector<index_t>& send_counts, T* recv,
-                       const std::vector<index_t>& recv_counts) {
-    trace::scope ts("all_to_all", "comm", comm_->rank());
-    index_t ns = 0, nr = 0;
-    for (auto c : send_counts) ns += c;
-    for (auto c : recv_counts) nr += c;
-    if constexpr (on_device) {  // the host communicators move host memory: stage through it
-      send_host_.resize_discard(ns);
-      recv_host_.resize_discard(nr);
-      ex_->copy(send_host_.data(), send, send_host_.bytes());
-      send = send_host_.data();
-      comm::all_to_all_v(*comm_, std::span<const T>(send, static_cast<std::size_t>(ns)),
-                         std::span<const index_t>(send_counts), recv_host_.span(),
-                         std::span<const index_t>(recv_counts));
-      ex_->copy(recv, recv_host_.data(), recv_host_.bytes());
-    } else {
-      comm::all_to_all_v(*comm_, std::span<const T>(send, static_cast<std::size_t>(ns)),
-                         std::span<const index_t>(send_counts), std::span<T>(recv, static_cast<std::size_t>(nr)),
-                         std::span<const index_t>(recv_counts));
-    }
-  }
-
-
   /// Local expert counts in the layout the prefetcher expects.
   std::vector<std::int32_t> local_counts(std::span<const index_t> offsets) const {
     std::vector<std::int32_t> c(static_cast<std::size_t>(local_experts_));
@@ -690,12 +609,8 @@ class basic_moe_layer {
   dbuffer<T> weight_dev_;
   hbuffer logits_host_, dweight_host_, dlogits_host_;
   // Expert-parallel exchange (ranks > 1 only).
-  std::vector<index_t> send_elems_, recv_elems_;
-  buffer<index_t> expert_offsets_, to_expert_major_;
-  dbuffer<index_t> to_expert_major_dev_;
-  hbuffer send_host_, recv_host_;
-  index_t recv_rows_ = 0;
-  dbuffer<T> recv_, expert_in_, expert_out_;
+  layer::expert_exchange<T, B, Comm> exchange_;
+  dbuffer<T> expert_in_, expert_out_;
   std::vector<T*> params_, grads_;
   std::function<void(index_t)> expert_done_;
 };

@@ -1,5 +1,5 @@
 // semoe/prefetch/concepts.hpp: the Prefetcher contract. The layer calls these
-// hooks at fixed points (DESIGN.md §4a): before and after its forward and its
+// hooks at fixed points: before and after its forward and its
 // backward, and the trainer calls end_step. A prefetcher that moves blocks
 // ahead of need (vertical, 2D) implements the same hooks as on_demand.
 #pragma once

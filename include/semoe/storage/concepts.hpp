@@ -1,4 +1,4 @@
-// semoe/storage/concepts.hpp: the storage contract (DESIGN.md §4a). A layer
+// semoe/storage/concepts.hpp: the storage contract. A layer
 // never owns expert weights; it asks its store for the block of (layer,
 // expert) and holds the view only between acquire() and release(). The
 // resident store keeps everything in fast memory; tiered stores move blocks

@@ -1,5 +1,5 @@
 // The layer reaches expert weights only through its storage policy and calls
-// the prefetcher at the points DESIGN.md §4a names: custom policies plugged
+// the prefetcher at its fixed points: custom policies plugged
 // in are the ones that run, and see the calls they should.
 #include <doctest/doctest.h>
 
