@@ -43,7 +43,16 @@ data=()
 if [[ -n $bundle ]]; then
   root="$out/bundle"
   rm -rf "$root" && mkdir -p "$root" && tar -xJf "$bundle" -C "$root" || { say "gpu-check: cannot unpack $bundle"; exit 1; }
-  export LD_LIBRARY_PATH="$root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # cuBLAS is the GPU machine's own (too large to carry): its toolkit's, or a
+  # Python wheel's (nvidia-cublas), wherever the loader does not look by itself.
+  cublas_dirs=$(
+    { ls -d /usr/local/cuda*/lib64 /usr/local/cuda*/lib /usr/local/cuda*/targets/*/lib 2>/dev/null
+      python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null
+    } | while read -r d; do [[ -e $d/libcublas.so.13 ]] && printf '%s:' "$d"; done)
+  lib_path="$root/lib:${cublas_dirs}${LD_LIBRARY_PATH:-}"
+  export LD_LIBRARY_PATH="${lib_path%:}"
+  say "libraries: $LD_LIBRARY_PATH"
+  ldd "$root/bin/bench_moe_layer" | grep -q 'not found' && { ldd "$root/bin/bench_moe_layer" | grep 'not found' | tee -a "$log"; }
   tests=("$root"/bin/semoe_cuda_*)
   fashion="$root/bin/fashion_mnist"
   bench="$root/bin/bench_moe_layer"
