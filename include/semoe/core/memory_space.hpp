@@ -52,6 +52,23 @@ struct host_space {
 
 static_assert(MemorySpace<host_space>);
 
+/// A memory space's per-thread context: the CUDA device a thread allocates
+/// on and copies to. Threads a store starts (movers, the ring's loader) take
+/// the context of the thread that made the store, so a process on device 1
+/// keeps its blocks there. Spaces without one (host memory) have context 0.
+template <class Space>
+struct space_context {
+  static int current() {
+    if constexpr (requires { Space::current_context(); })
+      return Space::current_context();
+    else
+      return 0;
+  }
+  static void adopt(int context) {
+    if constexpr (requires { Space::adopt_context(context); }) Space::adopt_context(context);
+  }
+};
+
 /// True when code run by executor Exec may dereference memory of Space
 /// without a copy first.
 template <class Space, class Exec>

@@ -79,6 +79,13 @@ struct device_space {
   static void zero(void* p, std::size_t bytes) {
     if (bytes) SEMOE_CUDA_TRY(cudaMemsetAsync(p, 0, bytes, detail::allocation_stream()));
   }
+  /// The context of a thread: its current device (see space_context).
+  static int current_context() {
+    int device = 0;
+    SEMOE_CUDA_TRY(cudaGetDevice(&device));
+    return device;
+  }
+  static void adopt_context(int device) { SEMOE_CUDA_TRY(cudaSetDevice(device)); }
 };
 
 /// Page-locked host memory: the host reads it directly, and copies between it

@@ -309,7 +309,11 @@ struct ring {
       for (auto& s : slots_) s.data = reinterpret_cast<T*>(arena_->allocate(slot_bytes()));
       if (opt_.source == ring_source::ssd) write_ssd_copy();
       started_ = true;
-      loader_ = std::thread([this] { loader_loop(); });
+      const int context = space_context<Space>::current();  // the loader fills slots on this thread's device
+      loader_ = std::thread([this, context] {
+        space_context<Space>::adopt(context);
+        loader_loop();
+      });
     }
 
     /// The SSD source: each expert's weights as one checksummed block.

@@ -118,7 +118,12 @@ struct tiered_policy {
       auto& rec = trace::recorder::instance();
       rec.name_lane(opt_.rank, copy_lane, "copy engine");
       if constexpr (HasSsd) rec.name_lane(opt_.rank, ssd_lane, "ssd io");
-      for (int i = 0; i < opt_.movers; ++i) movers_.emplace_back([this] { mover_loop(); });
+      const int context = space_context<Space>::current();  // movers work on this thread's device
+      for (int i = 0; i < opt_.movers; ++i)
+        movers_.emplace_back([this, context] {
+          space_context<Space>::adopt(context);
+          mover_loop();
+        });
     }
     store(const store&) = delete;
     store& operator=(const store&) = delete;

@@ -7,19 +7,47 @@
 // executor's and CBLAS's, so results must equal the cpu backend bit for bit.
 #pragma once
 
+#include <atomic>
+
 #include "semoe/core/backend.hpp"
 #include "semoe/core/blas.hpp"
 
 namespace semoe::test {
 
-/// Host memory that claims not to be host-accessible.
+/// Host memory that claims not to be host-accessible. It has a per-thread
+/// context, as CUDA's current device, and counts allocations and copies made
+/// by a thread whose context differs from `expected_context` (when set).
 struct emulated_device_space {
   static constexpr const char* name = "emulated-device";
   static constexpr bool host_accessible = false;
   static constexpr bool device_accessible = true;
-  static void* allocate(std::size_t bytes) { return host_space::allocate(bytes); }
+  static int& context() {
+    thread_local int c = 0;
+    return c;
+  }
+  static std::atomic<int>& expected_context() {
+    static std::atomic<int> e{-1};
+    return e;
+  }
+  static std::atomic<int>& foreign_allocations() {
+    static std::atomic<int> n{0};
+    return n;
+  }
+  static int current_context() { return context(); }
+  static void adopt_context(int c) { context() = c; }
+  static void note_context() {
+    const int e = expected_context().load();
+    if (e >= 0 && context() != e) ++foreign_allocations();
+  }
+  static void* allocate(std::size_t bytes) {
+    note_context();
+    return host_space::allocate(bytes);
+  }
   static void deallocate(void* p, std::size_t bytes) { host_space::deallocate(p, bytes); }
-  static void copy(void* dst, const void* src, std::size_t bytes) { host_space::copy(dst, src, bytes); }
+  static void copy(void* dst, const void* src, std::size_t bytes) {
+    note_context();
+    host_space::copy(dst, src, bytes);
+  }
   static void zero(void* p, std::size_t bytes) { host_space::zero(p, bytes); }
 };
 

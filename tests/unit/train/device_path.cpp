@@ -284,3 +284,31 @@ TEST_CASE("ring-memory inference with slots in device memory, from DRAM and SSD:
     CHECK(ya == yb);
   }
 }
+
+TEST_CASE("a store's mover and loader threads allocate and copy in the context (device) of the thread that made it") {
+  using space = dev::memory_space;
+  space::context() = 3;  // "cudaSetDevice(3)" on this thread
+  space::expected_context() = 3;
+  space::foreign_allocations() = 0;
+  {
+    using store_t = storage::tiered<storage::device_tier, storage::host_tier>::store<float, space>;
+    store_t s;
+    s.add_layer(4, 1000);
+    for (index_t e = 0; e < 4; ++e) s.prefetch(0, e, storage::tier_level::device);  // a mover allocates
+    s.drain();
+    for (index_t e = 0; e < 4; ++e) CHECK(s.on_device(0, e));
+  }
+  {
+    infer::ring::store<float, space> r(infer::ring::store_options{.slots = 1});
+    r.add_layer(2, 500);
+    r.add_layer(2, 500);
+    for (index_t l = 0; l < 2; ++l) {  // the loader copies both layers through the one slot
+      (void)r.acquire(l, 0);
+      r.release(l, 0);
+      r.end_layer(l);
+    }
+  }
+  CHECK(space::foreign_allocations() == 0);
+  space::context() = 0;
+  space::expected_context() = -1;
+}
