@@ -181,7 +181,7 @@ class basic_moe_layer {
     has_forward_ = training_;  // eval mode keeps nothing for a backward
 
     {  // Router: logits = x' Wg, with x' = x * jitter when the gate asks for it.
-      trace::scope ts("router", "compute", comm_->rank());
+      phase ts("router", *this);
       matrix_view<const T> xr = x;
       if (jitter() > 0) {
         xj_.resize_discard(tokens * H);
@@ -193,7 +193,7 @@ class basic_moe_layer {
                  logits_.matrix(tokens, E));
     }
     {
-      trace::scope ts("gate", "compute", comm_->rank());
+      phase ts("gate", *this);
       const auto ctx = context();
       gate_.route(ctx, host_logits(tokens), plan_);
       layer::dispatch_rows(plan_, row_);
@@ -206,7 +206,7 @@ class basic_moe_layer {
     x_disp_.resize_discard(R * H);
     y_disp_.resize_discard(R * H);
     {
-      trace::scope ts("permute", "compute", comm_->rank());
+      phase ts("permute", *this);
       layer::permute(*ex_, map(), x, x_disp_.matrix(R, H));
     }
     if (comm_->size() == 1) {
@@ -221,7 +221,7 @@ class basic_moe_layer {
       exchange_.from_experts(*ex_, *comm_, expert_out_.data(), y_disp_.data());
     }
     {
-      trace::scope ts("combine", "compute", comm_->rank());
+      phase ts("combine", *this);
       layer::combine(*ex_, map(), matrix_view<const T>(y_disp_.matrix(R, H)), y);
     }
   }
@@ -235,7 +235,7 @@ class basic_moe_layer {
     if (want_dx) check_shape(matrix_view<const T>(dx), tokens, H, "semoe::moe_layer::backward: dx");
     dweight_.resize_discard(plan_.assignments());
     {  // dy_disp overwrites y_disp row by row: each row is read before it is written.
-      trace::scope ts("combine_backward", "compute", comm_->rank());
+      phase ts("combine_backward", *this);
       layer::combine_backward(*ex_, map(), dy, matrix_view<const T>(y_disp_.matrix(R, H)),
                               y_disp_.matrix(R, H), dweight_.data());
     }
@@ -248,11 +248,11 @@ class basic_moe_layer {
       exchange_.from_experts(*ex_, *comm_, expert_out_.data(), y_disp_.data());
     }
     if (want_dx) {
-      trace::scope ts("unpermute", "compute", comm_->rank());
+      phase ts("unpermute", *this);
       layer::unpermute_sum(*ex_, map(), matrix_view<const T>(y_disp_.matrix(R, H)), dx);
     }
     {  // Gate: dlogits from the combine weights and aux losses, then the router GEMMs.
-      trace::scope ts("gate_backward", "compute", comm_->rank());
+      phase ts("gate_backward", *this);
       dlogits_.resize_discard(tokens * E);
       const auto ctx = context();
       if constexpr (on_device) {  // the gate's backward runs where its forward did: on the host
@@ -344,6 +344,26 @@ class basic_moe_layer {
   }
 
  private:
+  /// A traced phase of the step. On a device backend with tracing on it
+  /// waits for the device work issued inside before it closes, so the Chrome
+  /// trace shows how long the device took, not how long the launches did.
+  struct phase {
+    phase(const char* name, basic_moe_layer& l) : layer(l), ts(name, "compute", l.comm_->rank()) {}
+    phase(const phase&) = delete;
+    phase& operator=(const phase&) = delete;
+    ~phase() {
+      if constexpr (on_device)
+        if (trace::recorder::instance().enabled()) {
+          try {
+            layer.ex_->synchronize();
+          } catch (...) {  // a failed kernel: the layer's next device call reports it
+          }
+        }
+    }
+    basic_moe_layer& layer;
+    trace::scope ts;
+  };
+
   static options fill(options o) {
     if constexpr (requires { o.expert.hidden = o.hidden; o.expert.ffn = o.ffn; }) {
       o.expert.hidden = o.hidden;
@@ -519,7 +539,7 @@ class basic_moe_layer {
   }
 
   void run_experts_forward(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> y) {
-    trace::scope ts("experts_forward", "compute", comm_->rank());
+    phase ts("experts_forward", *this);
     if (!training_) {
       forward_only(offsets, x, y);
       return;
@@ -562,7 +582,7 @@ class basic_moe_layer {
   }
 
   void run_experts_backward(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> dy_dx) {
-    trace::scope ts("experts_backward", "compute", comm_->rank());
+    phase ts("experts_backward", *this);
     if constexpr (streams_experts) {
       stream_blocks(offsets, prefetch::phase::backward, [&](index_t e) {
         expert_.backward(*ex_, one_expert(offsets, e, x), matrix_view<const T>(dy_dx), dy_dx);

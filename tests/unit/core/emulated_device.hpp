@@ -74,11 +74,12 @@ class emulated_device_executor {
       for (index_t j = 0; j < cols; ++j) body(r, j, j + 1);
     }, grain);
   }
-  void synchronize() {}
+  void synchronize() { ++synchronizations; }
   void record(cpu_event& ev) { ev.record(); }
   void wait(cpu_event& ev) { ev.wait(); }
   void copy(void* dst, const void* src, std::size_t bytes) { host_space::copy(dst, src, bytes); }
   int concurrency() const { return host_.concurrency(); }
+  int synchronizations = 0;  ///< how often someone waited for the "device"
 
  private:
   cpu_executor host_;

@@ -312,3 +312,27 @@ TEST_CASE("a store's mover and loader threads allocate and copy in the context (
   space::context() = 0;
   space::expected_context() = -1;
 }
+
+TEST_CASE("with tracing on, a device layer waits for each phase's device work before the phase's event closes") {
+  const index_t T = 32, H = 16;
+  dev::executor dex({.threads = 1});
+  auto w = comm::local::make_world(1);
+  moe_layer<dev, gate::top_k<2>> l(dex, w[0], {.hidden = H, .ffn = 24, .experts = 4, .seed = 2});
+  buffer<float, dev::memory_space> x(T * H), y(T * H);
+  const auto h = random_vec(T * H, 5);
+  dex.copy(x.data(), h.data(), x.bytes());
+  auto& rec = trace::recorder::instance();
+  const bool was = rec.enabled();
+  rec.stop();
+  dex.synchronizations = 0;
+  l.forward(matrix_view<const float>(x.matrix(T, H)), y.matrix(T, H));
+  const int untraced = dex.synchronizations;
+  const auto trace_file = std::filesystem::temp_directory_path() / ("semoe-devpath-trace-" + std::to_string(::getpid()) + ".json");
+  rec.start(trace_file.string());
+  dex.synchronizations = 0;
+  l.forward(matrix_view<const float>(x.matrix(T, H)), y.matrix(T, H));
+  const int traced = dex.synchronizations;
+  rec.stop();
+  if (was) rec.start(trace_file.string());
+  CHECK(traced >= untraced + 5);  // router, gate, permute, experts, combine
+}
