@@ -255,17 +255,22 @@ class basic_moe_layer {
       phase ts("gate_backward", *this);
       dlogits_.resize_discard(tokens * E);
       const auto ctx = context();
-      if constexpr (on_device) {  // the gate's backward runs where its forward did: on the host
+      // The gate's backward runs where its forward did: on the host (device
+      // backends stage its inputs and output through host buffers).
+      const T *logits = logits_.data(), *dweight = dweight_.data();
+      T* dlogits = dlogits_.data();
+      if constexpr (on_device) {
         dweight_host_.resize_discard(dweight_.size());
         dlogits_host_.resize_discard(tokens * E);
         ex_->copy(dweight_host_.data(), dweight_.data(), dweight_.bytes());
-        gate_.backward(ctx, matrix_view<const T>(logits_host_.matrix(tokens, E)), plan_,
-                       std::span<const T>(dweight_host_.span()), dlogits_host_.matrix(tokens, E));
-        ex_->copy(dlogits_.data(), dlogits_host_.data(), dlogits_host_.bytes());
-      } else {
-        gate_.backward(ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_,
-                       std::span<const T>(dweight_.span()), dlogits_.matrix(tokens, E));
+        logits = logits_host_.data();
+        dweight = dweight_host_.data();
+        dlogits = dlogits_host_.data();
       }
+      gate_.backward(ctx, as_matrix(logits, tokens, E), plan_,
+                     std::span<const T>(dweight, static_cast<std::size_t>(plan_.assignments())),
+                     as_matrix(dlogits, tokens, E));
+      if constexpr (on_device) ex_->copy(dlogits_.data(), dlogits, dlogits_host_.bytes());
       const bool jit = jitter() > 0;
       matrix_view<const T> xr = jit ? matrix_view<const T>(xj_.matrix(tokens, H)) : x_;
       blas::gemm(*ex_, blas::op::t, blas::op::n, T(1), xr, matrix_view<const T>(dlogits_.matrix(tokens, E)), T(1),

@@ -44,6 +44,25 @@ std::vector<float> random_vec(std::size_t n, unsigned seed) {
 /// The emulated device memory is host memory in fact: a test may look.
 std::vector<float> look(std::span<const float> s) { return {s.begin(), s.end()}; }
 
+/// Gradients zeroed, then one forward and backward of cpu layer `a` and
+/// device layer `b` on the same x and dy: outputs and dx must be the same bits.
+template <class La, class Lb>
+void same_step(La& a, Lb& b, dev::executor& dex, const std::vector<float>& x, const std::vector<float>& dy,
+               index_t T, index_t H) {
+  buffer<float, dev::memory_space> xd(T * H), dyd(T * H), yd(T * H), dxd(T * H);
+  dex.copy(xd.data(), x.data(), xd.bytes());
+  dex.copy(dyd.data(), dy.data(), dyd.bytes());
+  std::vector<float> ya(T * H), dxa(T * H);
+  a.zero_grad();
+  b.zero_grad();
+  a.forward(as_matrix<const float>(x.data(), T, H), as_matrix(ya.data(), T, H));
+  b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
+  a.backward(as_matrix<const float>(dy.data(), T, H), as_matrix(dxa.data(), T, H));
+  b.backward(matrix_view<const float>(dyd.matrix(T, H)), dxd.matrix(T, H));
+  CHECK(look(yd.span()) == ya);
+  CHECK(look(dxd.span()) == dxa);
+}
+
 template <class Gate>
 void same_layer(typename Gate::options gopt) {
   const index_t T = 96, H = 24, F = 40, E = 4;
@@ -53,19 +72,8 @@ void same_layer(typename Gate::options gopt) {
   moe_layer<cpu, Gate> a(cex, w1[0], {.hidden = H, .ffn = F, .experts = E, .gate = gopt, .expert = {.bias = true}, .seed = 9});
   moe_layer<dev, Gate> b(dex, w2[0], {.hidden = H, .ffn = F, .experts = E, .gate = gopt, .expert = {.bias = true}, .seed = 9});
   const auto x = random_vec(T * H, 1), dy = random_vec(T * H, 2);
-  buffer<float, dev::memory_space> xd(T * H), dyd(T * H), yd(T * H), dxd(T * H);
-  dex.copy(xd.data(), x.data(), xd.bytes());
-  dex.copy(dyd.data(), dy.data(), dyd.bytes());
-  std::vector<float> ya(T * H), dxa(T * H);
   for (int step = 0; step < 2; ++step) {
-    a.zero_grad();
-    b.zero_grad();
-    a.forward(as_matrix<const float>(x.data(), T, H), as_matrix(ya.data(), T, H));
-    b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
-    a.backward(as_matrix<const float>(dy.data(), T, H), as_matrix(dxa.data(), T, H));
-    b.backward(matrix_view<const float>(dyd.matrix(T, H)), dxd.matrix(T, H));
-    CHECK(look(yd.span()) == ya);
-    CHECK(look(dxd.span()) == dxa);
+    same_step(a, b, dex, x, dy, T, H);
     CHECK(look(b.parameters()[0].value) == look(a.parameters()[0].value));
     CHECK(look(b.parameters()[0].grad) == look(a.parameters()[0].grad));
     CHECK(b.plan().dropped == a.plan().dropped);
@@ -78,6 +86,9 @@ void same_layer(typename Gate::options gopt) {
   }
   a.train(false);
   b.train(false);
+  buffer<float, dev::memory_space> xd(T * H), yd(T * H);
+  dex.copy(xd.data(), x.data(), xd.bytes());
+  std::vector<float> ya(T * H);
   a.forward(as_matrix<const float>(x.data(), T, H), as_matrix(ya.data(), T, H));
   b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
   CHECK(look(yd.span()) == ya);
@@ -240,21 +251,9 @@ TEST_CASE("experts offloaded to SSD under tight budgets, device tier in device m
   mb b(dex, w2[0], {.hidden = H, .ffn = F, .experts = E, .seed = 5}, sb);
   train::adamw<float, cpu> oa(cex, {.lr = 1e-2});
   train::adamw<float, dev> ob(dex, {.lr = 1e-2});
-  buffer<float, dev::memory_space> xd(T * H), dyd(T * H), yd(T * H), dxd(T * H);
-  std::vector<float> ya(T * H), dxa(T * H);
   for (int step = 0; step < 3; ++step) {
     CAPTURE(step);
-    const auto x = random_vec(T * H, 30 + step), dy = random_vec(T * H, 40 + step);
-    dex.copy(xd.data(), x.data(), xd.bytes());
-    dex.copy(dyd.data(), dy.data(), dyd.bytes());
-    a.zero_grad();
-    b.zero_grad();
-    a.forward(as_matrix<const float>(x.data(), T, H), as_matrix(ya.data(), T, H));
-    b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
-    a.backward(as_matrix<const float>(dy.data(), T, H), as_matrix(dxa.data(), T, H));
-    b.backward(matrix_view<const float>(dyd.matrix(T, H)), dxd.matrix(T, H));
-    CHECK(look(yd.span()) == ya);
-    CHECK(look(dxd.span()) == dxa);
+    same_step(a, b, dex, random_vec(T * H, 30 + step), random_vec(T * H, 40 + step), T, H);
     oa.step(a);  // offloaded blocks: AdamW in host DRAM, on the host, for both
     ob.step(b);
     a.end_step();
