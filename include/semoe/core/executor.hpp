@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -245,5 +246,56 @@ class cpu_executor {
 };
 
 static_assert(Executor<cpu_executor>);
+
+/// The calling thread only: parallel_for is a plain loop. For host code that
+/// runs an executor-generic algorithm without a pool at hand (a gate's
+/// host route()), with the same bodies and in index order.
+class sequential_executor {
+ public:
+  using memory_space = host_space;
+  using event = cpu_event;
+  static constexpr bool on_device = false;
+
+  int concurrency() const { return 1; }
+  void synchronize() {}
+  void record(cpu_event& ev) { ev.record(); }
+  void wait(cpu_event& ev) { ev.wait(); }
+  void copy(void* dst, const void* src, std::size_t bytes) { host_space::copy(dst, src, bytes); }
+  template <class F>
+  void parallel_for(index_t n, const F& f, index_t = 0) {
+    for (index_t i = 0; i < n; ++i) f(i);
+  }
+  template <class F>
+  void parallel_rows(index_t rows, index_t cols, const F& body, index_t = 0) {
+    for (index_t r = 0; r < rows; ++r) body(r, index_t{0}, cols);
+  }
+  template <class F>
+  void parallel_chunks(index_t n, index_t, const F& f) {
+    if (n > 0) f(index_t{0}, n);
+  }
+};
+
+static_assert(Executor<sequential_executor>);
+
+/// *p += v, atomically on every backend: a device atomic in a kernel, an
+/// atomic_ref on the host (pool threads may run the same body at once).
+/// Integer sums only, so the result never depends on the order.
+SEMOE_HD inline void atomic_add(std::uint64_t* p, std::uint64_t v) {
+#if SEMOE_DEVICE_PASS
+  atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
+#else
+  std::atomic_ref<std::uint64_t>(*p).fetch_add(v, std::memory_order_relaxed);
+#endif
+}
+SEMOE_HD inline void atomic_max(std::uint32_t* p, std::uint32_t v) {
+#if SEMOE_DEVICE_PASS
+  atomicMax(reinterpret_cast<unsigned int*>(p), static_cast<unsigned int>(v));
+#else
+  std::atomic_ref<std::uint32_t> r(*p);
+  for (std::uint32_t cur = r.load(std::memory_order_relaxed);
+       cur < v && !r.compare_exchange_weak(cur, v, std::memory_order_relaxed);) {
+  }
+#endif
+}
 
 }  // namespace semoe

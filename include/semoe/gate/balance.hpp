@@ -12,8 +12,11 @@
 #include <span>
 #include <vector>
 
+#include "semoe/core/buffer.hpp"
 #include "semoe/core/error.hpp"
+#include "semoe/core/executor.hpp"
 #include "semoe/core/tensor.hpp"
+#include "semoe/gate/detail/kernels.hpp"
 #include "semoe/gate/detail/softmax.hpp"
 #include "semoe/gate/routing.hpp"
 
@@ -105,61 +108,75 @@ inline index_t balance_saved_size(index_t experts, index_t tokens) { return expe
 
 /// plan.probs = softmax of the router logits, and each token's log-sum-exp.
 /// Sizes plan.aux_saved for `extra` gate values; returns where they start.
-template <class T>
-index_t router_probs(matrix_view<const T> logits, routing_plan<T>& plan, index_t extra = 0) {
+template <Executor Exec, class T, class Space>
+index_t router_probs(Exec& ex, matrix_view<const T> logits, routing_plan<T, Space>& plan, index_t extra = 0) {
   const index_t n = plan.tokens, E = plan.experts, base = balance_saved_size(E, n);
   plan.probs.resize_discard(n * E);
   plan.aux_saved.resize_discard(base + extra);
-  for (index_t t = 0; t < n; ++t) plan.aux_saved[E + 1 + t] = softmax_row(logits, t, plan.probs.data() + t * E);
+  ex.parallel_for(n, softmax_kernel<T>{logits.data(), logits.ld(), E, plan.probs.data(), plan.aux_saved.data() + E + 1},
+                  64);
   return base;
+}
+template <class T>
+index_t router_probs(matrix_view<const T> logits, routing_plan<T>& plan, index_t extra = 0) {
+  sequential_executor seq;
+  return router_probs(seq, logits, plan, extra);
 }
 
 /// Balance and z-loss of a routed plan (choices made, capacity not needed:
 /// f_e is measured before capacity). f_e counts the choices c < counted_choices
 /// (GShard counts first choices only). Records the global load of all routed
 /// choices in `bias` when training. Ends with the saved values backward uses.
-template <class T>
-void router_losses(const route_context& ctx, routing_plan<T>& plan, balance_mode mode, double aux_loss_coef,
-                   double z_loss_coef, index_t counted_choices, aux_free_bias* bias = nullptr) {
+/// The sums run on `ex` (integer counts, and double sums in token order, so
+/// every executor gives the same bits); the losses are formed on the host.
+template <Executor Exec, class T, class Space>
+void router_losses(Exec& ex, const route_context& ctx, routing_plan<T, Space>& plan, balance_mode mode,
+                   double aux_loss_coef, double z_loss_coef, index_t counted_choices, aux_free_bias* bias = nullptr) {
   const index_t n = plan.tokens, E = plan.experts, k = plan.k;
-  T* saved = plan.aux_saved.data();
-  std::fill_n(saved, E + 1, T(0));
+  std::vector<T> saved(static_cast<std::size_t>(E + 1), T(0));  // aux_saved[0, E]
   plan.balance_loss = plan.z_loss = T(0);
   const bool aux = mode == balance_mode::aux_loss && aux_loss_coef > 0;
   const bool bias_on = mode == balance_mode::aux_free && bias != nullptr;
   const bool z = z_loss_coef > 0;
-  if (!aux && !bias_on && !z) return;  // same decision on every rank: no collective
+  if (aux || bias_on || z) {  // the same decision on every rank: no collective otherwise
+    // One all-reduce: [counted choices | all routed choices | prob sums | sum lse^2].
+    buffer<std::uint64_t, Space> count(2 * E);
+    buffer<double, Space> sums(E + 1);
+    count.zero();
+    ex.parallel_for(n * k, choice_count_kernel{plan.expert.data(), k, E, counted_choices, count.data()});
+    ex.parallel_for(E + 1, router_sums_kernel<T>{plan.probs.data(), plan.aux_saved.data() + E + 1, n, E, sums.data()},
+                    1);
+    std::vector<std::uint64_t> c(static_cast<std::size_t>(2 * E));
+    std::vector<double> red(static_cast<std::size_t>(3 * E + 1));
+    ex.copy(c.data(), count.data(), count.bytes());
+    ex.copy(red.data() + 2 * E, sums.data(), sums.bytes());
+    for (index_t i = 0; i < 2 * E; ++i) red[static_cast<std::size_t>(i)] = static_cast<double>(c[i]);
+    ctx.all_reduce_sum(red);
 
-  // One all-reduce: [counted choices | all routed choices | prob sums | sum lse^2].
-  std::vector<double> red(static_cast<std::size_t>(3 * E + 1), 0.0);
-  for (index_t a = 0; a < n * k; ++a) {
-    const auto e = plan.expert[a];
-    if (e < 0) continue;
-    red[static_cast<std::size_t>(E + e)] += 1;
-    if (a % k < counted_choices) red[static_cast<std::size_t>(e)] += 1;
-  }
-  for (index_t t = 0; t < n; ++t) {
-    for (index_t e = 0; e < E; ++e) red[static_cast<std::size_t>(2 * E + e)] += static_cast<double>(plan.probs[t * E + e]);
-    const double lse = static_cast<double>(saved[E + 1 + t]);
-    red[static_cast<std::size_t>(3 * E)] += lse * lse;
-  }
-  ctx.all_reduce_sum(red);
-
-  const double G = static_cast<double>(ctx.global_tokens);
-  if (aux) {
-    double sum = 0;
-    for (index_t e = 0; e < E; ++e) {
-      const double f = red[static_cast<std::size_t>(e)] / (G * static_cast<double>(counted_choices));
-      sum += f * red[static_cast<std::size_t>(2 * E + e)] / G;
-      saved[e] = static_cast<T>(aux_loss_coef * static_cast<double>(E) * f / G);  // dL/dp[t, e], any t
+    const double G = static_cast<double>(ctx.global_tokens);
+    if (aux) {
+      double sum = 0;
+      for (index_t e = 0; e < E; ++e) {
+        const double f = red[static_cast<std::size_t>(e)] / (G * static_cast<double>(counted_choices));
+        sum += f * red[static_cast<std::size_t>(2 * E + e)] / G;
+        saved[e] = static_cast<T>(aux_loss_coef * static_cast<double>(E) * f / G);  // dL/dp[t, e], any t
+      }
+      plan.balance_loss = static_cast<T>(aux_loss_coef * static_cast<double>(E) * sum);
     }
-    plan.balance_loss = static_cast<T>(aux_loss_coef * static_cast<double>(E) * sum);
+    if (z) {
+      plan.z_loss = static_cast<T>(z_loss_coef * red[static_cast<std::size_t>(3 * E)] / G);
+      saved[E] = static_cast<T>(2 * z_loss_coef / G);
+    }
+    if (bias_on && ctx.training)
+      bias->record(std::span<const double>(red).subspan(static_cast<std::size_t>(E), static_cast<std::size_t>(E)));
   }
-  if (z) {
-    plan.z_loss = static_cast<T>(z_loss_coef * red[static_cast<std::size_t>(3 * E)] / G);
-    saved[E] = static_cast<T>(2 * z_loss_coef / G);
-  }
-  if (bias_on && ctx.training) bias->record(std::span<const double>(red).subspan(static_cast<std::size_t>(E), static_cast<std::size_t>(E)));
+  ex.copy(plan.aux_saved.data(), saved.data(), saved.size() * sizeof(T));
+}
+template <class T>
+void router_losses(const route_context& ctx, routing_plan<T>& plan, balance_mode mode, double aux_loss_coef,
+                   double z_loss_coef, index_t counted_choices, aux_free_bias* bias = nullptr) {
+  sequential_executor seq;
+  router_losses(seq, ctx, plan, mode, aux_loss_coef, z_loss_coef, counted_choices, bias);
 }
 
 /// Adds to dlogits row t the gradient through the router probabilities: dp

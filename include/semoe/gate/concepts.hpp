@@ -57,6 +57,19 @@ template <class G>
 concept Gate = detail::gate_opted_in<G> && detail::gate_has_options<G> && detail::gate_has_choices<G> &&
                detail::gate_has_route<G> && detail::gate_has_backward<G>;
 
+/// Gates that route on an executor, over logits and a plan in its memory
+/// (top_k, switch_gate): the layer routes on its own executor, a GPU
+/// included, instead of bringing the logits to the host.
+///   route(ex, ctx, logits, routing_plan<T, Exec::memory_space>&)
+///   backward(ex, ctx, logits, plan, dweight, dlogits) const
+template <class G, class Exec, class T>
+concept executor_routed_gate =
+    requires(G& g, const G& cg, Exec& ex, const route_context& ctx, matrix_view<const T> logits,
+             routing_plan<T, typename Exec::memory_space>& plan, std::span<const T> dweight, matrix_view<T> dlogits) {
+      g.route(ex, ctx, logits, plan);
+      cg.backward(ex, ctx, logits, plan, dweight, dlogits);
+    };
+
 /// Gates whose router input the layer multiplies by U(1 - eps, 1 + eps) noise.
 template <class G>
 concept jittered_gate = requires(const G& g) {

@@ -10,12 +10,16 @@
 #include <functional>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <span>
 #include <vector>
 
+#include "semoe/core/algorithm.hpp"
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/error.hpp"
+#include "semoe/core/executor.hpp"
 #include "semoe/core/tensor.hpp"
+#include "semoe/gate/detail/kernels.hpp"
 
 namespace semoe::gate {
 
@@ -53,23 +57,27 @@ enum class drop_policy {
 /// means it was routed but dropped by capacity. Kept assignments of expert e
 /// occupy rows offsets[e] .. offsets[e] + counts[e] of the dispatch buffer in
 /// token order, so expert-major order is also destination-rank-major order.
-template <class T>
+/// The per-assignment arrays live in Space (the memory of the executor that
+/// routed them); counts and offsets, which size the exchange and the GEMMs,
+/// are always on the host.
+template <class T, class Space = host_space>
 struct routing_plan {
+  using memory_space = Space;
   index_t tokens = 0;   ///< local tokens
   index_t experts = 0;  ///< global experts
   index_t k = 0;        ///< choices per token
   index_t capacity = 0; ///< per expert over the whole group; 0: dropless
 
-  buffer<std::int32_t> expert;  ///< [tokens * k]
-  buffer<T> weight;             ///< [tokens * k] combine weight
-  buffer<float> score;          ///< [tokens * k] priority for drop_policy::probability (higher kept)
-  buffer<std::int32_t> slot;    ///< [tokens * k] row within the expert's local block, or -1
+  buffer<std::int32_t, Space> expert;  ///< [tokens * k]
+  buffer<T, Space> weight;             ///< [tokens * k] combine weight
+  buffer<float, Space> score;          ///< [tokens * k] priority for drop_policy::probability (higher kept)
+  buffer<std::int32_t, Space> slot;    ///< [tokens * k] row within the expert's local block, or -1
 
   buffer<std::int32_t> counts;  ///< [experts] kept assignments of this rank per expert
   buffer<index_t> offsets;      ///< [experts + 1] exclusive prefix of counts
 
-  buffer<T> probs;              ///< [tokens, experts] saved by gates for backward
-  buffer<T> aux_saved;          ///< gate-defined saved values (e.g. per-expert load)
+  buffer<T, Space> probs;       ///< [tokens, experts] saved by gates for backward
+  buffer<T, Space> aux_saved;   ///< gate-defined saved values (e.g. per-expert load)
 
   index_t dropped = 0;          ///< routed assignments dropped by capacity (this rank)
   T balance_loss = 0;           ///< load-balancing loss, coefficient applied
@@ -97,6 +105,32 @@ struct routing_plan {
   }
 };
 
+/// A host copy of a plan routed on executor `ex` (to inspect or test it).
+template <class Exec, class T, class Space>
+routing_plan<T> copy_to_host(Exec& ex, const routing_plan<T, Space>& p) {
+  routing_plan<T> h;
+  h.tokens = p.tokens;
+  h.experts = p.experts;
+  h.k = p.k;
+  h.capacity = p.capacity;
+  h.dropped = p.dropped;
+  h.balance_loss = p.balance_loss;
+  h.z_loss = p.z_loss;
+  h.counts = p.counts;
+  h.offsets = p.offsets;
+  auto copy = [&ex]<class U>(buffer<U>& dst, const buffer<U, Space>& src) {
+    dst.resize_discard(src.size());
+    ex.copy(dst.data(), src.data(), src.bytes());
+  };
+  copy(h.expert, p.expert);
+  copy(h.weight, p.weight);
+  copy(h.score, p.score);
+  copy(h.slot, p.slot);
+  copy(h.probs, p.probs);
+  copy(h.aux_saved, p.aux_saved);
+  return h;
+}
+
 /// Capacity of one expert over the whole group: ceil(factor * tokens * k / experts),
 /// at least 1. factor <= 0 is an error; callers pass dropless separately.
 inline index_t expert_capacity(double factor, index_t global_tokens, index_t k, index_t experts) {
@@ -107,69 +141,75 @@ inline index_t expert_capacity(double factor, index_t global_tokens, index_t k, 
   return std::max<index_t>(1, static_cast<index_t>(c));
 }
 
-namespace detail {
-
-/// An order-preserving map of a float to unsigned: a < b iff key(a) < key(b).
-inline std::uint32_t float_order_key(float f) {
-  const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-}  // namespace detail
-
 /// Decide which routed assignments each expert keeps, then number the kept
-/// ones. Every key is unique across the group, so the same assignments are
-/// kept whether the batch is on one rank or spread over many: the selection
-/// is a radix select over 8-bit digits whose histograms are summed over ranks
-/// (8 small all-reduces), independent of how tokens are split.
-template <class T>
-void limit_by_capacity(routing_plan<T>& plan, const route_context& ctx, drop_policy policy) {
+/// ones in token order. Every key is unique across the group, so the same
+/// assignments are kept whether the batch is on one rank or spread over
+/// many: the selection is a radix select over 8-bit digits whose histograms
+/// are summed over ranks (8 small all-reduces, only when some expert is over
+/// capacity), independent of how tokens are split. The numbering is a stable
+/// sort by kept expert: position i of the sorted order is dispatch row i.
+/// Runs on executor `ex` over a plan in its memory; the per-expert tables
+/// come to the host for the collectives and the counts.
+template <class Exec, class T, class Space>
+void limit_by_capacity(Exec& ex, routing_plan<T, Space>& plan, const route_context& ctx, drop_policy policy) {
+  static_assert(std::is_same_v<Space, typename Exec::memory_space>,
+                "semoe::gate::limit_by_capacity: the plan must live in the executor's memory space");
   const index_t A = plan.assignments(), E = plan.experts, k = plan.k;
   const auto G = static_cast<std::uint64_t>(ctx.global_tokens);
   SEMOE_CHECK(static_cast<std::uint64_t>(k) * G < (std::uint64_t{1} << 32),
               "semoe::gate::limit_by_capacity: tokens * k = ", k * ctx.global_tokens,
               " exceeds 2^32 assignments per step");
-  // Smaller key = kept first. Low 32 bits: the GShard position (choice-major,
-  // then global token), which also breaks ties of equal scores.
-  std::vector<std::uint64_t> key(static_cast<std::size_t>(A), ~std::uint64_t{0});
-  for (index_t a = 0; a < A; ++a) {
-    if (plan.expert[a] < 0) continue;
-    const index_t t = a / k, c = a % k;
-    const std::uint64_t pos = static_cast<std::uint64_t>(c) * G + static_cast<std::uint64_t>(ctx.token_offset + t);
-    const std::uint64_t hi =
-        policy == drop_policy::position ? 0 : std::uint64_t{~detail::float_order_key(plan.score[a])};
-    key[static_cast<std::size_t>(a)] = (hi << 32) | pos;
-  }
+  SEMOE_CHECK(A < (index_t{1} << 31), "semoe::gate::limit_by_capacity: tokens * k = ", A,
+              " on one rank exceeds 2^31 assignments per step");
+  auto to_host = [&ex]<class U>(std::vector<U>& dst, const buffer<U, Space>& src) {
+    dst.resize(static_cast<std::size_t>(src.size()));
+    ex.copy(dst.data(), src.data(), src.bytes());
+  };
+  auto to_space = [&ex]<class U>(buffer<U, Space>& dst, const std::vector<U>& src) {
+    dst.resize_discard(static_cast<index_t>(src.size()));
+    ex.copy(dst.data(), src.data(), dst.bytes());
+  };
+
+  buffer<std::uint64_t, Space> key(A);
+  ex.parallel_for(A, detail::capacity_key_kernel{plan.expert.data(), plan.score.data(), k, G,
+                                                 static_cast<std::uint64_t>(ctx.token_offset),
+                                                 policy == drop_policy::probability, key.data()});
+
+  // Routed choices per expert, here ([E, 2E) of the count) and over the group.
+  buffer<std::uint64_t, Space> count_dev(2 * E);
+  count_dev.zero();
+  ex.parallel_for(A, detail::choice_count_kernel{plan.expert.data(), k, E, k, count_dev.data()});
+  std::vector<std::uint64_t> count;
+  to_host(count, count_dev);
+  std::uint64_t routed_here = 0;
+  for (index_t e = 0; e < E; ++e) routed_here += count[static_cast<std::size_t>(E + e)];
 
   // Per expert: the largest kept key (threshold); ~0 keeps everything.
   std::vector<std::uint64_t> threshold(static_cast<std::size_t>(E), ~std::uint64_t{0});
   if (plan.capacity > 0) {
-    std::vector<std::uint64_t> routed(static_cast<std::size_t>(E), 0);
-    for (index_t a = 0; a < A; ++a)
-      if (plan.expert[a] >= 0) ++routed[static_cast<std::size_t>(plan.expert[a])];
+    std::vector<std::uint64_t> routed(count.begin() + E, count.end());
     ctx.all_reduce_sum_u64(routed);
     const auto cap = static_cast<std::uint64_t>(plan.capacity);
     // need[e]: how many keys with the chosen prefix must still be kept.
-    std::vector<std::uint64_t> prefix(static_cast<std::size_t>(E), 0), need(static_cast<std::size_t>(E), 0);
-    std::vector<bool> limited(static_cast<std::size_t>(E));
+    std::vector<std::uint64_t> prefix(static_cast<std::size_t>(E), 0), need(static_cast<std::size_t>(E), cap);
+    std::vector<std::uint8_t> limited(static_cast<std::size_t>(E));
     bool any = false;
     for (index_t e = 0; e < E; ++e) {
       limited[e] = routed[e] > cap;
-      need[e] = cap;
       any = any || limited[e];
     }
     if (any) {
-      std::vector<std::uint64_t> hist(static_cast<std::size_t>(E) * 256);
+      buffer<std::uint8_t, Space> limited_dev;
+      buffer<std::uint64_t, Space> prefix_dev, hist_dev(E * 256);
+      to_space(limited_dev, limited);
+      std::vector<std::uint64_t> hist;
       for (int shift = 56; shift >= 0; shift -= 8) {
-        std::fill(hist.begin(), hist.end(), 0);
         const std::uint64_t high_mask = shift == 56 ? 0 : ~std::uint64_t{0} << (shift + 8);
-        for (index_t a = 0; a < A; ++a) {
-          const auto e = plan.expert[a];
-          if (e < 0 || !limited[e]) continue;
-          const std::uint64_t kk = key[a];
-          if ((kk & high_mask) != prefix[e]) continue;
-          ++hist[static_cast<std::size_t>(e) * 256 + ((kk >> shift) & 0xff)];
-        }
+        to_space(prefix_dev, prefix);
+        hist_dev.zero();
+        ex.parallel_for(A, detail::digit_histogram_kernel{plan.expert.data(), key.data(), limited_dev.data(),
+                                                          prefix_dev.data(), shift, high_mask, hist_dev.data()});
+        to_host(hist, hist_dev);
         ctx.all_reduce_sum_u64(hist);
         for (index_t e = 0; e < E; ++e) {
           if (!limited[e]) continue;
@@ -189,21 +229,32 @@ void limit_by_capacity(routing_plan<T>& plan, const route_context& ctx, drop_pol
     }
   }
 
-  plan.dropped = 0;
-  std::fill(plan.counts.begin(), plan.counts.end(), 0);
-  for (index_t a = 0; a < A; ++a) {
-    const auto e = plan.expert[a];
-    if (e < 0) {
-      plan.slot[a] = -1;
-    } else if (key[a] <= threshold[e]) {
-      plan.slot[a] = plan.counts[e]++;
-    } else {
-      plan.slot[a] = -1;
-      ++plan.dropped;
-    }
-  }
-  plan.offsets[0] = 0;
-  for (index_t e = 0; e < E; ++e) plan.offsets[e + 1] = plan.offsets[e] + plan.counts[e];
+  // Kept rows per expert, their offsets, and each one's row: a histogram, an
+  // exclusive sum and a stable sort by expert (token order inside an expert).
+  buffer<std::uint64_t, Space> threshold_dev;
+  to_space(threshold_dev, threshold);
+  buffer<std::uint32_t, Space> kept(A), kept_sorted(A);
+  buffer<std::int32_t, Space> order(A), order_sorted(A), offsets_dev(E + 1);
+  ex.parallel_for(A, detail::keep_kernel{plan.expert.data(), key.data(), threshold_dev.data(), E, kept.data(),
+                                         order.data()});
+  algo::histogram(ex, kept.data(), A, offsets_dev.data(), static_cast<int>(E + 1));  // [E]: not kept
+  algo::exclusive_sum(ex, offsets_dev.data(), offsets_dev.data(), E + 1);
+  algo::sort_pairs(ex, kept.data(), kept_sorted.data(), order.data(), order_sorted.data(), A,
+                   std::bit_width(static_cast<std::uint32_t>(E)));
+  ex.parallel_for(A, detail::slot_kernel{kept_sorted.data(), order_sorted.data(), offsets_dev.data(), E,
+                                         plan.slot.data()});
+  std::vector<std::int32_t> offsets;
+  to_host(offsets, offsets_dev);
+  for (index_t e = 0; e <= E; ++e) plan.offsets[e] = offsets[static_cast<std::size_t>(e)];
+  for (index_t e = 0; e < E; ++e) plan.counts[e] = offsets[static_cast<std::size_t>(e + 1)] - offsets[e];
+  plan.dropped = static_cast<index_t>(routed_here) - plan.offsets[E];
+}
+
+/// limit_by_capacity on the calling thread, for a plan in host memory.
+template <class T>
+void limit_by_capacity(routing_plan<T>& plan, const route_context& ctx, drop_policy policy) {
+  sequential_executor seq;
+  limit_by_capacity(seq, plan, ctx, policy);
 }
 
 }  // namespace semoe::gate

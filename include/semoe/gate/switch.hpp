@@ -5,6 +5,7 @@
 
 #include <span>
 
+#include "semoe/core/executor.hpp"
 #include "semoe/core/tensor.hpp"
 #include "semoe/gate/balance.hpp"
 #include "semoe/gate/concepts.hpp"
@@ -42,23 +43,38 @@ class switch_gate : public detail::balanced_gate<switch_options> {
   index_t choices(index_t experts) const { return detail::check_choices(name, 1, experts); }
   float input_jitter() const { return static_cast<float>(o_.jitter_eps); }
 
+  /// Routes on executor `ex` over logits and a plan in its memory: softmax
+  /// and top-k fused per token, capacity and the loss sums as kernels, the
+  /// plan's tables by histogram, scan and stable sort. The same bits on
+  /// every executor.
+  template <Executor Exec, class T, class Space>
+  void route(Exec& ex, const route_context& ctx, matrix_view<const T> logits, routing_plan<T, Space>& plan) {
+    const index_t k = choices(logits.cols());
+    const route_context g = detail::begin_route(ex, name, ctx, logits, plan, k);
+    detail::router_probs(ex, logits, plan);
+    detail::select_top_k(ex, plan, false, o_.balance == balance_mode::aux_free ? &bias_ : nullptr);
+    detail::apply_capacity(ex, g, plan, o_);
+    detail::router_losses(ex, g, plan, o_.balance, o_.aux_loss_coef, o_.z_loss_coef, k, &bias_);
+  }
   template <class T>
   void route(const route_context& ctx, matrix_view<const T> logits, routing_plan<T>& plan) {
-    const index_t k = choices(logits.cols());
-    const route_context g = detail::begin_route(name, ctx, logits, plan, k);
-    detail::router_probs(logits, plan);
-    detail::select_top_k(plan, false, o_.balance == balance_mode::aux_free ? &bias_ : nullptr);
-    detail::apply_capacity(g, plan, o_);
-    detail::router_losses(g, plan, o_.balance, o_.aux_loss_coef, o_.z_loss_coef, k, &bias_);
+    sequential_executor seq;
+    route(seq, ctx, logits, plan);
   }
 
-  template <class T>
-  void backward(const route_context&, matrix_view<const T> logits, const routing_plan<T>& plan,
+  /// Writes every element of dlogits (in the executor's memory).
+  template <Executor Exec, class T, class Space>
+  void backward(Exec& ex, const route_context&, matrix_view<const T> logits, const routing_plan<T, Space>& plan,
                 std::span<const T> dweight, matrix_view<T> dlogits) const {
-    detail::begin_backward(name, logits, plan, dweight, dlogits);
-    detail::top_k_backward(plan, dweight, false, [&](index_t a) { return plan.expert[a]; }, dlogits);
+    detail::check_backward(name, logits, plan, dweight, dlogits);
+    detail::top_k_backward(ex, plan, dweight.data(), false, detail::selected_expert{plan.expert.data()}, dlogits);
   }
-
+  template <class T>
+  void backward(const route_context& ctx, matrix_view<const T> logits, const routing_plan<T>& plan,
+                std::span<const T> dweight, matrix_view<T> dlogits) const {
+    sequential_executor seq;
+    backward(seq, ctx, logits, plan, dweight, dlogits);
+  }
 
  private:
   using detail::balanced_gate<switch_options>::o_;

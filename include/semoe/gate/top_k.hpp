@@ -5,6 +5,7 @@
 
 #include <span>
 
+#include "semoe/core/executor.hpp"
 #include "semoe/core/tensor.hpp"
 #include "semoe/gate/balance.hpp"
 #include "semoe/gate/concepts.hpp"
@@ -41,23 +42,38 @@ class top_k : public detail::balanced_gate<top_k_options<K>> {
 
   index_t choices(index_t experts) const { return detail::check_choices(name, K, experts); }
 
+  /// Routes on executor `ex` over logits and a plan in its memory: softmax
+  /// and top-k fused per token, capacity and the loss sums as kernels, the
+  /// plan's tables by histogram, scan and stable sort. The same bits on
+  /// every executor.
+  template <Executor Exec, class T, class Space>
+  void route(Exec& ex, const route_context& ctx, matrix_view<const T> logits, routing_plan<T, Space>& plan) {
+    const index_t k = choices(logits.cols());
+    const route_context g = detail::begin_route(ex, name, ctx, logits, plan, k);
+    detail::router_probs(ex, logits, plan);
+    detail::select_top_k(ex, plan, o_.normalize, o_.balance == balance_mode::aux_free ? &bias_ : nullptr);
+    detail::apply_capacity(ex, g, plan, o_);
+    detail::router_losses(ex, g, plan, o_.balance, o_.aux_loss_coef, o_.z_loss_coef, k, &bias_);
+  }
   template <class T>
   void route(const route_context& ctx, matrix_view<const T> logits, routing_plan<T>& plan) {
-    const index_t k = choices(logits.cols());
-    const route_context g = detail::begin_route(name, ctx, logits, plan, k);
-    detail::router_probs(logits, plan);
-    detail::select_top_k(plan, o_.normalize, o_.balance == balance_mode::aux_free ? &bias_ : nullptr);
-    detail::apply_capacity(g, plan, o_);
-    detail::router_losses(g, plan, o_.balance, o_.aux_loss_coef, o_.z_loss_coef, k, &bias_);
+    sequential_executor seq;
+    route(seq, ctx, logits, plan);
   }
 
-  template <class T>
-  void backward(const route_context&, matrix_view<const T> logits, const routing_plan<T>& plan,
+  /// Writes every element of dlogits (in the executor's memory).
+  template <Executor Exec, class T, class Space>
+  void backward(Exec& ex, const route_context&, matrix_view<const T> logits, const routing_plan<T, Space>& plan,
                 std::span<const T> dweight, matrix_view<T> dlogits) const {
-    detail::begin_backward(name, logits, plan, dweight, dlogits);
-    detail::top_k_backward(plan, dweight, o_.normalize, [&](index_t a) { return plan.expert[a]; }, dlogits);
+    detail::check_backward(name, logits, plan, dweight, dlogits);
+    detail::top_k_backward(ex, plan, dweight.data(), o_.normalize, detail::selected_expert{plan.expert.data()}, dlogits);
   }
-
+  template <class T>
+  void backward(const route_context& ctx, matrix_view<const T> logits, const routing_plan<T>& plan,
+                std::span<const T> dweight, matrix_view<T> dlogits) const {
+    sequential_executor seq;
+    backward(seq, ctx, logits, plan, dweight, dlogits);
+  }
 
  private:
   using detail::balanced_gate<top_k_options<K>>::o_;

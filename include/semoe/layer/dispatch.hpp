@@ -13,13 +13,37 @@
 
 namespace semoe::layer {
 
+namespace detail {
+/// row[a] = offsets[expert[a]] + slot[a] for kept assignments, else -1.
+struct dispatch_row_kernel {
+  const std::int32_t* expert;
+  const std::int32_t* slot;
+  const index_t* offsets;
+  index_t* row;
+  SEMOE_HD void operator()(index_t a) const { row[a] = slot[a] < 0 ? -1 : offsets[expert[a]] + slot[a]; }
+};
+}  // namespace detail
+
 /// Dispatch row of every assignment (offsets[e] + slot), or -1 when it is not
-/// kept. Computed once per step, read by every kernel below.
+/// kept, in the memory of executor `ex` where the plan lives. Computed once
+/// per step, read by every kernel below.
+template <Executor Exec, class T, class Space>
+void dispatch_rows(Exec& ex, const gate::routing_plan<T, Space>& plan, buffer<index_t, Space>& row) {
+  row.resize_discard(plan.assignments());
+  buffer<index_t, Space> staged;  // the plan's offsets, on the host always
+  const index_t* offsets = plan.offsets.data();
+  if constexpr (!accessible_from<Space, Exec>) {
+    staged.resize_discard(plan.offsets.size());
+    ex.copy(staged.data(), plan.offsets.data(), staged.bytes());
+    offsets = staged.data();
+  }
+  ex.parallel_for(plan.assignments(), detail::dispatch_row_kernel{plan.expert.data(), plan.slot.data(), offsets,
+                                                                  row.data()});
+}
 template <class T>
 void dispatch_rows(const gate::routing_plan<T>& plan, buffer<index_t>& row) {
-  row.resize_discard(plan.assignments());
-  for (index_t a = 0; a < plan.assignments(); ++a)
-    row[a] = plan.slot[a] < 0 ? -1 : plan.offsets[plan.expert[a]] + plan.slot[a];
+  sequential_executor seq;
+  dispatch_rows(seq, plan, row);
 }
 
 namespace detail {

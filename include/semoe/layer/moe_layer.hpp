@@ -5,11 +5,12 @@
 // gradients flow through the combine weights and the aux losses.
 //
 // On a device backend (semoe::cuda) activations, the router and the expert
-// blocks live in device memory and every step above runs there, except the
-// gate policy itself: logits come to pinned host memory, the gate builds the
-// routing plan on the host (the very plan the cpu backend builds), and its
-// rows and weights go back to the device. Gate backward does the same with
-// the combine-weight gradients. Over several ranks the host communicators
+// blocks live in device memory and every step above runs there. Gates that
+// route on an executor (gate::executor_routed_gate: top_k, switch_gate) build
+// the routing plan there too, the very plan the cpu backend builds; the
+// others get the logits in pinned host memory, route on the host, and their
+// rows and weights go back to the device (gate backward likewise). Over
+// several ranks the host communicators
 // (comm::local, comm::tcp) carry the rows through pinned host memory: correct,
 // not fast; a communicator that moves device memory (NCCL) is not built yet.
 #pragma once
@@ -104,8 +105,11 @@ class basic_moe_layer {
   using memory_space = typename B::memory_space;
   using store_type = typename detail::store_for<Storage, T, memory_space>::type;
   using prefetch_type = Prefetch;
-  /// Activations, router and expert blocks in device memory; the gate on the host.
+  /// Activations, router and expert blocks in device memory.
   static constexpr bool on_device = B::executor::on_device;
+  /// The gate routes on the layer's executor (else on the host, staged).
+  static constexpr bool routes_on_executor = gate::executor_routed_gate<Gate, typename B::executor, T>;
+  using plan_type = gate::routing_plan<T, std::conditional_t<routes_on_executor, memory_space, host_space>>;
 
   struct options {
     index_t hidden = 0;   ///< model width
@@ -195,11 +199,16 @@ class basic_moe_layer {
     {
       phase ts("gate", *this);
       const auto ctx = context();
-      gate_.route(ctx, host_logits(tokens), plan_);
-      layer::dispatch_rows(plan_, row_);
-      if constexpr (on_device) {  // the kernels read the plan's rows and weights on the device
-        to_device(row_dev_, row_);
-        to_device(weight_dev_, plan_.weight);
+      if constexpr (routes_on_executor) {
+        gate_.route(*ex_, ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_);
+        layer::dispatch_rows(*ex_, plan_, row_dev_);
+      } else {
+        gate_.route(ctx, host_logits(tokens), plan_);
+        layer::dispatch_rows(plan_, row_);
+        if constexpr (on_device) {  // the kernels read the plan's rows and weights on the device
+          to_device(row_dev_, row_);
+          to_device(weight_dev_, plan_.weight);
+        }
       }
     }
     const index_t R = plan_.kept();
@@ -255,22 +264,27 @@ class basic_moe_layer {
       phase ts("gate_backward", *this);
       dlogits_.resize_discard(tokens * E);
       const auto ctx = context();
-      // The gate's backward runs where its forward did: on the host (device
-      // backends stage its inputs and output through host buffers).
-      const T *logits = logits_.data(), *dweight = dweight_.data();
-      T* dlogits = dlogits_.data();
-      if constexpr (on_device) {
-        dweight_host_.resize_discard(dweight_.size());
-        dlogits_host_.resize_discard(tokens * E);
-        ex_->copy(dweight_host_.data(), dweight_.data(), dweight_.bytes());
-        logits = logits_host_.data();
-        dweight = dweight_host_.data();
-        dlogits = dlogits_host_.data();
+      if constexpr (routes_on_executor) {
+        gate_.backward(*ex_, ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_, std::span<const T>(dweight_.span()),
+                       dlogits_.matrix(tokens, E));
+      } else {
+        // The gate's backward runs where its forward did: on the host (device
+        // backends stage its inputs and output through host buffers).
+        const T *logits = logits_.data(), *dweight = dweight_.data();
+        T* dlogits = dlogits_.data();
+        if constexpr (on_device) {
+          dweight_host_.resize_discard(dweight_.size());
+          dlogits_host_.resize_discard(tokens * E);
+          ex_->copy(dweight_host_.data(), dweight_.data(), dweight_.bytes());
+          logits = logits_host_.data();
+          dweight = dweight_host_.data();
+          dlogits = dlogits_host_.data();
+        }
+        gate_.backward(ctx, as_matrix(logits, tokens, E), plan_,
+                       std::span<const T>(dweight, static_cast<std::size_t>(plan_.assignments())),
+                       as_matrix(dlogits, tokens, E));
+        if constexpr (on_device) ex_->copy(dlogits_.data(), dlogits, dlogits_host_.bytes());
       }
-      gate_.backward(ctx, as_matrix(logits, tokens, E), plan_,
-                     std::span<const T>(dweight, static_cast<std::size_t>(plan_.assignments())),
-                     as_matrix(dlogits, tokens, E));
-      if constexpr (on_device) ex_->copy(dlogits_.data(), dlogits, dlogits_host_.bytes());
       const bool jit = jitter() > 0;
       matrix_view<const T> xr = jit ? matrix_view<const T>(xj_.matrix(tokens, H)) : x_;
       blas::gemm(*ex_, blas::op::t, blas::op::n, T(1), xr, matrix_view<const T>(dlogits_.matrix(tokens, E)), T(1),
@@ -329,7 +343,9 @@ class basic_moe_layer {
   // -- Introspection --------------------------------------------------------
 
   const options& opts() const { return opt_; }
-  const gate::routing_plan<T>& plan() const { return plan_; }
+  /// The last routing plan; its per-assignment arrays are in the executor's
+  /// memory when the gate routes there (gate::copy_to_host brings them over).
+  const plan_type& plan() const { return plan_; }
   Gate& gate() { return gate_; }
   const Expert& expert_policy() const { return expert_; }
   store_type& store() { return *store_; }
@@ -413,7 +429,9 @@ class basic_moe_layer {
 
   /// The plan's rows and weights in the memory the row kernels run on.
   layer::dispatch_map<T> map() const {
-    if constexpr (on_device)
+    if constexpr (routes_on_executor)
+      return {row_dev_.data(), plan_.weight.data(), plan_.k, plan_.tokens};
+    else if constexpr (on_device)
       return {row_dev_.data(), weight_dev_.data(), plan_.k, plan_.tokens};
     else
       return layer::host_map(plan_, row_);
@@ -623,13 +641,14 @@ class basic_moe_layer {
   using hbuffer = buffer<T, typename B::host_memory_space>;  // host staging (pinned on a device)
 
   dbuffer<T> router_, router_grad_;
-  gate::routing_plan<T> plan_;
-  buffer<index_t> row_;
+  plan_type plan_;
+  buffer<index_t> row_;  // dispatch rows of a host-routed plan
   matrix_view<const T> x_;
   dbuffer<T> xj_, logits_, dlogits_, dweight_;
   dbuffer<T> x_disp_, y_disp_, saved_, work_;
-  // Device backends: the plan's rows and weights for the kernels, and the
-  // gate's inputs and outputs on the host.
+  // Dispatch rows where the kernels read them (routed on the executor, or
+  // uploaded); on a device, a host-routed plan's weights and the gate's
+  // inputs and outputs on the host.
   dbuffer<index_t> row_dev_;
   dbuffer<T> weight_dev_;
   hbuffer logits_host_, dweight_host_, dlogits_host_;

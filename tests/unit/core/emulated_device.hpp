@@ -9,6 +9,7 @@
 
 #include <atomic>
 
+#include "semoe/core/algorithm.hpp"
 #include "semoe/core/backend.hpp"
 #include "semoe/core/blas.hpp"
 
@@ -110,5 +111,26 @@ struct semoe::blas::engine<semoe::test::emulated_device_executor> {
   static void grouped_gemm(semoe::test::emulated_device_executor&, std::span<const gemm_problem<T>> problems) {
     for (const auto& p : problems)
       blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+  }
+};
+
+/// Its routing primitives: the host engine's, on the (really host) memory.
+template <>
+struct semoe::algo::engine<semoe::test::emulated_device_executor> {
+  static void histogram(semoe::test::emulated_device_executor&, const std::uint32_t* values, index_t n,
+                        std::int32_t* counts, int bins) {
+    sequential_executor seq;
+    host_engine::histogram(seq, values, n, counts, bins);
+  }
+  template <class I>
+  static void exclusive_sum(semoe::test::emulated_device_executor&, const I* in, I* out, index_t n) {
+    sequential_executor seq;
+    host_engine::exclusive_sum(seq, in, out, n);
+  }
+  static void sort_pairs(semoe::test::emulated_device_executor&, const std::uint32_t* keys_in,
+                         std::uint32_t* keys_out, const std::int32_t* values_in, std::int32_t* values_out, index_t n,
+                         int end_bit) {
+    sequential_executor seq;
+    host_engine::sort_pairs(seq, keys_in, keys_out, values_in, values_out, n, end_bit);
   }
 };

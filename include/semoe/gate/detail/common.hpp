@@ -4,8 +4,11 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <vector>
 
+#include "semoe/core/buffer.hpp"
 #include "semoe/core/error.hpp"
+#include "semoe/core/executor.hpp"
 #include "semoe/core/random.hpp"
 #include "semoe/core/tensor.hpp"
 #include "semoe/gate/balance.hpp"
@@ -34,20 +37,9 @@ void validate_common(const char* gate, const O& o) {
   validate_balance(gate, o.balance, o.aux_loss_coef, o.z_loss_coef, o.bias_rate);
 }
 
-/// Checks shared by every route(), then plan.reset. Returns the context with
-/// global_tokens filled in when a single rank left it at 0.
-template <class T>
-route_context begin_route(const char* gate, const route_context& ctx, matrix_view<const T> logits,
-                          routing_plan<T>& plan, index_t k) {
-  const index_t n = logits.rows(), E = logits.cols();
-  // A rank may hold no tokens in a step when its peers do: it still joins
-  // every collective of the routing. An empty batch over all ranks is an error.
-  SEMOE_CHECK(n > 0 || (ctx.ranks > 1 && ctx.global_tokens > 0), gate,
-              ": empty batch: logits have 0 tokens; expected at least 1");
-  for (index_t t = 0; t < n; ++t)
-    for (index_t e = 0; e < E; ++e)
-      if (!std::isfinite(logits(t, e)))
-        ::semoe::detail::fail(gate, ": gate logits contain NaN or Inf at token ", t, ", expert ", e, " (value ", logits(t, e), ")");
+/// Checks of the route context shared by every route(). Returns the context
+/// with global_tokens filled in when a single rank left it at 0.
+inline route_context check_context(const char* gate, const route_context& ctx, index_t n) {
   route_context g = ctx;
   if (g.global_tokens == 0 && g.ranks == 1) g.global_tokens = n;
   SEMOE_CHECK(g.ranks >= 1 && g.rank >= 0 && g.rank < g.ranks, gate, ": route_context.rank = ", g.rank,
@@ -55,13 +47,66 @@ route_context begin_route(const char* gate, const route_context& ctx, matrix_vie
   SEMOE_CHECK(g.token_offset >= 0 && g.token_offset + n <= g.global_tokens, gate,
               ": route_context.global_tokens = ", g.global_tokens, ", token_offset = ", g.token_offset,
               ": expected token_offset + tokens (", n, ") <= global_tokens");
-  plan.reset(n, E, k);
   return g;
 }
 
-/// Checks shared by every backward(), then dlogits = 0.
+/// The first non-finite logit, named, as a semoe::error.
 template <class T>
-void begin_backward(const char* gate, matrix_view<const T> logits, const routing_plan<T>& plan,
+void check_finite(const char* gate, matrix_view<const T> logits) {
+  for (index_t t = 0; t < logits.rows(); ++t)
+    for (index_t e = 0; e < logits.cols(); ++e)
+      if (!std::isfinite(logits(t, e)))
+        ::semoe::detail::fail(gate, ": gate logits contain NaN or Inf at token ", t, ", expert ", e, " (value ",
+                              logits(t, e), ")");
+}
+
+/// Checks shared by every route(), then plan.reset. Returns the context with
+/// global_tokens filled in when a single rank left it at 0.
+template <class T>
+route_context begin_route(const char* gate, const route_context& ctx, matrix_view<const T> logits,
+                          routing_plan<T>& plan, index_t k) {
+  const index_t n = logits.rows();
+  // A rank may hold no tokens in a step when its peers do: it still joins
+  // every collective of the routing. An empty batch over all ranks is an error.
+  SEMOE_CHECK(n > 0 || (ctx.ranks > 1 && ctx.global_tokens > 0), gate,
+              ": empty batch: logits have 0 tokens; expected at least 1");
+  check_finite(gate, logits);
+  const route_context g = check_context(gate, ctx, n);
+  plan.reset(n, logits.cols(), k);
+  return g;
+}
+
+/// begin_route for logits and a plan in the memory of executor `ex`: a
+/// kernel looks for non-finite logits, and only then do they come to the
+/// host to be named.
+template <Executor Exec, class T, class Space>
+route_context begin_route(Exec& ex, const char* gate, const route_context& ctx, matrix_view<const T> logits,
+                          routing_plan<T, Space>& plan, index_t k) {
+  if constexpr (Space::host_accessible && !Exec::on_device) {
+    return begin_route(gate, ctx, logits, plan, k);
+  } else {
+    const index_t n = logits.rows(), E = logits.cols();
+    SEMOE_CHECK(n > 0 || (ctx.ranks > 1 && ctx.global_tokens > 0), gate,
+                ": empty batch: logits have 0 tokens; expected at least 1");
+    buffer<std::uint32_t, Space> flag(1);
+    flag.zero();
+    ex.parallel_for(n, nonfinite_kernel<T>{logits.data(), logits.ld(), E, flag.data()}, 64);
+    std::uint32_t bad = 0;
+    ex.copy(&bad, flag.data(), sizeof bad);
+    if (bad) {
+      std::vector<T> host(static_cast<std::size_t>(n * logits.ld()));
+      ex.copy(host.data(), logits.data(), host.size() * sizeof(T));
+      check_finite(gate, matrix_view<const T>(host.data(), {n, E}, {logits.ld(), 1}));
+    }
+    const route_context g = check_context(gate, ctx, n);
+    plan.reset(n, E, k);
+    return g;
+  }
+}
+
+/// Shape checks shared by every backward().
+template <class T, class Space>
+void check_backward(const char* gate, matrix_view<const T> logits, const routing_plan<T, Space>& plan,
                     std::span<const T> dweight, matrix_view<T> dlogits) {
   SEMOE_CHECK(plan.tokens == logits.rows() && plan.experts == logits.cols(), gate,
               ": backward: the plan routes [", plan.tokens, ", ", plan.experts, "] but logits are [", logits.rows(),
@@ -69,6 +114,13 @@ void begin_backward(const char* gate, matrix_view<const T> logits, const routing
   SEMOE_CHECK(static_cast<index_t>(dweight.size()) == plan.assignments(), gate, ": backward: dweight has ",
               dweight.size(), " values; expected tokens * k = ", plan.assignments());
   check_shape(dlogits, plan.tokens, plan.experts, "semoe::gate: backward: dlogits");
+}
+
+/// check_backward, then dlogits = 0 (host memory).
+template <class T>
+void begin_backward(const char* gate, matrix_view<const T> logits, const routing_plan<T>& plan,
+                    std::span<const T> dweight, matrix_view<T> dlogits) {
+  check_backward(gate, logits, plan, dweight, dlogits);
   for (index_t t = 0; t < plan.tokens; ++t)
     for (index_t e = 0; e < plan.experts; ++e) dlogits(t, e) = T(0);
 }
@@ -77,13 +129,18 @@ void begin_backward(const char* gate, matrix_view<const T> logits, const routing
 /// Outside training, gates that have one use eval_capacity_factor (GShard
 /// evaluates with a larger capacity: dropping a token costs accuracy there,
 /// and no gradient step needs the compute bound).
-template <class T, class O>
-void apply_capacity(const route_context& ctx, routing_plan<T>& plan, const O& o) {
+template <class Exec, class T, class Space, class O>
+void apply_capacity(Exec& ex, const route_context& ctx, routing_plan<T, Space>& plan, const O& o) {
   double factor = o.capacity_factor;
   if constexpr (requires { o.eval_capacity_factor; })
     if (!ctx.training) factor = o.eval_capacity_factor;
   plan.capacity = o.dropless ? 0 : expert_capacity(factor, ctx.global_tokens, plan.k, plan.experts);
-  limit_by_capacity(plan, ctx, o.drop);
+  limit_by_capacity(ex, plan, ctx, o.drop);
+}
+template <class T, class O>
+void apply_capacity(const route_context& ctx, routing_plan<T>& plan, const O& o) {
+  sequential_executor seq;
+  apply_capacity(seq, ctx, plan, o);
 }
 
 /// Gate noise is a pure function of (seed, step, global token, expert, use),
