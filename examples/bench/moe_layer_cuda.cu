@@ -43,7 +43,7 @@ double seconds(cuda_executor& ex, F&& f) {
 
 nlohmann::json run(cuda_executor& ex, const shape& s, int reps) {
   const index_t T = s.tokens, H = s.hidden, F = s.ffn, E = s.experts;
-  using layer_t = moe_layer<cuda, gate::top_k<2>, expert::ffn<act::gelu>>;
+  using layer_t = moe_layer<semoe::cuda, gate::top_k<2>, expert::ffn<act::gelu>>;
   auto comms = comm::local::make_world(1);
   layer_t moe(ex, comms[0], {.hidden = H, .ffn = F, .experts = E, .gate = {.capacity_factor = 1.25}, .seed = 1});
   buffer<float, device_space> x(T * H), y(T * H), dy(T * H), dx(T * H);

@@ -17,7 +17,7 @@ struct twice {
 };
 }  // namespace
 
-static_assert(Backend<cuda> && Executor<cuda_executor>);
+static_assert(Backend<semoe::cuda> && Executor<cuda_executor>);
 static_assert(accessible_from<device_space, cuda_executor> && !accessible_from<device_space, cpu_executor>);
 static_assert(accessible_from<pinned_space, cuda_executor> && accessible_from<pinned_space, cpu_executor>);
 static_assert(!accessible_from<host_space, cuda_executor>);

@@ -59,14 +59,14 @@ TEST_CASE("a model trained 5 steps on cuda equals the same model on cpu") {
   auto w1 = comm::local::make_world(1), w2 = comm::local::make_world(1);
   auto g1 = train::make_groups(w1[0]), g2 = train::make_groups(w2[0]);
   auto a = make<cpu>(cex, g1.expert);
-  auto b = make<cuda>(gex, g2.expert);
+  auto b = make<semoe::cuda>(gex, g2.expert);
   train::adamw<float, cpu> oa(cex, {.lr = 1e-2});
-  train::adamw<float, cuda> ob(gex, {.lr = 1e-2});
+  train::adamw<float, semoe::cuda> ob(gex, {.lr = 1e-2});
   // Clipping at 0.5 is active: the gradient norm of this model is larger.
   train::trainer ta(a, oa, w1[0], g1, {.clip_norm = 0.5});
   train::trainer tb(b, ob, w2[0], g2, {.clip_norm = 0.5});
   layer::softmax_cross_entropy<float, cpu> la(cex, {.label_smoothing = 0.1});
-  layer::softmax_cross_entropy<float, cuda> lb(gex, {.label_smoothing = 0.1});
+  layer::softmax_cross_entropy<float, semoe::cuda> lb(gex, {.label_smoothing = 0.1});
 
   std::vector<std::int32_t> labels(N);
   for (index_t i = 0; i < N; ++i) labels[i] = static_cast<std::int32_t>((i * 7) % C);

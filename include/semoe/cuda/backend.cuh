@@ -1,9 +1,10 @@
-// semoe/cuda/backend.cuh: the cuda backend. Kernels and cuBLAS run on the
-// executor's compute stream over device memory; host-side staging (host_tier,
-// the routing plan's host mirror) is pinned so copies overlap compute.
+// semoe/cuda/backend.cuh: the cuda backend. Kernels, CUB and cuBLAS run on
+// the executor's compute stream over device memory; host-side staging
+// (host_tier, a host-routed plan) is pinned so copies overlap compute.
 #pragma once
 
 #include "semoe/core/backend.hpp"
+#include "semoe/cuda/algorithm.cuh"
 #include "semoe/cuda/blas.cuh"
 #include "semoe/cuda/event.cuh"
 #include "semoe/cuda/executor.cuh"
