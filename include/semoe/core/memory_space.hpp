@@ -69,6 +69,39 @@ struct space_context {
   }
 };
 
+/// The host memory that copies to and from Space come from: a space names it
+/// as `host_staging_space` (device memory: pinned host memory, so copies run
+/// asynchronously on a stream); plain host memory otherwise.
+template <class Space>
+struct host_staging {
+  using type = host_space;
+};
+template <class Space>
+  requires requires { typename Space::host_staging_space; }
+struct host_staging<Space> {
+  using type = typename Space::host_staging_space;
+};
+template <class Space>
+using host_staging_t = typename host_staging<Space>::type;
+
+/// `bytes` of host memory of HostSpace aligned to `alignment` (a power of two
+/// >= 64): a space with allocate_aligned provides it (pinned memory registers
+/// aligned pages); otherwise aligned host memory. nullptr when out of memory.
+template <class HostSpace>
+void* allocate_aligned(std::size_t bytes, std::size_t alignment) {
+  if constexpr (requires { HostSpace::allocate_aligned(bytes, alignment); })
+    return HostSpace::allocate_aligned(bytes, alignment);
+  else
+    return std::aligned_alloc(alignment, (bytes + alignment - 1) / alignment * alignment);
+}
+template <class HostSpace>
+void deallocate_aligned(void* p, std::size_t bytes) {
+  if constexpr (requires { HostSpace::deallocate_aligned(p, bytes); })
+    HostSpace::deallocate_aligned(p, bytes);
+  else
+    std::free(p);
+}
+
 /// True when code run by executor Exec may dereference memory of Space
 /// without a copy first.
 template <class Space, class Exec>

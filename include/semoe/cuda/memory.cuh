@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
@@ -51,9 +52,54 @@ inline cudaMemPool_t device_pool() {
 
 }  // namespace detail
 
+/// Page-locked host memory: the host reads it directly, and copies between it
+/// and the device run asynchronously on a stream.
+struct pinned_space {
+  static constexpr const char* name = "pinned";
+  static constexpr bool host_accessible = true;
+  static constexpr bool device_accessible = true;
+
+  static void* allocate(std::size_t bytes) {
+    if (bytes == 0) return nullptr;
+    void* p = nullptr;
+    SEMOE_CUDA_TRY(cudaMallocHost(&p, bytes));
+    return p;
+  }
+  static void deallocate(void* p, std::size_t) noexcept {
+    if (p) detail::cuda_warn(cudaFreeHost(p), "cudaFreeHost");
+  }
+  static void copy(void* dst, const void* src, std::size_t bytes) {
+    if (bytes) std::memcpy(dst, src, bytes);
+  }
+  static void zero(void* p, std::size_t bytes) {
+    if (bytes) std::memset(p, 0, bytes);
+  }
+  /// Aligned pages (the SSD tier's O_DIRECT needs 4 KiB), then page-locked
+  /// with cudaHostRegister. nullptr when the host is out of memory.
+  static void* allocate_aligned(std::size_t bytes, std::size_t alignment) {
+    const std::size_t rounded = (bytes + alignment - 1) / alignment * alignment;
+    void* p = std::aligned_alloc(alignment, rounded);
+    if (!p) return nullptr;
+    const cudaError_t e = cudaHostRegister(p, rounded, cudaHostRegisterDefault);
+    if (e != cudaSuccess) {
+      std::free(p);
+      SEMOE_CUDA_TRY(e);
+    }
+    return p;
+  }
+  static void deallocate_aligned(void* p, std::size_t) noexcept {
+    if (!p) return;
+    detail::cuda_warn(cudaHostUnregister(p), "cudaHostUnregister");
+    std::free(p);
+  }
+};
+
+
+
 /// Device memory (HBM), in stream order on the executor's compute stream.
 struct device_space {
   static constexpr const char* name = "device";
+  using host_staging_space = pinned_space;  // host tiers and bounce buffers
   static constexpr bool host_accessible = false;
   static constexpr bool device_accessible = true;
 
@@ -86,30 +132,6 @@ struct device_space {
     return device;
   }
   static void adopt_context(int device) { SEMOE_CUDA_TRY(cudaSetDevice(device)); }
-};
-
-/// Page-locked host memory: the host reads it directly, and copies between it
-/// and the device run asynchronously on a stream.
-struct pinned_space {
-  static constexpr const char* name = "pinned";
-  static constexpr bool host_accessible = true;
-  static constexpr bool device_accessible = true;
-
-  static void* allocate(std::size_t bytes) {
-    if (bytes == 0) return nullptr;
-    void* p = nullptr;
-    SEMOE_CUDA_TRY(cudaMallocHost(&p, bytes));
-    return p;
-  }
-  static void deallocate(void* p, std::size_t) noexcept {
-    if (p) detail::cuda_warn(cudaFreeHost(p), "cudaFreeHost");
-  }
-  static void copy(void* dst, const void* src, std::size_t bytes) {
-    if (bytes) std::memcpy(dst, src, bytes);
-  }
-  static void zero(void* p, std::size_t bytes) {
-    if (bytes) std::memset(p, 0, bytes);
-  }
 };
 
 static_assert(MemorySpace<device_space> && MemorySpace<pinned_space>);

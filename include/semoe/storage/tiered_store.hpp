@@ -104,8 +104,8 @@ struct tiered_policy {
         : opt_(std::move(o)), device_(opt_.device), host_(opt_.host) {
       SEMOE_CHECK(opt_.movers >= 1 && opt_.movers <= 16, "semoe::storage::tiered: options.movers = ", opt_.movers,
                   ": expected in [1, 16]");
-      SEMOE_CHECK(opt_.state_slots >= 0 && opt_.state_slots <= 8, "semoe::storage::tiered: options.state_slots = ",
-                  opt_.state_slots, ": expected in [0, 8]");
+      SEMOE_CHECK(opt_.state_slots <= 8, "semoe::storage::tiered: options.state_slots = ",
+                  opt_.state_slots, ": expected at most 8");
       device_lfu_ = lfu(opt_.lfu_options);
       if (opt_.cache == cache_kind::lfu)
         cache_.template emplace<lfu>(opt_.lfu_options);
@@ -648,7 +648,7 @@ struct tiered_policy {
     template <class Arena, class Ok, class Evict>
     std::byte* alloc(std::unique_lock<std::mutex>& lk, Arena& arena, std::size_t bytes, bool prefetch,
                      const block& self, Ok ok, Evict evict) {
-      constexpr bool is_host = std::is_same_v<Arena, host_tier::arena>;
+      constexpr bool is_host = std::is_same_v<Arena, host_arena>;
       for (;;) {
         if (std::byte* p = arena.allocate(bytes)) return p;
         std::vector<std::size_t> cand;
@@ -800,8 +800,9 @@ struct tiered_policy {
     }
 
     options opt_;
+    using host_arena = host_tier::basic_arena<host_staging_t<Space>>;  // pinned under a device
     device_tier::basic_arena<Space> device_;
-    host_tier::arena host_;
+    host_arena host_;
     std::conditional_t<HasSsd, std::optional<ssd_tier>, std::monostate> ssd_{};
     std::array<std::uint64_t, 2> ssd_base_{0, 0};
     std::variant<lfu, lru> cache_;

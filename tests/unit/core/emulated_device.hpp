@@ -15,11 +15,42 @@
 
 namespace semoe::test {
 
+/// The emulated device's pinned memory: host memory that counts its live
+/// bytes, so tests see which host allocations were made as staging memory.
+struct emulated_pinned_space {
+  static constexpr const char* name = "emulated-pinned";
+  static constexpr bool host_accessible = true;
+  static constexpr bool device_accessible = true;
+  static std::atomic<std::size_t>& live_bytes() {
+    static std::atomic<std::size_t> n{0};
+    return n;
+  }
+  static void* allocate(std::size_t bytes) {
+    live_bytes() += bytes;
+    return host_space::allocate(bytes);
+  }
+  static void deallocate(void* p, std::size_t bytes) {
+    if (p) live_bytes() -= bytes;
+    host_space::deallocate(p, bytes);
+  }
+  static void* allocate_aligned(std::size_t bytes, std::size_t alignment) {
+    live_bytes() += bytes;
+    return std::aligned_alloc(alignment, (bytes + alignment - 1) / alignment * alignment);
+  }
+  static void deallocate_aligned(void* p, std::size_t bytes) {
+    if (p) live_bytes() -= bytes;
+    std::free(p);
+  }
+  static void copy(void* dst, const void* src, std::size_t bytes) { host_space::copy(dst, src, bytes); }
+  static void zero(void* p, std::size_t bytes) { host_space::zero(p, bytes); }
+};
+
 /// Host memory that claims not to be host-accessible. It has a per-thread
 /// context, as CUDA's current device, and counts allocations and copies made
 /// by a thread whose context differs from `expected_context` (when set).
 struct emulated_device_space {
   static constexpr const char* name = "emulated-device";
+  using host_staging_space = emulated_pinned_space;
   static constexpr bool host_accessible = false;
   static constexpr bool device_accessible = true;
   static int& context() {

@@ -268,6 +268,10 @@ TEST_CASE("experts offloaded to SSD under tight budgets, device tier in device m
   const auto st = sb->stats();
   CHECK(st.ssd.bytes_out > 0);  // blocks really came back from SSD
   CHECK(st.device.peak_bytes <= st.device.budget_bytes);
+  // The device's host tier is its staging (pinned) memory: every byte the
+  // host tier holds was allocated there, counted by the space itself.
+  CHECK(st.host.used_bytes > 0);
+  CHECK(test::emulated_pinned_space::live_bytes() >= st.host.used_bytes);
 }
 
 TEST_CASE("ring-memory inference with slots in device memory, from DRAM and SSD: the cpu backend's outputs") {
