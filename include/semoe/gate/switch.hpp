@@ -49,12 +49,7 @@ class switch_gate : public detail::balanced_gate<switch_options> {
   /// every executor.
   template <Executor Exec, class T, class Space>
   void route(Exec& ex, const route_context& ctx, matrix_view<const T> logits, routing_plan<T, Space>& plan) {
-    const index_t k = choices(logits.cols());
-    const route_context g = detail::begin_route(ex, name, ctx, logits, plan, k);
-    detail::router_probs(ex, logits, plan);
-    detail::select_top_k(ex, plan, false, o_.balance == balance_mode::aux_free ? &bias_ : nullptr);
-    detail::apply_capacity(ex, g, plan, o_);
-    detail::router_losses(ex, g, plan, o_.balance, o_.aux_loss_coef, o_.z_loss_coef, k, &bias_);
+    detail::route_top_k(ex, name, ctx, logits, plan, choices(logits.cols()), false, o_, bias_);
   }
   template <class T>
   void route(const route_context& ctx, matrix_view<const T> logits, routing_plan<T>& plan) {
@@ -66,8 +61,7 @@ class switch_gate : public detail::balanced_gate<switch_options> {
   template <Executor Exec, class T, class Space>
   void backward(Exec& ex, const route_context&, matrix_view<const T> logits, const routing_plan<T, Space>& plan,
                 std::span<const T> dweight, matrix_view<T> dlogits) const {
-    detail::check_backward(name, logits, plan, dweight, dlogits);
-    detail::top_k_backward(ex, plan, dweight.data(), false, detail::selected_expert{plan.expert.data()}, dlogits);
+    detail::backward_top_k(ex, name, logits, plan, dweight, false, dlogits);
   }
   template <class T>
   void backward(const route_context& ctx, matrix_view<const T> logits, const routing_plan<T>& plan,

@@ -48,12 +48,7 @@ class top_k : public detail::balanced_gate<top_k_options<K>> {
   /// every executor.
   template <Executor Exec, class T, class Space>
   void route(Exec& ex, const route_context& ctx, matrix_view<const T> logits, routing_plan<T, Space>& plan) {
-    const index_t k = choices(logits.cols());
-    const route_context g = detail::begin_route(ex, name, ctx, logits, plan, k);
-    detail::router_probs(ex, logits, plan);
-    detail::select_top_k(ex, plan, o_.normalize, o_.balance == balance_mode::aux_free ? &bias_ : nullptr);
-    detail::apply_capacity(ex, g, plan, o_);
-    detail::router_losses(ex, g, plan, o_.balance, o_.aux_loss_coef, o_.z_loss_coef, k, &bias_);
+    detail::route_top_k(ex, name, ctx, logits, plan, choices(logits.cols()), o_.normalize, o_, bias_);
   }
   template <class T>
   void route(const route_context& ctx, matrix_view<const T> logits, routing_plan<T>& plan) {
@@ -65,8 +60,7 @@ class top_k : public detail::balanced_gate<top_k_options<K>> {
   template <Executor Exec, class T, class Space>
   void backward(Exec& ex, const route_context&, matrix_view<const T> logits, const routing_plan<T, Space>& plan,
                 std::span<const T> dweight, matrix_view<T> dlogits) const {
-    detail::check_backward(name, logits, plan, dweight, dlogits);
-    detail::top_k_backward(ex, plan, dweight.data(), o_.normalize, detail::selected_expert{plan.expert.data()}, dlogits);
+    detail::backward_top_k(ex, name, logits, plan, dweight, o_.normalize, dlogits);
   }
   template <class T>
   void backward(const route_context& ctx, matrix_view<const T> logits, const routing_plan<T>& plan,

@@ -9,6 +9,7 @@
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/executor.hpp"
 #include "semoe/gate/balance.hpp"
+#include "semoe/gate/detail/common.hpp"
 #include "semoe/gate/detail/kernels.hpp"
 #include "semoe/gate/routing.hpp"
 
@@ -55,6 +56,27 @@ void top_k_backward(const routing_plan<T>& plan, std::span<const T> dweight, boo
                     matrix_view<T> dlogits) {
   sequential_executor seq;
   top_k_backward(seq, plan, dweight.data(), normalize, selected, dlogits);
+}
+
+/// The whole route of the softmax top-k gates (top_k, switch_gate) on
+/// executor `ex`: softmax and top-k fused per token, capacity, then the loss
+/// sums. The same bits on every executor.
+template <Executor Exec, class T, class Space, class O>
+void route_top_k(Exec& ex, const char* gate, const route_context& ctx, matrix_view<const T> logits,
+                 routing_plan<T, Space>& plan, index_t k, bool normalize, const O& o, aux_free_bias& bias) {
+  const route_context g = begin_route(ex, gate, ctx, logits, plan, k);
+  router_probs(ex, logits, plan);
+  select_top_k(ex, plan, normalize, o.balance == balance_mode::aux_free ? &bias : nullptr);
+  apply_capacity(ex, g, plan, o);
+  router_losses(ex, g, plan, o.balance, o.aux_loss_coef, o.z_loss_coef, k, &bias);
+}
+
+/// Their backward: writes every element of dlogits (in the executor's memory).
+template <Executor Exec, class T, class Space>
+void backward_top_k(Exec& ex, const char* gate, matrix_view<const T> logits, const routing_plan<T, Space>& plan,
+                    std::span<const T> dweight, bool normalize, matrix_view<T> dlogits) {
+  check_backward(gate, logits, plan, dweight, dlogits);
+  top_k_backward(ex, plan, dweight.data(), normalize, selected_expert{plan.expert.data()}, dlogits);
 }
 
 }  // namespace semoe::gate::detail
