@@ -7,8 +7,11 @@
 
 #include <cblas.h>
 
+#include <cstdint>
+#include <cstring>
 #include <span>
 #include <type_traits>
+#include <vector>
 
 #include "semoe/core/config.hpp"
 #include "semoe/core/error.hpp"
@@ -76,6 +79,28 @@ void gemm(op ta, op tb, T alpha, matrix_view<const T> a, matrix_view<const T> b,
   gemm(ta, tb, s.m, s.n, s.k, alpha, a.data(), a.ld(), b.data(), b.ld(), beta, c.data(), c.ld());
 }
 
+/// What the multipliers of a float GEMM read. `native`: the operands as they
+/// are (exact fp32 on every engine). `bf16`: each operand rounded to
+/// bfloat16 (round to nearest even), products summed in fp32: tensor cores'
+/// bf16 mode, with the fp32 values in memory (master weights, activations)
+/// untouched. The host engine rounds copies and runs sgemm, so both backends
+/// multiply the same bf16 values.
+enum class precision { native, bf16 };
+
+/// x rounded to the nearest bfloat16 (ties to even), kept as a float: the
+/// value a bf16 tensor core multiplies. NaN stays NaN; values past bf16's
+/// largest finite round to infinity, as __float2bfloat16_rn does.
+SEMOE_HD inline float round_to_bf16(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return x;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  float r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+
 /// One GEMM of a group: C = alpha * op(A) op(B) + beta * C, row-major with
 /// leading dimensions. Expert computation is a list of these, one or more
 /// per local expert.
@@ -91,9 +116,28 @@ struct gemm_problem {
   T beta = 0;
   T* c = nullptr;
   index_t ldc = 0;
+  precision inputs = precision::native;  ///< bf16: float operands rounded to bfloat16
+
+  /// Rows and columns of A and B as stored (before op).
+  index_t a_rows() const { return ta == op::n ? m : k; }
+  index_t a_cols() const { return ta == op::n ? k : m; }
+  index_t b_rows() const { return tb == op::n ? k : n; }
+  index_t b_cols() const { return tb == op::n ? n : k; }
 
   double flops() const { return 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k); }
 };
+
+namespace detail {
+/// dst = the [rows, cols] matrix at src (leading dimension ld), each value
+/// rounded to bf16, packed with leading dimension cols.
+template <class T>
+void round_copy(const T* src, index_t rows, index_t cols, index_t ld, std::vector<T>& dst) {
+  dst.resize(static_cast<std::size_t>(rows * cols));
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t j = 0; j < cols; ++j)
+      dst[static_cast<std::size_t>(r * cols + j)] = static_cast<T>(round_to_bf16(static_cast<float>(src[r * ld + j])));
+}
+}  // namespace detail
 
 /// The BLAS of an executor's memory. This primary engine serves host
 /// executors with CBLAS, each call using every OpenBLAS thread; a device
@@ -108,11 +152,25 @@ struct engine {
                    const T* b, index_t ldb, T beta, T* c, index_t ldc) {
     blas::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
-  /// Problems run back to back, each with every BLAS thread.
+  /// Problems run back to back, each with every BLAS thread. bf16 inputs:
+  /// rounded copies of A and B (packed, leading dimension = columns) go to
+  /// sgemm, so the products are those of the bf16 values, summed in fp32.
   template <class T>
   static void grouped_gemm(Exec&, std::span<const gemm_problem<T>> problems) {
-    for (const auto& p : problems)
-      blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+    std::vector<T> ra, rb;
+    for (const auto& p : problems) {
+      if (p.inputs == precision::native) {
+        blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+        continue;
+      }
+      static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+      SEMOE_CHECK((std::is_same_v<T, float>), "semoe::blas::grouped_gemm: precision::bf16 takes float operands");
+      if (p.m == 0 || p.n == 0) continue;
+      detail::round_copy(p.a, p.a_rows(), p.a_cols(), p.lda, ra);
+      detail::round_copy(p.b, p.b_rows(), p.b_cols(), p.ldb, rb);
+      blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, ra.data(), p.a_cols(), rb.data(), p.b_cols(), p.beta, p.c,
+                 p.ldc);
+    }
   }
 };
 

@@ -123,11 +123,18 @@ class ffn {
     index_t hidden = 0;
     index_t ffn = 0;
     bool bias = false;
+    /// What the expert GEMMs multiply: the float values (native), or their
+    /// bfloat16 roundings summed in fp32 (bf16: tensor cores on a GPU, the
+    /// same products on the cpu). Weights, gradients and activations stay fp32.
+    blas::precision gemm_inputs = blas::precision::native;
   };
 
   static void validate(const options& o) {
     SEMOE_CHECK(o.hidden > 0, "semoe::expert::ffn: options.hidden = ", o.hidden, ": expected > 0");
     SEMOE_CHECK(o.ffn > 0, "semoe::expert::ffn: options.ffn = ", o.ffn, ": expected > 0");
+    SEMOE_CHECK(o.gemm_inputs == blas::precision::native || o.gemm_inputs == blas::precision::bf16,
+                "semoe::expert::ffn: options.gemm_inputs = ", static_cast<int>(o.gemm_inputs),
+                ": expected precision::native or precision::bf16");
   }
 
   ffn() = default;
@@ -180,7 +187,7 @@ class ffn {
       probs.push_back({blas::op::n, blas::op::n, n, F1, H, T(1), b.x.row(r0), b.x.ld(), w1, F1, T(0),
                        b.saved.row(r0), b.saved.ld()});
     }
-    grouped_gemm<T>(ex, probs);
+    run(ex, probs);
     if (opt_.bias)
       for (index_t e = 0; e < E; ++e)
         ex.parallel_rows(b.rows(e), F1, detail::add_bias_kernel<T>{b.saved.row(b.offsets[e]), b.saved.ld(), F1,
@@ -196,7 +203,7 @@ class ffn {
       probs.push_back({blas::op::n, blas::op::n, n, H, F, T(1), b.work.row(r0), b.work.ld(), w2, H, T(0),
                        y.row(r0), y.ld()});
     }
-    grouped_gemm<T>(ex, probs);
+    run(ex, probs);
     if (opt_.bias)
       for (index_t e = 0; e < E; ++e)
         ex.parallel_rows(b.rows(e), H, detail::add_bias_kernel<T>{y.row(b.offsets[e]), y.ld(), H, split(b.params[e]).b2},
@@ -219,7 +226,7 @@ class ffn {
       probs.push_back({blas::op::n, blas::op::t, n, F, H, T(1), dy.row(r0), dy.ld(), w2, H, T(0), b.work.row(r0),
                        b.work.ld()});
     }
-    grouped_gemm<T>(ex, probs);
+    run(ex, probs);
     // saved <- a, work <- dpre, in one pass.
     const index_t R = b.offsets[E] - b.offsets[0];
     ex.parallel_rows(R, F, detail::activation_backward_kernel<T, Act>{b.saved.row(b.offsets[0]),
@@ -239,7 +246,7 @@ class ffn {
         detail::add_column_sums(ex, b.work.row(r0), n, b.work.ld(), F1, gb1);
       }
     }
-    grouped_gemm<T>(ex, probs);
+    run(ex, probs);
     // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
     probs.clear();
     for (index_t e = 0; e < E; ++e) {
@@ -249,7 +256,7 @@ class ffn {
       probs.push_back({blas::op::n, blas::op::t, n, H, F1, T(1), b.work.row(r0), b.work.ld(), w1, F1, T(0),
                        dx.row(r0), dx.ld()});
     }
-    grouped_gemm<T>(ex, probs);
+    run(ex, probs);
   }
 
   /// GEMM shapes of one forward + backward of an expert with n rows, for
@@ -257,8 +264,11 @@ class ffn {
   std::vector<gemm_problem<float>> gemm_shapes(index_t n) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
     using blas::op;
-    return {{op::n, op::n, n, F1, H}, {op::n, op::n, n, H, F},  {op::n, op::t, n, F, H},
-            {op::t, op::n, F, H, n},  {op::t, op::n, H, F1, n}, {op::n, op::t, n, H, F1}};
+    std::vector<gemm_problem<float>> shapes{{op::n, op::n, n, F1, H}, {op::n, op::n, n, H, F},
+                                            {op::n, op::t, n, F, H},  {op::t, op::n, F, H, n},
+                                            {op::t, op::n, H, F1, n}, {op::n, op::t, n, H, F1}};
+    for (auto& p : shapes) p.inputs = opt_.gemm_inputs;
+    return shapes;
   }
 
  private:
@@ -274,6 +284,13 @@ class ffn {
     P b1 = opt_.bias ? w2 + F * H : nullptr;
     P b2 = opt_.bias ? b1 + F1 : nullptr;
     return {w1, b1, w2, b2};
+  }
+
+  /// The problems at this expert's precision, as one grouped call.
+  template <class T, Executor Exec>
+  void run(Exec& ex, std::vector<gemm_problem<T>>& probs) const {
+    for (auto& p : probs) p.inputs = opt_.gemm_inputs;
+    grouped_gemm<T>(ex, probs);
   }
 
   template <class T, class M>

@@ -3,6 +3,8 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -137,4 +139,56 @@ TEST_CASE("the executor forms run the executor's engine: the same bits as the ra
                                          semoe::as_matrix<const float>(b.data(), n, k), 0.0f,
                                          semoe::as_matrix(c1.data(), m, n)),
                        doctest::Contains("shapes do not agree"), semoe::error);
+}
+
+TEST_CASE("round_to_bf16: nearest bfloat16, ties to even, NaN kept, overflow to infinity") {
+  using semoe::blas::round_to_bf16;
+  auto bits = [](float f) {
+    std::uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+  };
+  auto from = [](std::uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  };
+  CHECK(round_to_bf16(1.0f) == 1.0f);
+  CHECK(round_to_bf16(from(0x3F808000u)) == 1.0f);                 // 1 + 2^-8: the tie goes to the even 1
+  CHECK(bits(round_to_bf16(from(0x3F818000u))) == 0x3F820000u);    // 1 + 3 * 2^-8: to the even 1 + 2^-6
+  CHECK(bits(round_to_bf16(from(0x3F808001u))) == 0x3F810000u);    // past the tie: up
+  CHECK(bits(round_to_bf16(from(0xBF808001u))) == 0xBF810000u);    // the same below zero
+  CHECK(std::isnan(round_to_bf16(std::nanf(""))));
+  CHECK(std::isinf(round_to_bf16(3.4e38f)));
+  CHECK(round_to_bf16(-0.0f) == 0.0f);
+  // Every result has 8 significant bits: the low 16 bits are zero.
+  for (float x : random_values<float>(1000, 3)) CHECK((bits(round_to_bf16(x)) & 0xffffu) == 0);
+}
+
+TEST_CASE("grouped GEMM with bf16 inputs multiplies the bf16 roundings of A and B, summed in fp32") {
+  using semoe::blas::gemm_problem;
+  using semoe::blas::precision;
+  const index_t m = 37, n = 29, k = 53;
+  for (const op ta : {op::n, op::t})
+    for (const op tb : {op::n, op::t}) {
+      CAPTURE(static_cast<int>(ta));
+      CAPTURE(static_cast<int>(tb));
+      const index_t lda = (ta == op::n ? k : m) + 3, ldb = (tb == op::n ? n : k) + 2;  // padded rows
+      auto a = random_values<float>(static_cast<std::size_t>((ta == op::n ? m : k) * lda), 1);
+      auto b = random_values<float>(static_cast<std::size_t>((tb == op::n ? k : n) * ldb), 2);
+      auto c0 = random_values<float>(static_cast<std::size_t>(m * n), 3);
+      std::vector<float> ra(a), rb(b), want(c0), got(c0), native(c0);
+      for (auto& v : ra) v = semoe::blas::round_to_bf16(v);
+      for (auto& v : rb) v = semoe::blas::round_to_bf16(v);
+      semoe::blas::gemm(ta, tb, m, n, k, 0.5f, ra.data(), lda, rb.data(), ldb, 1.0f, want.data(), n);
+      gemm_problem<float> p{ta, tb, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 1.0f, got.data(), n};
+      p.inputs = precision::bf16;
+      semoe::cpu_executor ex({.threads = 2});
+      semoe::blas::grouped_gemm(ex, std::span<const gemm_problem<float>>(&p, 1));
+      CHECK(got == want);  // the same products of the same bf16 values, in the same order
+      p.inputs = precision::native;
+      p.c = native.data();
+      semoe::blas::grouped_gemm(ex, std::span<const gemm_problem<float>>(&p, 1));
+      CHECK(got != native);  // and not the fp32 product: rounding happened
+    }
 }

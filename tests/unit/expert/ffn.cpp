@@ -171,3 +171,43 @@ TEST_CASE("the per-column bias-gradient body (a device executor's path) equals t
   for (index_t r = 0; r < rows; ++r) acc += d[r * ld + 149];
   CHECK(db2[149] == expect + acc);
 }
+
+TEST_CASE_TEMPLATE("an ffn with bf16 GEMM inputs stays within bf16's rounding of the fp32 expert", Act, act::gelu,
+                   act::swiglu) {
+  // u = 2^-8, bf16's unit roundoff: each product of two rounded operands is
+  // off by at most 2u relative, so a GEMM by at most 2u of sum |a||b|, and
+  // the two chained GEMMs of the forward and the backward's by a few u of
+  // each tensor's scale. The test allows 8u = 2^-5, and asks for more than
+  // fp32 roundoff, so that rounding is known to have happened.
+  const index_t H = 24, F = 40;
+  problem<float, Act> ref(H, F, true, {9, 0, 13}), bf(H, F, true, {9, 0, 13});
+  bf.f = expert::ffn<Act>({.hidden = H, .ffn = F, .bias = true, .gemm_inputs = blas::precision::bf16});
+  cpu_executor ex({.threads = 2});
+  ref.f.forward(ex, ref.batch(), ref.y.view());
+  bf.f.forward(ex, bf.batch(), bf.y.view());
+  auto scaled = [](std::span<const float> got, std::span<const float> want) {
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      num = std::max(num, std::abs(double(got[i]) - double(want[i])));
+      den = std::max(den, std::abs(double(want[i])));
+    }
+    return num / den;
+  };
+  const double u = std::ldexp(1.0, -8);
+  const double fwd = scaled(bf.y.span(), ref.y.span());
+  CHECK(fwd < 8 * u);
+  CHECK(fwd > 1e-6);
+  matrix<float> dy(ref.y.rows(), H), dxr(ref.y.rows(), H), dxb(ref.y.rows(), H);
+  fill(dy.span(), 11);
+  ref.f.backward(ex, ref.batch(), dy.view(), dxr.view());
+  bf.f.backward(ex, bf.batch(), dy.view(), dxb.view());
+  CHECK(scaled(dxb.span(), dxr.span()) < 8 * u);
+  for (std::size_t e = 0; e < 3; ++e) {
+    CAPTURE(e);
+    if (e == 1) continue;  // no rows: no gradient
+    CHECK(scaled(bf.grads[e].span(), ref.grads[e].span()) < 8 * u);
+  }
+  MESSAGE("bf16 GEMM inputs, scaled error against fp32: forward " << fwd << ", dx "
+                                                                  << scaled(dxb.span(), dxr.span()) << " (u = " << u
+                                                                  << ")");
+}
