@@ -110,3 +110,44 @@ TEST_CASE("grouped_gemm in bf16 (8-bit mantissa) and fp16 (11-bit): within one u
   low_precision_grouped<__nv_bfloat16>(8);
   low_precision_grouped<__half>(11);
 }
+
+TEST_CASE("grouped_gemm with bf16 inputs on float memory: the host engine's products, summed in another order") {
+  // Both engines multiply the same bf16 roundings exactly (8 x 8 significant
+  // bits fit fp32) and sum k products in fp32: they differ by summation order
+  // only, at most k * 2^-24 of sum |a||b| per element.
+  cuda_executor ex;
+  const index_t H = 96, F = 160;
+  const std::vector<index_t> rows = {37, 0, 5, 128, 1, 64};
+  index_t R = 0;
+  for (auto r : rows) R += r;
+  auto x = random_vec(R * H, 14), w = random_vec(rows.size() * H * F, 15);
+  std::vector<float> y(R * F, 0.0f);
+  auto dx = upload(ex, x), dw = upload(ex, w), dy = upload(ex, y);
+  std::vector<blas::gemm_problem<float>> host, dev;
+  index_t r0 = 0;
+  for (std::size_t e = 0; e < rows.size(); ++e) {
+    host.push_back({op::n, op::t, rows[e], F, H, 1.0f, x.data() + r0 * H, H, w.data() + e * H * F, H, 0.0f,
+                    y.data() + r0 * F, F});
+    dev.push_back({op::n, op::t, rows[e], F, H, 1.0f, dx.data() + r0 * H, H, dw.data() + e * H * F, H, 0.0f,
+                   dy.data() + r0 * F, F});
+    host.back().inputs = dev.back().inputs = blas::precision::bf16;
+    r0 += rows[e];
+  }
+  blas::grouped_gemm<cuda_executor, float>(ex, dev);
+  sequential_executor seq;
+  blas::grouped_gemm<sequential_executor, float>(seq, host);
+  const auto got = download(ex, dy);
+  double worst = 0;
+  r0 = 0;
+  for (std::size_t e = 0; e < rows.size(); ++e) {
+    for (index_t r = r0; r < r0 + rows[e]; ++r)
+      for (index_t j = 0; j < F; ++j) {
+        double mag = 0;
+        for (index_t h = 0; h < H; ++h)
+          mag += std::abs(double(blas::round_to_bf16(x[r * H + h])) * blas::round_to_bf16(w[e * H * F + j * H + h]));
+        worst = std::max(worst, std::abs(double(got[r * F + j]) - y[r * F + j]) / (H * std::ldexp(mag, -24) + 1e-30));
+      }
+    r0 += rows[e];
+  }
+  CHECK(worst <= 1.0);
+}
