@@ -28,6 +28,7 @@ concept Backend = std::same_as<typename B::policy_kind, backend_tag> && Executor
                   MemorySpace<typename B::memory_space> && MemorySpace<typename B::host_memory_space> &&
                   std::same_as<typename B::memory_space, typename B::executor::memory_space> &&
                   std::same_as<typename B::event, typename B::executor::event> &&
+                  requires(const typename B::event& ev) { ev.synchronize(); } &&  // the host waits for it
                   B::host_memory_space::host_accessible;
 
 static_assert(Backend<cpu>);

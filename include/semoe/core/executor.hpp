@@ -33,6 +33,8 @@ class cpu_event {
     done_.notify_all();
   }
   void wait() const { done_.wait(false, std::memory_order_acquire); }
+  /// The host waits for the recorded point (the same as wait() here).
+  void synchronize() const { wait(); }
   bool ready() const { return done_.load(std::memory_order_acquire); }
 
  private:

@@ -17,6 +17,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -101,7 +102,13 @@ struct ring {
       }
       cv_.notify_all();
       if (loader_.joinable()) loader_.join();
-      for (auto& sl : slots_) arena_->deallocate(reinterpret_cast<std::byte*>(sl.data), slot_bytes());
+      for (auto& sl : slots_) {
+        if (sl.compute_done) try {
+            sl.compute_done();
+          } catch (...) {  // a failed device: its memory goes back all the same
+          }
+        arena_->deallocate(reinterpret_cast<std::byte*>(sl.data), slot_bytes());
+      }
       if (ssd_) {
         const auto path = ssd_->path();
         ssd_.reset();
@@ -174,13 +181,19 @@ struct ring {
       const std::size_t offset = opt_.unit == ring_unit::layer ? static_cast<std::size_t>(expert) * stride(l) : 0;
       return {std::span<T>(s.data + offset, static_cast<std::size_t>(l.elems)), {}, {}};
     }
-    void release(index_t layer, index_t expert) {
+    void release(index_t layer, index_t expert) { release(layer, expert, nullptr); }
+
+    /// Release while device compute may still read the slot: the loader
+    /// calls compute_done() before it overwrites the slot (see
+    /// storage::event_released).
+    void release(index_t layer, index_t expert, std::function<void()> compute_done) {
       std::lock_guard lk(m_);
       const std::uint64_t q = item_seq(layer, expert);
       slot& s = slots_[static_cast<std::size_t>(q % static_cast<std::uint64_t>(k_))];
       SEMOE_CHECK(s.q == q && s.users > 0, "semoe::infer::ring: release of layer ", layer, " expert ", expert,
                   " that holds no slot");
       --s.users;
+      if (compute_done) s.compute_done = std::move(compute_done);  // a later use ends after an earlier one
       if (opt_.unit == ring_unit::expert) kill_before(q + 1);  // used: its slot takes the next expert
     }
 
@@ -225,6 +238,7 @@ struct ring {
       std::uint64_t q = none;
       bool loaded = false;
       int users = 0;
+      std::function<void()> compute_done;  ///< waits for the compute of the last release
     };
 
     const layer_info& info(index_t layer) const {
@@ -349,11 +363,13 @@ struct ring {
         if (q < dead_before_) continue;  // already known unused: not loaded at all
         s.q = q;  // claimed: compute waits for `loaded`
         const auto [layer, range] = item_content(q);
+        auto compute_done = std::exchange(s.compute_done, nullptr);
         lk.unlock();
         const double t0 = trace::recorder::instance().now_us();
         std::optional<std::string> failed;
         std::size_t bytes = 0;
         try {
+          if (compute_done) compute_done();  // the slot's last reader is done with it
           bytes = fill(s.data, layer, range.first, range.second);
         } catch (const std::exception& e) {
           failed = e.what();

@@ -496,10 +496,28 @@ class basic_moe_layer {
       grads_[i] = blk.grads.data();
     }
     f();
-    if constexpr (on_device) ex_->synchronize();  // the store may move a block once released
     for (index_t i = 0; i < local_experts_; ++i)
-      if (counts[i] > 0) store_->release(layer_id_, i);
+      if (counts[i] > 0) release_block(i);
     prefetch_.after(*store_, layer_id_, ph);
+  }
+
+  /// Hands local expert i's block back to the store. On a device the
+  /// kernels just launched may still read it: a store that moves blocks gets
+  /// an event recorded after them, and waits for it before it moves the
+  /// block (or, without that form, the stream is synchronized first). The
+  /// host thread runs on to the next expert either way.
+  void release_block(index_t i) {
+    if constexpr (on_device && storage::moves_blocks_v<store_type>) {
+      if constexpr (storage::event_released<store_type>) {
+        auto done = std::make_shared<typename B::event>();
+        ex_->record(*done);
+        store_->release(layer_id_, i, [done] { done->synchronize(); });
+        return;
+      } else {
+        ex_->synchronize();
+      }
+    }
+    store_->release(layer_id_, i);
   }
 
   /// Forward needs an expert's weights only; a store that can tell the two
@@ -547,12 +565,12 @@ class basic_moe_layer {
       grads_[i] = blk.grads.data();
       try {
         f(i);
-        if constexpr (on_device) ex_->synchronize();  // the store may move the block once released
       } catch (...) {
+        if constexpr (on_device) ex_->synchronize();  // nothing may still read the block
         store_->release(layer_id_, i);
         throw;
       }
-      store_->release(layer_id_, i);
+      release_block(i);
       if (done_hook) expert_done_(i);
     }
     if (done_hook)

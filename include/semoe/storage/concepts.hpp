@@ -6,6 +6,7 @@
 #pragma once
 
 #include <concepts>
+#include <functional>
 #include <span>
 #include <string_view>
 
@@ -63,6 +64,30 @@ concept Store = requires(S& s, index_t i) {
   { s.reserve_state(i) };
   { s.zero_grads(i) };
   { s.visit(i, i, detail::probe_visitor<T>{}) };
+};
+
+/// Whether a store moves or reuses a block's fast memory after release()
+/// (tiered stores evict, the ring reloads its slots): a store says
+/// `static constexpr bool moves_blocks = false;` when it never does
+/// (storage::resident). Compute on a device may still be reading a released
+/// block, so the layer hands such stores a wait with the release:
+///   release(layer, expert, compute_done)   compute_done() blocks the calling
+///                                          thread until that compute is over
+/// and the store calls it before it copies the block out or reuses its
+/// memory. A store that moves blocks without this form gets a stream
+/// synchronize before each release instead.
+template <class S>
+inline constexpr bool moves_blocks_v = [] {
+  if constexpr (requires { S::moves_blocks; })
+    return static_cast<bool>(S::moves_blocks);
+  else
+    return true;
+}();
+
+/// Stores that take the wait with release().
+template <class S>
+concept event_released = requires(S& s, index_t i, std::function<void()> done) {
+  s.release(i, i, std::move(done));
 };
 
 /// Where a store's acquire() spans point (host memory for stores that do

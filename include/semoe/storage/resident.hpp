@@ -20,6 +20,7 @@ struct resident {
    public:
     using value_type = T;
     using memory_space = Space;
+    static constexpr bool moves_blocks = false;  ///< a block stays where it was made
     struct options {};  ///< nothing to configure: every block in fast memory
     store() = default;
     explicit store(options) {}

@@ -142,6 +142,10 @@ struct tiered_policy {
           std::filesystem::remove(path, ec);
         }
       for (auto& b : blocks_) {
+        if (b.compute_done) try {
+            b.compute_done();
+          } catch (...) {  // a failed device: its memory goes back all the same
+          }
         device_.deallocate(b.dev, dev_bytes(b));
         host_.deallocate(b.host, host_bytes(b));
       }
@@ -240,11 +244,17 @@ struct tiered_policy {
       return {std::span<T>(d, n), grads ? std::span<T>(d + n, n) : std::span<T>(), {}};
     }
 
-    void release(index_t layer, index_t expert) {
+    void release(index_t layer, index_t expert) { release(layer, expert, nullptr); }
+
+    /// Release while device compute may still read the block: compute_done()
+    /// returns once it is over, and runs before the block is copied out or
+    /// its device memory freed (see storage::event_released).
+    void release(index_t layer, index_t expert, std::function<void()> compute_done) {
       block& b = at(layer, expert);
       std::lock_guard lk(m_);
       SEMOE_CHECK(b.pins > 0, "semoe::storage::tiered: release of ", label(b), " without acquire");
       --b.pins;
+      if (compute_done) b.compute_done = std::move(compute_done);  // a later use ends after an earlier one
       cv_.notify_all();
     }
 
@@ -258,6 +268,7 @@ struct tiered_policy {
       ensure_host(lk, b, false);
       b.busy = true;
       b.fresh = false;
+      await_compute(lk, b);
       const bool pull_grads = b.dev && b.dev_dirty;
       const bool zero = b.grads_zero;
       lk.unlock();
@@ -376,6 +387,7 @@ struct tiered_policy {
       cv_.wait(lk, [&] { return queue_.empty() && writebacks_.empty() && active_movers_ == 0; });
       for (auto& b : blocks_) {
         SEMOE_CHECK(b.pins == 0 && !b.busy, "semoe::storage::tiered: restore while ", label(b), " is in use");
+        if (auto done = std::exchange(b.compute_done, nullptr)) done();
         device_.deallocate(b.dev, dev_bytes(b));
         host_.deallocate(b.host, host_bytes(b));
         b.dev = b.host = nullptr;
@@ -459,6 +471,7 @@ struct tiered_policy {
       bool queued = false, queued_writeback = false;
       bool fresh = false;         ///< prefetched and not used yet: other prefetches do not evict it
       int pins = 0;
+      std::function<void()> compute_done;  ///< waits for the compute of the last release
       std::uint64_t dev_use = 0;
     };
     struct task {
@@ -689,6 +702,7 @@ struct tiered_policy {
 
     void evict_device(std::unique_lock<std::mutex>& lk, block& v) {
       v.busy = true;
+      await_compute(lk, v);
       if (v.dev_dirty) {
         lk.unlock();
         const auto n = static_cast<std::size_t>(v.elems);
@@ -706,6 +720,16 @@ struct tiered_policy {
       v.fresh = false;
       v.busy = false;
       cv_.notify_all();
+    }
+
+    /// Waits, unlocked, for the device compute that last read b (if the
+    /// layer handed one over with its release). Callers have set b.busy.
+    void await_compute(std::unique_lock<std::mutex>& lk, block& b) {
+      if (!b.compute_done) return;
+      auto done = std::exchange(b.compute_done, nullptr);
+      lk.unlock();
+      done();
+      lk.lock();
     }
 
     void evict_host(std::unique_lock<std::mutex>& lk, block& v) {

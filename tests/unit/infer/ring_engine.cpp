@@ -3,6 +3,8 @@
 // several batches so the ring turns more than once.
 #include <doctest/doctest.h>
 
+#include <atomic>
+
 #include <unistd.h>
 
 #include <cstring>
@@ -286,4 +288,22 @@ TEST_CASE("ring: SSD payloads are hashed on a block's first read and every verif
   CHECK(what.find("block 0") != std::string::npos);
   CHECK(failed_at == 2);  // the corruption happened, and the run did not finish after it
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("ring: the loader waits for a released slot's compute before it loads the next item into it") {
+  infer::ring::store_options o;
+  o.slots = 2;
+  o.unit = infer::ring_unit::expert;
+  infer::ring::store<float> s(o);
+  s.add_layer(2, 256);
+  s.add_layer(2, 256);
+  std::atomic<int> waited{0};
+  s.acquire(0, 0);
+  s.release(0, 0, [&] { ++waited; });  // slot 0 is free for item 2 (layer 1, expert 0) once this returns
+  s.acquire(0, 1);
+  s.release(0, 1);
+  s.end_layer(0);
+  CHECK(s.acquire(1, 0).params.size() == 256);  // loaded into slot 0: after the wait
+  CHECK(waited == 1);
+  s.release(1, 0);
 }

@@ -389,3 +389,35 @@ TEST_CASE("tiered store: an inference-only device tier holds twice the experts a
   for (index_t e = 0; e < 4; ++e) CHECK(s.on_device(0, e));
   CHECK_THROWS_WITH_AS(s.acquire(0, 0, true), doctest::Contains("made for inference"), error);
 }
+
+TEST_CASE("tiered store: a block released with a compute wait is not moved before the wait returns") {
+  using store_t = ssd_store::store<float>;
+  temp_dir d("compute-done");
+  store_t::options o;
+  o.ssd.dir = d.path;
+  o.device.budget_bytes = 2 * device_block;  // room for two blocks: a third evicts one
+  o.host.budget_bytes = 6 * full_block;
+  store_t s(o);
+  s.add_layer(3, elems);
+  std::vector<int> waited(3, 0);
+  std::vector<bool> on_device_at_wait(3, false);
+  for (index_t e = 0; e < 2; ++e) {
+    auto blk = s.acquire(0, e);
+    blk.grads[0] = 1.0f + static_cast<float>(e);  // "compute" wrote a gradient
+    s.release(0, e, [&, e] {
+      ++waited[e];
+      on_device_at_wait[e] = s.on_device(0, e);  // still there: the wait comes first
+    });
+  }
+  CHECK(waited == std::vector<int>{0, 0, 0});  // releasing waits for nothing
+  (void)s.acquire(0, 2);                       // evicts expert 0 (least recently used)
+  s.release(0, 2);
+  CHECK(waited[0] == 1);
+  CHECK(on_device_at_wait[0]);
+  CHECK_FALSE(s.on_device(0, 0));
+  CHECK(waited[1] == 0);  // not moved yet: not waited for
+  float g = 0;
+  s.visit(0, 1, [&](storage::block_ref<float> b) { g = b.grads[0]; }, false);  // the host reads its gradients
+  CHECK(waited[1] == 1);
+  CHECK(g == 2.0f);
+}
