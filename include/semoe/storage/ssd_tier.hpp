@@ -18,6 +18,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <exception>
@@ -26,6 +27,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <random>
 #include <span>
 #include <string>
 #include <string_view>
@@ -42,6 +44,10 @@ namespace semoe::storage {
 struct ssd_options {
   std::filesystem::path dir;  ///< created if missing; the file is dir / ("semoe-rank<rank>.blocks")
   int rank = 0;
+  /// The file's name in dir; empty: semoe-rank<rank>.blocks. A new tier
+  /// never replaces a file that exists (a checkpoint may name it): it takes
+  /// a fresh name beside it, which path() reports and checkpoints record.
+  std::string file;
   int io_threads = 2;  ///< workers of the pread/pwrite engine (checksum + submit workers under io_uring)
   bool direct = true;  ///< O_DIRECT; falls back to buffered I/O where open() says EINVAL (see direct_io())
   enum class engine_kind { automatic, io_uring, threads } engine = engine_kind::automatic;
@@ -150,7 +156,7 @@ inline long ssd_transfer(int fd, ssd_op& op, std::size_t done) {
 class ssd_engine {
  public:
   ssd_engine(const ssd_options& o, std::size_t block_bytes, std::size_t blocks, bool create)
-      : path_(o.dir / ("semoe-rank" + std::to_string(o.rank) + ".blocks")),
+      : path_(o.dir / (o.file.empty() ? "semoe-rank" + std::to_string(o.rank) + ".blocks" : o.file)),
         block_bytes_(block_bytes),
         slot_bytes_(block_bytes + ssd_page),
         state_(blocks),
@@ -348,13 +354,24 @@ class ssd_engine {
                 "): expected a block index < blocks = ", n);
   }
 
+  /// An existing file (reopen), or a new one that replaces nothing: O_EXCL
+  /// on the asked-for name, then on fresh names beside it while that exists
+  /// (a checkpoint may still name the old file). Owner-only permissions.
   void open_file(bool direct, bool create) {
-    const int base = O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_TRUNC : 0);
-    direct_ = direct;
-    fd_ = ::open(path_.c_str(), base | (direct ? O_DIRECT : 0), 0644);
-    if (fd_ < 0 && direct && errno == EINVAL) {  // tmpfs and friends refuse O_DIRECT
-      direct_ = false;
-      fd_ = ::open(path_.c_str(), base, 0644);
+    const int base = O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0);
+    const auto wanted = path_;
+    std::mt19937_64 fresh(std::random_device{}() ^ static_cast<std::uint64_t>(::getpid()));
+    for (int attempt = 0;; ++attempt) {
+      direct_ = direct;
+      fd_ = ::open(path_.c_str(), base | (direct ? O_DIRECT : 0), 0600);
+      if (fd_ < 0 && direct && errno == EINVAL) {  // tmpfs and friends refuse O_DIRECT
+        direct_ = false;
+        fd_ = ::open(path_.c_str(), base, 0600);
+      }
+      if (fd_ >= 0 || !create || errno != EEXIST || attempt == 100) break;
+      char tag[20];
+      std::snprintf(tag, sizeof tag, ".%016llx", static_cast<unsigned long long>(fresh()));
+      path_ = wanted.parent_path() / (wanted.stem().string() + tag + wanted.extension().string());
     }
     SEMOE_CHECK(fd_ >= 0, "semoe::storage::ssd_tier: open(", path_.string(), "): ", errno_text(errno));
   }
@@ -632,16 +649,18 @@ class ssd_tier {
     SEMOE_CHECK(blocks <= max / 2 / (block_bytes + detail::ssd_page), "semoe::storage::ssd_tier: blocks = ", blocks,
                 " of block_bytes = ", block_bytes, " do not fit in one file");
   }
-  /// Where the tier keeps its blocks for these options.
+  /// The file these options name (a new tier may take a fresh name beside
+  /// it; see ssd_options::file and path()).
   static std::filesystem::path file_path(const ssd_options& o) {
-    return o.dir / ("semoe-rank" + std::to_string(o.rank) + ".blocks");
+    return o.dir / (o.file.empty() ? "semoe-rank" + std::to_string(o.rank) + ".blocks" : o.file);
   }
   /// Size of the file: two slots of payload + trailer page per block.
   static std::uint64_t file_bytes(std::size_t block_bytes, std::size_t blocks) {
     return 2ull * blocks * (block_bytes + detail::ssd_page);
   }
 
-  /// A new, empty file (replacing an old one), sized up front.
+  /// A new, empty file, sized up front; an existing file of that name is
+  /// left alone (the new one takes a fresh name beside it).
   ssd_tier(ssd_options o, std::size_t block_bytes, std::size_t blocks)
       : e_((validate(o, block_bytes, blocks), std::make_unique<detail::ssd_engine>(o, block_bytes, blocks, true))) {}
 

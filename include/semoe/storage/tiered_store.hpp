@@ -372,7 +372,9 @@ struct tiered_policy {
       keep_file_ = true;  // a checkpoint names it now
       // Callers of this store are this thread (inside checkpoint) and the
       // movers, which have no work: nothing writes until persist returns.
-      persist(std::span<const ssd_block_record>(records), std::as_const(opt_.ssd));
+      ssd_options where = opt_.ssd;  // the file this store really writes
+      where.file = ssd_->path().filename().string();
+      persist(std::span<const ssd_block_record>(records), std::as_const(where));
     }
 
     /// Restart from a checkpoint: every block comes from the SSD file the

@@ -168,6 +168,7 @@ void save_checkpoint(const std::filesystem::path& path, Model& model, Optimizer&
           auto& j = head["stores"][slot];
           j["dir"] = where.dir.string();
           j["rank"] = where.rank;
+          j["file"] = where.file;
           nlohmann::json r = nlohmann::json::array();
           for (const auto& x : recs) r.push_back({x.version, x.checksum, x.slot});
           j["records"] = std::move(r);
@@ -266,6 +267,7 @@ std::uint64_t load_checkpoint(const std::filesystem::path& path, Model& model, O
         storage::ssd_options where = s.opts().ssd;
         where.dir = j.at("dir").get<std::string>();
         where.rank = j.at("rank").get<int>();
+        where.file = j.value("file", std::string());  // files before names were recorded: the default name
         s.restore(recs, where);
       } else {
         SEMOE_CHECK(j.at("kind") == "inline", who, ": store ", k - 1, " is '", j.at("kind").get<std::string>(),

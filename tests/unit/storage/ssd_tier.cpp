@@ -395,6 +395,35 @@ TEST_CASE("ssd_tier: overlapping ops on one block are refused") {
   }
 }
 
+TEST_CASE("ssd_tier: a new tier never replaces an existing file; it writes a fresh one beside it, owner-only") {
+  constexpr std::size_t bb = 4096, n = 3;
+  temp_dir dir;
+  const ssd_options o{.dir = dir.path, .engine = engine_kind::threads};
+  std::vector<ssd_block_record> rec;
+  auto buf = make_aligned(bb);
+  {
+    ssd_tier first(o, bb, n);
+    CHECK(first.path() == ssd_tier::file_path(o));
+    for (std::size_t b = 0; b < n; ++b) {
+      fill(buf.get(), bb, b, 7);
+      first.write(b, buf.get()).wait();
+    }
+    rec = first.commit();
+  }
+  ssd_tier second(o, bb, n);  // the same options: a restart before its checkpoint is loaded
+  CHECK(second.path() != ssd_tier::file_path(o));
+  CHECK(second.path().parent_path() == dir.path);
+  CHECK((fs::status(second.path()).permissions() & (fs::perms::group_all | fs::perms::others_all)) == fs::perms::none);
+  auto again = ssd_tier::reopen(o, bb, rec);  // the first file is whole
+  for (std::size_t b = 0; b < n; ++b) {
+    again.read(b, buf.get()).wait();
+    CHECK(equals(buf.get(), bb, b, 7));
+  }
+  ssd_options named = o;
+  named.file = second.path().filename().string();
+  CHECK(ssd_tier::file_path(named) == second.path());
+}
+
 namespace {
 
 void write_records(const fs::path& dir, const std::vector<ssd_block_record>& rec) {
@@ -464,7 +493,10 @@ TEST_CASE(
     CAPTURE(engine_label(kind));
     temp_dir dir;
     ssd_options o{.dir = dir.path, .engine = kind};
-    if (kind == engine_kind::io_uring && !try_make(o, bb, 1)) o.engine = engine_kind::threads;
+    if (kind == engine_kind::io_uring) {
+      if (!try_make(o, bb, 1)) o.engine = engine_kind::threads;
+      fs::remove(ssd_tier::file_path(o));  // the probe's file: the child makes the one the records name
+    }
 
     int pipefd[2];
     REQUIRE(::pipe(pipefd) == 0);

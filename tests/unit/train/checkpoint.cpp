@@ -173,6 +173,31 @@ TEST_CASE("checkpoint: an SSD-offloaded run restores from the block records and 
   CHECK(same_bits(b.params(), want));
 }
 
+TEST_CASE("checkpoint: a restart into the same SSD directory leaves the checkpoint's file alone and resumes bit "
+          "for bit") {
+  // The restarted model is built (and spills blocks to SSD) before the load:
+  // its new tier must not replace the file the checkpoint names.
+  const auto want = uninterrupted(8);
+  temp_dir d("same-dir");
+  {
+    run<ssd_store> a(offload(d.path / "ssd"));
+    for (int s = 0; s < 4; ++s) a.step(std::uint64_t(s));
+    train::save_checkpoint(d.path / "ckpt", a.model, a.opt, 4);
+    for (int s = 4; s < 6; ++s) a.step(std::uint64_t(s));
+  }
+  for (int restart = 0; restart < 2; ++restart) {  // twice: the first restart's file is named by nothing
+    CAPTURE(restart);
+    run<ssd_store> b(offload(d.path / "ssd"));
+    const auto s0 = train::load_checkpoint(d.path / "ckpt", b.model, b.opt);
+    CHECK(s0 == 4);
+    for (auto s = s0; s < 8; ++s) b.step(s);
+    CHECK(same_bits(b.params(), want));
+  }
+  std::size_t files = 0;  // the fresh files of the restarts were removed once the checkpoint's file took over
+  for (const auto& e : std::filesystem::directory_iterator(d.path / "ssd")) files += e.path().extension() == ".blocks";
+  CHECK(files == 1);
+}
+
 TEST_CASE("checkpoint: damaged checkpoint and block files are errors naming what is wrong") {
   temp_dir d("damaged");
   {
