@@ -217,57 +217,98 @@ inline tensor_info parse_entry(const std::string& name, const json& v, std::uint
 
 inline constexpr std::size_t max_header_depth = 16;
 inline constexpr std::size_t max_header_array = 1024;  // a shape of more dims than any framework allows
+inline constexpr std::size_t max_header_tensors = std::size_t{1} << 18;  // real checkpoints hold tens of thousands
+inline constexpr std::size_t max_header_keys = std::size_t{1} << 16;     // keys of one object below the top
 
 struct parsed_header {
   std::vector<tensor_info> tensors;  // by name
   std::map<std::string, std::string> metadata;
 };
 
-/// Validates a header against a data buffer of data_bytes bytes.
-inline parsed_header parse_header(std::string_view text, std::uint64_t data_bytes, const std::string& where_) {
-  // nlohmann keeps one of two equal keys silently: watch every key as it is
-  // parsed, one set per open object. Nesting and array length are capped too:
-  // a valid header nests 3 deep with short arrays, while "[[[[..." would cost
-  // the DOM ~75 bytes and "[0,0,..." ~16 bytes per byte of header.
+/// The first pass over a header: a SAX handler that keeps no values, only
+/// what checks need. nlohmann keeps one of two equal keys silently, so every
+/// key is watched as it is parsed, one set per open object; nesting, array
+/// length and key counts are capped (a valid header nests 3 deep with short
+/// arrays, while "[[[[..." would cost a DOM ~75 bytes and "[0,0,..." ~16
+/// bytes per byte of header). Linear in the header: nothing is revisited.
+class header_checker {
+ public:
+  using json_t = nlohmann::json;
+  explicit header_checker(const std::string& where) : where_(where) {}
+
+  bool null() { return value(); }
+  bool boolean(bool) { return value(); }
+  bool number_integer(json_t::number_integer_t) { return value(); }
+  bool number_unsigned(json_t::number_unsigned_t) { return value(); }
+  bool number_float(json_t::number_float_t, const json_t::string_t&) { return value(); }
+  bool string(json_t::string_t&) { return value(); }
+  bool binary(json_t::binary_t&) { return value(); }
+  bool start_object(std::size_t) { return start(false); }
+  bool start_array(std::size_t) { return start(true); }
+  bool end_object() { return end(); }
+  bool end_array() { return end(); }
+  bool key(json_t::string_t& k) {
+    if (open_.empty()) return true;
+    auto& f = open_.back();
+    if (open_.size() == 1) {
+      top_key_ = k;
+      SEMOE_CHECK(f.keys.size() < max_header_tensors, where_, "the header has more than ", max_header_tensors,
+                  " tensors");
+      SEMOE_CHECK(f.keys.insert(k).second, where_, owner(), " appears twice in the header");
+    } else {
+      SEMOE_CHECK(f.keys.size() < max_header_keys, where_, inside(), "an object has more than ", max_header_keys,
+                  " keys");
+      SEMOE_CHECK(f.keys.insert(k).second, where_, inside(), "key \"", k, "\" appears twice");
+    }
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) {
+    ::semoe::detail::fail(where_, "header is not valid UTF-8 JSON: ", e.what());
+  }
+
+ private:
   struct frame {
     bool array = false;
     std::size_t elements = 0;
     std::unordered_set<std::string> keys;
   };
-  std::vector<frame> open;
-  std::string top_key;
-  const auto owner = [&] {
-    return top_key == "__metadata__" ? std::string("\"__metadata__\"") : "tensor '" + top_key + "'";
-  };
-  const auto inside = [&] {  // "tensor 'w': " once within a top-level entry
-    return !open.empty() && !open.front().array && !top_key.empty() ? owner() + ": " : std::string();
-  };
-  const auto watch = [&](int, json::parse_event_t event, json& v) {
-    using ev = json::parse_event_t;
-    const bool starts = event == ev::object_start || event == ev::array_start;
-    if ((starts || event == ev::value) && !open.empty() && open.back().array)
-      SEMOE_CHECK(++open.back().elements <= max_header_array, where_, inside(), "an array has more than ",
+  std::string owner() const {
+    return top_key_ == "__metadata__" ? std::string("\"__metadata__\"") : "tensor '" + top_key_ + "'";
+  }
+  std::string inside() const {  // "tensor 'w': " once within a top-level entry
+    return !open_.empty() && !open_.front().array && !top_key_.empty() ? owner() + ": " : std::string();
+  }
+  bool value() {
+    if (!open_.empty() && open_.back().array)
+      SEMOE_CHECK(++open_.back().elements <= max_header_array, where_, inside(), "an array has more than ",
                   max_header_array, " elements");
-    if (starts) {
-      SEMOE_CHECK(open.size() < max_header_depth, where_, inside(), "the header nests deeper than ",
-                  max_header_depth, " levels; a safetensors header nests 3");
-      open.push_back({event == ev::array_start, 0, {}});
-    } else if (event == ev::object_end || event == ev::array_end) {
-      if (!open.empty()) open.pop_back();
-    } else if (event == ev::key && !open.empty()) {
-      const auto& k = v.get_ref<const std::string&>();
-      if (open.size() == 1) {
-        top_key = k;
-        SEMOE_CHECK(open.back().keys.insert(k).second, where_, owner(), " appears twice in the header");
-      } else {
-        SEMOE_CHECK(open.back().keys.insert(k).second, where_, inside(), "key \"", k, "\" appears twice");
-      }
-    }
     return true;
-  };
+  }
+  bool start(bool array) {
+    value();
+    SEMOE_CHECK(open_.size() < max_header_depth, where_, inside(), "the header nests deeper than ", max_header_depth,
+                " levels; a safetensors header nests 3");
+    open_.push_back({array, 0, {}});
+    return true;
+  }
+  bool end() {
+    if (!open_.empty()) open_.pop_back();
+    return true;
+  }
+
+  const std::string& where_;
+  std::vector<frame> open_;
+  std::string top_key_;
+};
+
+/// Validates a header against a data buffer of data_bytes bytes: the checks
+/// of header_checker, then a plain DOM parse of what passed them.
+inline parsed_header parse_header(std::string_view text, std::uint64_t data_bytes, const std::string& where_) {
+  header_checker checker(where_);
   json j;
   try {
-    j = json::parse(text.begin(), text.end(), watch);
+    json::sax_parse(text.begin(), text.end(), &checker);
+    j = json::parse(text.begin(), text.end());
   } catch (const json::exception& e) {
     ::semoe::detail::fail(where_, "header is not valid UTF-8 JSON: ", e.what());
   }

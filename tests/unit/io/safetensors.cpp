@@ -481,3 +481,36 @@ TEST_CASE("safetensors: dtype names and sizes") {
     if (i > 0) CHECK(sio::dtype_size(t) >= sio::dtype_size(static_cast<sio::dtype>(i - 1)));  // layout relies on it
   }
 }
+
+namespace {
+/// A header of n one-byte U8 tensors "t0", "t1", ... tiling n bytes of data.
+std::string many_tensors(std::size_t n) {
+  std::string h = "{";
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i) h += ',';
+    h += "\"t" + std::to_string(i) + "\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[" + std::to_string(i) +
+         "," + std::to_string(i + 1) + "]}";
+  }
+  h += "}";
+  return st_bytes(h, std::string(n, '\x05'));
+}
+}  // namespace
+
+TEST_CASE("safetensors: a header of 50,000 tensors parses whole (the check pass and the DOM are linear)") {
+  const auto bytes = many_tensors(50000);
+  const auto f = sio::safetensors_file::parse(as_span(bytes));
+  REQUIRE(f.tensors().size() == 50000);
+  CHECK(f.tensors().front().name == "t0");  // by name
+  std::uint64_t covered = 0;
+  for (const auto& t : f.tensors()) covered += t.end - t.begin;
+  CHECK(covered == 50000);
+}
+
+TEST_CASE("safetensors: tensor and key counts past the stated limits are refused") {
+  check_refused(many_tensors(sio::detail::max_header_tensors + 1),
+                {"more than " + std::to_string(sio::detail::max_header_tensors) + " tensors"});
+  std::string meta = "{\"__metadata__\":{";
+  for (std::size_t i = 0; i <= sio::detail::max_header_keys; ++i) meta += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":\"\"";
+  meta += "}}";
+  check_refused(st_bytes(meta, ""), {"\"__metadata__\"", "more than " + std::to_string(sio::detail::max_header_keys) + " keys"});
+}
