@@ -14,7 +14,7 @@ struct ssd_options {
   /// The file's name in dir; empty: semoe-rank<rank>.blocks. A new tier
   /// never replaces a file that exists (a checkpoint may name it): it takes
   /// a fresh name beside it, which path() reports and checkpoints record.
-  std::string file;
+  std::string file{};
   int io_threads = 2;  ///< workers of the pread/pwrite engine (checksum + submit workers under io_uring)
   bool direct = true;  ///< O_DIRECT; falls back to buffered I/O where open() says EINVAL (see direct_io())
   enum class engine_kind { automatic, io_uring, threads } engine = engine_kind::automatic;

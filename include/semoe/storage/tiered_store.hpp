@@ -22,7 +22,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <filesystem>
@@ -112,8 +114,13 @@ struct tiered_policy {
       else
         cache_.template emplace<lru>();
       if constexpr (HasSsd) {
-        if (opt_.ssd.dir.empty())
-          opt_.ssd.dir = std::filesystem::temp_directory_path() / ("semoe-ssd-" + std::to_string(::getpid()));
+        if (opt_.ssd.dir.empty()) {  // a new private directory, never one that exists (mkdtemp, mode 0700)
+          std::string tmpl = (std::filesystem::temp_directory_path() / "semoe-ssd-XXXXXX").string();
+          SEMOE_CHECK(::mkdtemp(tmpl.data()) != nullptr, "semoe::storage::tiered: mkdtemp(", tmpl,
+                      ") for the default SSD directory: ", std::strerror(errno));
+          opt_.ssd.dir = tmpl;
+          made_dir_ = true;
+        }
       }
       auto& rec = trace::recorder::instance();
       rec.name_lane(opt_.rank, copy_lane, "copy engine");
@@ -134,13 +141,16 @@ struct tiered_policy {
       }
       cv_.notify_all();
       for (auto& t : movers_) t.join();
-      if constexpr (HasSsd)
+      if constexpr (HasSsd) {
         if (ssd_ && !keep_file_) {  // a file no checkpoint names is scratch
           const auto path = ssd_->path();
           ssd_.reset();
           std::error_code ec;
           std::filesystem::remove(path, ec);
         }
+        std::error_code ec;
+        if (made_dir_ && !keep_file_) std::filesystem::remove(opt_.ssd.dir, ec);  // ours, and empty by now
+      }
       for (auto& b : blocks_) {
         if (b.compute_done) try {
             b.compute_done();
@@ -612,6 +622,7 @@ struct tiered_policy {
     std::condition_variable cv_;
     bool stopping_ = false;
     bool keep_file_ = false;  ///< the SSD file outlives the store once a checkpoint names it
+    bool made_dir_ = false;   ///< the SSD directory is the default one this store made
     int active_movers_ = 0;
     std::vector<std::thread> movers_;
   };

@@ -12,11 +12,12 @@
 #pragma once
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
-#include <functional>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -127,13 +128,29 @@ void save_checkpoint(const std::filesystem::path& path, Model& model, Optimizer&
   auto write_file = [&] {
     const std::string h = head.dump();
     const std::filesystem::path tmp = path.string() + ".tmp";
-    {
-      std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-      SEMOE_CHECK(f.good(), "semoe::train::save_checkpoint: cannot open '", tmp.string(), "' for writing");
+    try {
+      const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      SEMOE_CHECK(fd >= 0, "semoe::train::save_checkpoint: cannot open '", tmp.string(),
+                  "' for writing: ", std::strerror(errno));
       XXH3_state_t* xs = XXH3_createState();
       XXH3_64bits_reset(xs);
+      auto put = [&](const void* d, std::size_t n) {  // every byte, or errno named
+        for (auto* p = static_cast<const char*>(d); n > 0;) {
+          const ssize_t w = ::write(fd, p, n);
+          if (w < 0 && errno == EINTR) continue;
+          if (w <= 0) {
+            const int e = w < 0 ? errno : EIO;
+            XXH3_freeState(xs);
+            ::close(fd);
+            ::semoe::detail::fail("semoe::train::save_checkpoint: writing '", tmp.string(), "' failed: ",
+                                  std::strerror(e));
+          }
+          p += w;
+          n -= static_cast<std::size_t>(w);
+        }
+      };
       auto emit = [&](const void* d, std::size_t n) {
-        f.write(static_cast<const char*>(d), static_cast<std::streamsize>(n));
+        put(d, n);
         XXH3_64bits_update(xs, d, n);
       };
       const std::uint32_t ver = detail::ckpt_version;
@@ -144,12 +161,16 @@ void save_checkpoint(const std::filesystem::path& path, Model& model, Optimizer&
       emit(h.data(), h.size());
       emit(out.bytes().data(), out.bytes().size());
       const std::uint64_t sum = XXH3_64bits_digest(xs);
+      put(&sum, sizeof sum);
       XXH3_freeState(xs);
-      f.write(reinterpret_cast<const char*>(&sum), sizeof sum);
-      f.flush();
-      SEMOE_CHECK(f.good(), "semoe::train::save_checkpoint: writing '", tmp.string(), "' failed");
+      const int rc = ::fsync(fd), e = errno;
+      ::close(fd);
+      SEMOE_CHECK(rc == 0, "semoe::train::save_checkpoint: fsync('", tmp.string(), "'): ", std::strerror(e));
+    } catch (...) {  // nothing half-written is left behind; the previous checkpoint stands
+      std::error_code ec;
+      std::filesystem::remove(tmp, ec);
+      throw;
     }
-    detail::fsync_path(tmp, O_RDONLY);
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     SEMOE_CHECK(!ec, "semoe::train::save_checkpoint: rename '", tmp.string(), "' -> '", path.string(),

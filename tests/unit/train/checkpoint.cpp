@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -196,6 +197,37 @@ TEST_CASE("checkpoint: a restart into the same SSD directory leaves the checkpoi
   std::size_t files = 0;  // the fresh files of the restarts were removed once the checkpoint's file took over
   for (const auto& e : std::filesystem::directory_iterator(d.path / "ssd")) files += e.path().extension() == ".blocks";
   CHECK(files == 1);
+}
+
+TEST_CASE("checkpoint: a save that cannot write (a file size limit, as a full disk) names errno, leaves no .tmp, "
+          "and the previous checkpoint stands") {
+  temp_dir d("full");
+  run<storage::resident> a;
+  for (int s = 0; s < 2; ++s) a.step(std::uint64_t(s));
+  train::save_checkpoint(d.path / "ckpt", a.model, a.opt, 2);
+  const auto size_before = std::filesystem::file_size(d.path / "ckpt");
+  REQUIRE(size_before > 8192);
+  a.step(2);
+  // Writes past 4 KiB fail with EFBIG (SIGXFSZ ignored), as a full disk fails with ENOSPC.
+  struct rlimit old_limit {};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old_limit) == 0);
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = old_limit;
+  small.rlim_cur = 4096;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+  std::string what;
+  try {
+    train::save_checkpoint(d.path / "ckpt", a.model, a.opt, 3);
+  } catch (const semoe::error& e) {
+    what = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old_limit);
+  std::signal(SIGXFSZ, old_handler);
+  CHECK(what.find("ckpt.tmp' failed: File too large") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(d.path / "ckpt.tmp"));
+  CHECK(std::filesystem::file_size(d.path / "ckpt") == size_before);
+  run<storage::resident> b;
+  CHECK(train::load_checkpoint(d.path / "ckpt", b.model, b.opt) == 2);
 }
 
 TEST_CASE("checkpoint: damaged checkpoint and block files are errors naming what is wrong") {

@@ -143,12 +143,15 @@ class ssd_engine {
     std::error_code ec;
     std::filesystem::create_directories(o.dir, ec);
     SEMOE_CHECK(!ec, "semoe::storage::ssd_tier: options.dir = ", o.dir.string(), ": cannot create it: ", ec.message());
+    bool made = false;
     try {
       open_file(o.direct, create);
+      made = create;
       if (create) size_file();
       start(o);
     } catch (...) {
       shutdown();
+      if (made) std::filesystem::remove(path_, ec);  // a new file that failed to size is not left half-made
       throw;
     }
   }
