@@ -67,7 +67,11 @@ nlohmann::json run(cuda_executor& ex, const shape& s, int reps) {
   const bool bf16 = s.inputs == blas::precision::bf16;
   const char* dtype = bf16 ? "bf16 GEMM inputs, fp32 master" : "fp32";
   layer_t moe(ex, comms[0],
-              {.hidden = H, .ffn = F, .experts = E, .gate = {.capacity_factor = 1.25}, .expert = {.gemm_inputs = s.inputs},
+              {.hidden = H,
+               .ffn = F,
+               .experts = E,
+               .gate = {.capacity_factor = 1.25},
+               .expert = {.gemm_inputs = s.inputs},
                .seed = 1});
   buffer<float, device_space> x(T * H), y(T * H), dy(T * H), dx(T * H);
   {

@@ -72,7 +72,8 @@ int main(int argc, char** argv) {
     const std::string bytes = le64(text.size()) + text + std::string(n, '\x01');
     const auto span = std::span<const std::byte>(reinterpret_cast<const std::byte*>(bytes.data()), bytes.size());
     std::size_t parsed = 0;
-    const double t_semoe = median_seconds(3, [&] { parsed = semoe::io::safetensors_file::parse(span).tensors().size(); });
+    const double t_semoe =
+        median_seconds(3, [&] { parsed = semoe::io::safetensors_file::parse(span).tensors().size(); });
     const double t_dom = median_seconds(3, [&] { parsed += nlohmann::json::parse(text).size() - n; });
     if (parsed != n) {
       std::fprintf(stderr, "bench_safetensors_header: parsed %zu tensors of %zu\n", parsed, n);

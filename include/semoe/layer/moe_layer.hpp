@@ -10,9 +10,9 @@
 // the routing plan there too, the very plan the cpu backend builds; the
 // others get the logits in pinned host memory, route on the host, and their
 // rows and weights go back to the device (gate backward likewise). Over
-// several ranks the host communicators
-// (comm::local, comm::tcp) carry the rows through pinned host memory: correct,
-// not fast; a communicator that moves device memory (NCCL) is not built yet.
+// several ranks the host communicators (comm::local, comm::tcp) carry the
+// rows through pinned host memory: correct, not fast; a communicator that
+// moves device memory (NCCL) is not built yet.
 #pragma once
 
 #include <algorithm>
@@ -265,8 +265,8 @@ class basic_moe_layer {
       dlogits_.resize_discard(tokens * E);
       const auto ctx = context();
       if constexpr (routes_on_executor) {
-        gate_.backward(*ex_, ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_, std::span<const T>(dweight_.span()),
-                       dlogits_.matrix(tokens, E));
+        gate_.backward(*ex_, ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_,
+                       std::span<const T>(dweight_.span()), dlogits_.matrix(tokens, E));
       } else {
         // The gate's backward runs where its forward did: on the host (device
         // backends stage its inputs and output through host buffers).
@@ -504,8 +504,8 @@ class basic_moe_layer {
   /// Hands local expert i's block back to the store. On a device the
   /// kernels just launched may still read it: a store that moves blocks gets
   /// an event recorded after them, and waits for it before it moves the
-  /// block (or, without that form, the stream is synchronized first). The
-  /// host thread runs on to the next expert either way.
+  /// block, while the host thread runs on to the next expert (a store
+  /// without that form gets a stream synchronize first).
   void release_block(index_t i) {
     if constexpr (on_device && storage::moves_blocks_v<store_type>) {
       if constexpr (storage::event_released<store_type>) {

@@ -28,8 +28,9 @@ void select_top_k(Exec& ex, routing_plan<T, Space>& plan, bool normalize, const 
     b.resize_discard(E);
     ex.copy(b.data(), host.data(), b.bytes());
   }
-  ex.parallel_for(plan.tokens, top_k_select_kernel<T>{plan.probs.data(), E, plan.k, bias ? b.data() : nullptr, normalize,
-                                                      plan.expert.data(), plan.weight.data(), plan.score.data()},
+  ex.parallel_for(plan.tokens,
+                  top_k_select_kernel<T>{plan.probs.data(), E, plan.k, bias ? b.data() : nullptr, normalize,
+                                         plan.expert.data(), plan.weight.data(), plan.score.data()},
                   64);
 }
 template <class T>
