@@ -204,6 +204,10 @@ class tcp_world {
   using steady = std::chrono::steady_clock;
   static constexpr std::uint64_t max_seq_ahead = std::uint64_t{1} << 20;
   static constexpr std::size_t max_early_cts = std::size_t{1} << 16;
+  /// Messages a peer may have staged here before any receive asks for them
+  /// (a peer running ahead has a few; zero-length frames for unknown groups
+  /// or far-ahead collectives would otherwise grow the map without bound).
+  static constexpr std::size_t max_staged_messages = std::size_t{1} << 16;
   /// How long a failed rank's communicator waits, when it closes, for peers
   /// to acknowledge what it wrote (the abort frame above all).
   static constexpr std::chrono::milliseconds abort_linger{1000};
@@ -875,6 +879,12 @@ class tcp_world {
       return;
     }
     const msg_key k{h.group, h.seq, h.step};
+    if (l.staged.size() >= max_staged_messages && !l.staged.contains(k)) {
+      l.down = true;
+      fail(peer_problem(l, semoe::detail::concat("sent more than ", max_staged_messages,
+                                                 " messages that no receive on this rank has asked for")));
+      return;
+    }
     auto [it, fresh] = l.staged.try_emplace(k);
     staged_msg& st = it->second;
     if (fresh) {

@@ -756,6 +756,23 @@ TEST_CASE("tcp: hostile clear-to-send frames (with a payload, or a flood for mes
         std::string::npos);
 }
 
+TEST_CASE("tcp: a flood of zero-length frames for messages no one receives is an error, not unbounded memory") {
+  const std::string e = against_fake([](fake_rank& f) {
+    std::vector<unsigned char> burst;
+    for (std::uint64_t q = 0; q <= (std::uint64_t{1} << 16); ++q) {
+      auto h = all_reduce_frame(4, 0);  // 4 bytes announced, none sent: staged, never completed
+      h.group = 0x5eed0000 + q;        // groups this rank does not know
+      const auto b = comm::wire::encode(h);
+      burst.insert(burst.end(), b.begin(), b.end());
+    }
+    f.send(burst.data(), burst.size());
+    std::this_thread::sleep_for(1s);  // closing with rank 0's frames unread would reset the connection first
+  });
+  INFO(e);
+  CHECK(e.find("rank 1 sent more than 65536 messages that no receive on this rank has asked for") !=
+        std::string::npos);
+}
+
 TEST_CASE("tcp: a truncated frame (the peer closes mid-frame) is an error naming the peer") {
   const std::string e = against_fake([](fake_rank& f) {
     f.send(all_reduce_frame(4000, 4000));  // chunk 0 of 2000 floats: what rank 0 expects from rank 1
