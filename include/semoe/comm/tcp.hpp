@@ -772,7 +772,8 @@ class tcp_world {
                                 if (closing_ || failed_) return;
                                 l.down = true;
                                 fail(semoe::detail::concat("rank ", l.peer, " aborted the job: ",
-                                                           ec ? std::string("(its reason was lost)") : l.abort_in));
+                                                           ec ? std::string("(its reason was lost)")
+                                                              : wire::printable(l.abort_in)));
                               });
       return;
     }

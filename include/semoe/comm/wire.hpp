@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <string_view>
 
 #include <zlib.h>
 
@@ -44,6 +45,26 @@ enum class kind : std::uint8_t {
   barrier = 37,
   split = 38,
 };
+
+/// Text a peer sent (an abort reason), safe to print: control bytes, DEL
+/// and bytes past ASCII become \xNN, so a hostile peer cannot move the
+/// cursor, clear the screen or forge lines of this rank's message.
+inline std::string printable(std::string_view text) {
+  static constexpr char hex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(text.size());
+  for (const char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c >= 0x20 && c < 0x7f) {
+      out += ch;
+    } else {
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  return out;
+}
 
 inline const char* kind_name(kind k) {
   switch (k) {

@@ -773,6 +773,21 @@ TEST_CASE("tcp: a flood of zero-length frames for messages no one receives is an
         std::string::npos);
 }
 
+TEST_CASE("tcp: a peer's abort reason is printed with its control bytes escaped") {
+  const std::string e = against_fake([](fake_rank& f) {
+    const std::string reason = "\x1b[2J\nrank 0: all is well\x7f";
+    comm::wire::header h;
+    h.type = comm::wire::kind::abort;
+    h.total = h.length = static_cast<std::uint32_t>(reason.size());
+    f.send(h);
+    f.send(reason.data(), reason.size());
+  });
+  INFO(e);
+  CHECK(e.find("rank 1 aborted the job: \\x1b[2J\\x0arank 0: all is well\\x7f") != std::string::npos);
+  CHECK(e.find('\x1b') == std::string::npos);
+  CHECK(e.find('\n') == std::string::npos);
+}
+
 TEST_CASE("tcp: a truncated frame (the peer closes mid-frame) is an error naming the peer") {
   const std::string e = against_fake([](fake_rank& f) {
     f.send(all_reduce_frame(4000, 4000));  // chunk 0 of 2000 floats: what rank 0 expects from rank 1
