@@ -2,8 +2,9 @@
 // torchrun: each rank gets SEMOE_RANK, SEMOE_WORLD_SIZE, SEMOE_LOCAL_RANK,
 // SEMOE_LOCAL_SIZE, SEMOE_MASTER_ADDR, SEMOE_MASTER_PORT and a fresh shared
 // SEMOE_SECRET; every line a rank prints is prefixed with its rank; SIGINT and
-// SIGTERM are forwarded; the first rank that fails stops the others, and the
-// job's exit status is that rank's. Several hosts: run the launcher on each
+// SIGTERM are forwarded; the first rank that fails stops the others (after
+// `settle`, so they can print their own error first), and the job's exit
+// status is that rank's; a rank frozen by a stop signal is named with it. Several hosts: run the launcher on each
 // with --nnodes, --node-rank and the same --master and SEMOE_SECRET.
 #pragma once
 
@@ -35,6 +36,10 @@ struct options {
   std::string master_addr = "127.0.0.1";
   int master_port = 0;             ///< 0: pick a free port (single node only)
   std::string secret;              ///< empty: SEMOE_SECRET, else a fresh random one
+  /// After a rank fails, how long the others get to end on their own (they
+  /// learn of the failure from the job and print their own error) before
+  /// they are sent SIGTERM.
+  std::chrono::milliseconds settle{1500};
   std::chrono::milliseconds grace{3000};  ///< SIGTERM -> SIGKILL delay when stopping ranks
   std::FILE* out = stdout;         ///< prefixed rank output goes here
   bool prefix = true;
@@ -43,6 +48,7 @@ struct options {
 struct result {
   int exit_code = 0;     ///< 0, a failing rank's exit status, or 128 + its signal
   int failed_rank = -1;  ///< the first rank that failed, or -1
+  int stopped_rank = -1; ///< a rank found stopped by a signal (SIGSTOP, SIGTSTP) when the job failed, or -1
 };
 
 namespace detail {
@@ -204,7 +210,9 @@ inline result run(const std::vector<std::string>& argv, options o) {
   result res;
   int alive = L;
   bool stopping = false;
+  std::vector<int> stopped_by(static_cast<std::size_t>(L), 0);  // the signal that stopped a rank, 0: running
   auto stop_deadline = std::chrono::steady_clock::now();
+  auto term_at = std::chrono::steady_clock::time_point::max();  // SIGTERM once the failure has settled
   auto stop_all = [&](int sig) {
     for (pid_t p : pids)
       if (p > 0) ::kill(-p, sig);
@@ -227,22 +235,47 @@ inline result run(const std::vector<std::string>& argv, options o) {
     for (int l = 0; l < L; ++l) {
       if (pids[l] <= 0) continue;
       int status = 0;
-      const pid_t r = ::waitpid(pids[l], &status, WNOHANG);
+      const pid_t r = ::waitpid(pids[l], &status, WNOHANG | WUNTRACED | WCONTINUED);
       if (r != pids[l]) continue;
+      const int rank = o.node_rank * L + l;
+      if (WIFSTOPPED(status)) {  // frozen: its peers will time out waiting for it
+        stopped_by[static_cast<std::size_t>(l)] = WSTOPSIG(status);
+        std::fprintf(stderr, "semoe-run: rank %d was stopped by signal %d (%s)\n", rank, WSTOPSIG(status),
+                     ::strsignal(WSTOPSIG(status)));
+        continue;
+      }
+      if (WIFCONTINUED(status)) {
+        stopped_by[static_cast<std::size_t>(l)] = 0;
+        continue;
+      }
       pids[l] = -1;
       --alive;
       const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
       if (code != 0 && res.failed_rank < 0 && !stopping) {
-        res.failed_rank = o.node_rank * L + l;
+        res.failed_rank = rank;
         res.exit_code = code;
-        std::fprintf(stderr, "semoe-run: rank %d failed (%s %d); stopping the other ranks\n", res.failed_rank,
-                     WIFEXITED(status) ? "exit status" : "signal", WIFEXITED(status) ? code : WTERMSIG(status));
-        stop_all(SIGTERM);
+        std::string frozen;
+        for (int s = 0; s < L; ++s)
+          if (stopped_by[static_cast<std::size_t>(s)] && res.stopped_rank < 0) {
+            res.stopped_rank = o.node_rank * L + s;
+            frozen = semoe::detail::concat("; rank ", res.stopped_rank, " is stopped (signal ",
+                                           stopped_by[static_cast<std::size_t>(s)], ") and may be the cause");
+          }
+        std::fprintf(stderr, "semoe-run: rank %d failed (%s %d)%s; stopping the other ranks\n", res.failed_rank,
+                     WIFEXITED(status) ? "exit status" : "signal", WIFEXITED(status) ? code : WTERMSIG(status),
+                     frozen.c_str());
         stopping = true;
-        stop_deadline = std::chrono::steady_clock::now() + o.grace;
+        term_at = std::chrono::steady_clock::now() + o.settle;  // first, let the others say what they saw
+        stop_deadline = term_at + o.grace;
       }
     }
-    if (stopping && alive > 0 && std::chrono::steady_clock::now() > stop_deadline) stop_all(SIGKILL);
+    const auto now = std::chrono::steady_clock::now();
+    if (stopping && alive > 0 && now > term_at) {
+      stop_all(SIGTERM);
+      stop_all(SIGCONT);  // a stopped rank acts on its SIGTERM only once it runs
+      term_at = std::chrono::steady_clock::time_point::max();
+    }
+    if (stopping && alive > 0 && now > stop_deadline) stop_all(SIGKILL);
   }
   for (auto& p : pumps) p.drain(o.out, o.prefix, true);
   ::sigaction(SIGINT, &old_int, nullptr);

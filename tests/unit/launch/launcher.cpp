@@ -89,6 +89,34 @@ TEST_CASE("one failing rank stops the others and its status is the job's") {
   CHECK(out.text().find("cannot run '/nonexistent/program'") != std::string::npos);
 }
 
+TEST_CASE("after a failure the other ranks get time to print their own error before they are stopped") {
+  captured out;
+  launch::options o;
+  o.ranks_per_node = 2;
+  o.out = out.f;
+  const auto r = launch::run(
+      {"sh", "-c", "if [ $SEMOE_RANK = 0 ]; then exit 3; fi; sleep 0.3; echo 'my own error'; exit 4"}, o);
+  CHECK(r.exit_code == 3);
+  CHECK(r.failed_rank == 0);
+  CHECK(out.text().find("[1] my own error") != std::string::npos);
+}
+
+TEST_CASE("a rank stopped by a signal is named when the job fails, and the job still ends") {
+  captured out;
+  launch::options o;
+  o.ranks_per_node = 2;
+  o.out = out.f;
+  const auto t0 = std::chrono::steady_clock::now();
+  // Rank 1 freezes; rank 0 gives up on it after a while, as a collective's timeout would.
+  const auto r = launch::run({"sh", "-c", "if [ $SEMOE_RANK = 1 ]; then kill -STOP $$; exec sleep 30; fi; "
+                                          "sleep 0.5; exit 3"},
+                             o);
+  CHECK(r.exit_code == 3);
+  CHECK(r.failed_rank == 0);
+  CHECK(r.stopped_rank == 1);
+  CHECK(seconds_since(t0) < 10);  // the stopped rank was ended too
+}
+
 TEST_CASE("SIGTERM to the launcher reaches every rank") {
   captured out;
   launch::options o;
