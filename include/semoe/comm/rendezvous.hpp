@@ -3,8 +3,10 @@
 // shared secret by HMAC challenge-response, in both directions; the master
 // hands out the table of listening addresses; then every pair of ranks gets
 // one authenticated connection (the higher rank accepts, rank 0's links are
-// the rendezvous connections). A connection that fails to authenticate is
-// refused and logged, and the job keeps waiting for the real rank.
+// the rendezvous connections). Handshakes run concurrently, each under its own
+// deadline, so a stranger that connects and stays silent (or trickles bytes)
+// delays no one; one that fails to authenticate is refused and logged, and
+// the job keeps waiting for the real rank.
 #pragma once
 
 #include <algorithm>
@@ -14,13 +16,18 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <system_error>
 #include <thread>
 #include <vector>
+
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
@@ -378,30 +385,125 @@ inline void log_refusal(const tcp_options& o, const std::string& from, const std
                why.c_str());
 }
 
-/// Accept until `need` ranks passed the handshake and `admit`; strangers are refused and logged.
+/// Handshakes in flight at once; a connection past this many is closed at
+/// once (and logged), so strangers cannot exhaust threads or descriptors.
+inline constexpr int max_pending_handshakes = 64;
+
+/// Accept until `need` ranks passed the handshake and `admit`; strangers are
+/// refused and logged. Each handshake runs on its own thread under its own
+/// deadline (handshake_limit), so idle or slow strangers hold up nobody:
+/// this thread goes on accepting, and admits (under one lock) what passes.
 inline void accept_ranks(asio::io_context& io, asio::ip::tcp::acceptor& acc, const tcp_options& o,
                          steady::time_point deadline, int need,
                          const std::function<std::string(const join_claim&)>& admit,
                          const std::function<void(tcp_socket, const join_claim&)>& joined,
                          const std::function<std::string()>& missing) {
-  for (int n = 0; n < need;) {
-    tcp_socket s(io);
-    const auto ec = run_until(io, deadline, [&] { boost::system::error_code e; acc.close(e); },
-                              [&](auto handler) { acc.async_accept(s, handler); });
-    SEMOE_CHECK(ec != asio::error::timed_out, "semoe::comm::tcp: rank ", o.rank, ": rendezvous timed out after ",
-                o.timeout.count(), " ms waiting for ", missing());
-    if (ec) continue;  // e.g. the connection was reset before we accepted it
-    const std::string from = endpoint_name(s);
-    try {
-      const auto c = accept_handshake(io, s, o, std::min(deadline, steady::now() + handshake_limit), admit);
-      tune(s, o);
-      joined(std::move(s), c);
-      ++n;
-    } catch (const error& e) {
-      log_refusal(o, from, e.what());
-      close_quietly(s);
+  struct outcome {
+    tcp_socket::native_handle_type fd = -1;  // an authenticated connection, or -1
+    join_claim claim{};
+    std::string from, refused;
+  };
+  struct pending {
+    std::mutex m;
+    std::deque<outcome> done;
+    std::vector<int> live_fds;  // sockets of handshakes in flight: shut down to end them early
+    int in_flight = 0;
+  } state;
+  std::mutex admit_m;  // admit and joined see one consistent set of ranks
+  const auto locked_admit = [&](const join_claim& c) {
+    std::lock_guard lk(admit_m);
+    return admit(c);
+  };
+  const auto protocol = acc.local_endpoint().protocol();
+  std::vector<std::thread> workers;
+  const auto finish = [&] {  // end the strangers still in their handshake, then wait for every worker
+    {
+      std::lock_guard lk(state.m);
+      for (int fd : state.live_fds) ::shutdown(fd, SHUT_RDWR);
     }
+    for (auto& t : workers) t.join();
+    std::lock_guard lk(state.m);
+    for (auto& r : state.done)
+      if (r.fd >= 0) ::close(r.fd);
+  };
+  try {
+    for (int n = 0; n < need;) {
+      std::deque<outcome> ready;
+      {
+        std::lock_guard lk(state.m);
+        ready.swap(state.done);
+      }
+      for (auto& r : ready) {
+        if (r.fd < 0) {
+          log_refusal(o, r.from, r.refused);
+          continue;
+        }
+        tcp_socket s(io);
+        s.assign(protocol, r.fd);
+        r.fd = -1;
+        std::lock_guard lk(admit_m);
+        // Again, now that earlier ones have joined: two handshakes may have
+        // claimed the same rank at once.
+        if (std::string why = n >= need ? std::string("every rank has joined") : admit(r.claim); !why.empty()) {
+          log_refusal(o, r.from, why);
+          close_quietly(s);
+          continue;
+        }
+        tune(s, o);
+        joined(std::move(s), r.claim);
+        ++n;
+      }
+      if (n >= need) break;
+      SEMOE_CHECK(steady::now() < deadline, "semoe::comm::tcp: rank ", o.rank, ": rendezvous timed out after ",
+                  o.timeout.count(), " ms waiting for ", missing());
+      // Accept in short slices so finished handshakes are admitted promptly.
+      tcp_socket s(io);
+      const auto slice = std::min(deadline, steady::now() + std::chrono::milliseconds(20));
+      const auto ec = run_until(io, slice, [&] { boost::system::error_code e; acc.cancel(e); },
+                                [&](auto handler) { acc.async_accept(s, handler); });
+      if (ec) continue;  // a slice without a connection, or one reset before we accepted it
+      std::string from = endpoint_name(s);
+      {
+        std::lock_guard lk(state.m);
+        if (state.in_flight >= max_pending_handshakes) {
+          log_refusal(o, from, semoe::detail::concat("more than ", max_pending_handshakes,
+                                                     " connections are authenticating at once"));
+          close_quietly(s);
+          continue;
+        }
+        ++state.in_flight;
+        state.live_fds.push_back(s.native_handle());
+      }
+      const auto fd = s.release();
+      const auto until = std::min(deadline, steady::now() + handshake_limit);
+      workers.emplace_back([&, fd, until, from = std::move(from)] {
+        outcome r;
+        r.from = from;
+        asio::io_context wio;
+        tcp_socket ws(wio);
+        ws.assign(protocol, fd);
+        try {
+          r.claim = accept_handshake(wio, ws, o, until, locked_admit);
+        } catch (const std::exception& e) {
+          r.refused = e.what();
+        }
+        std::lock_guard lk(state.m);
+        std::erase(state.live_fds, fd);
+        --state.in_flight;
+        if (r.refused.empty() && ws.is_open()) {
+          r.fd = ws.release();
+        } else {
+          if (r.refused.empty()) r.refused = "the connection closed during the handshake";
+          close_quietly(ws);
+        }
+        state.done.push_back(std::move(r));
+      });
+    }
+  } catch (...) {
+    finish();
+    throw;
   }
+  finish();
 }
 
 inline constexpr std::size_t table_entry = 18;  // IPv6 (v4-mapped) address + port

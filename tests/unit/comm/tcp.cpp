@@ -841,6 +841,69 @@ TEST_CASE("tcp: a connection without the secret is refused and the job still for
   CHECK(result == x);
 }
 
+TEST_CASE("tcp: idle and slowloris strangers during startup delay no one; the job forms within its timeout") {
+  tcp_options base;
+  base.timeout = 8s;  // the old one-at-a-time accept lost up to 10 s per stranger
+  const tcp_options o = job_options(3, free_port(), base);
+  std::vector<std::vector<float>> results(3);
+  std::vector<std::string> errors(3);
+  std::vector<std::thread> ranks;
+  const auto start_rank = [&](int r) {
+    ranks.emplace_back([&, r] {
+      try {
+        tcp_options mine = o;
+        mine.rank = r;
+        tcp c(mine);
+        std::vector<float> x{float(r + 1)};
+        comm::all_reduce(c, std::span<float>(x));
+        results[r] = x;
+      } catch (const semoe::error& e) {
+        errors[r] = e.what();
+      }
+    });
+  };
+  start_rank(0);
+  // Strangers connect first: four that never speak, one that trickles a byte
+  // at a time; none knows the secret.
+  asio::io_context io;
+  std::vector<std::unique_ptr<comm::detail::tcp_socket>> strangers;
+  const auto ep = comm::detail::resolve(io, o.master_addr, o.master_port);
+  for (int i = 0; i < 5; ++i) {
+    auto s = std::make_unique<comm::detail::tcp_socket>(io);
+    for (int tries = 0; tries < 200; ++tries) {
+      boost::system::error_code ec;
+      s->connect(ep, ec);
+      if (!ec) break;
+      s->close(ec);
+      std::this_thread::sleep_for(10ms);
+    }
+    strangers.push_back(std::move(s));
+  }
+  std::atomic<bool> stop{false};
+  std::thread slowloris([&] {
+    const char b = 'x';
+    while (!stop) {
+      boost::system::error_code ec;
+      asio::write(*strangers.back(), asio::buffer(&b, 1), ec);
+      if (ec) break;
+      std::this_thread::sleep_for(300ms);
+    }
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  start_rank(1);
+  start_rank(2);
+  for (auto& t : ranks) t.join();
+  const double formed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  stop = true;
+  slowloris.join();
+  for (int r = 0; r < 3; ++r) {
+    CAPTURE(r);
+    CHECK(errors[r].empty());
+    CHECK(results[r] == std::vector<float>{6.f});
+  }
+  CHECK(formed < 5.0);  // well inside the 8 s timeout, not held by the strangers
+}
+
 TEST_CASE("tcp: a rank whose master never appears fails within the timeout") {
   tcp_options o = job_options(2, free_port());
   o.rank = 1;
