@@ -124,6 +124,16 @@ std::string written(const sio::safetensors_writer& w, std::size_t data_bytes, ch
 
 }  // namespace
 
+/// For the stand-in driver: the file parses.
+bool fuzz_accepts(const std::string& in) {
+  try {
+    (void)sio::safetensors_file::parse(std::as_bytes(std::span<const char>(in.data(), in.size())));
+    return true;
+  } catch (const semoe::error&) {
+    return false;
+  }
+}
+
 /// Seeds for the stand-in driver (driver.cpp): valid files of every dtype and
 /// the hostile shapes the unit tests refuse.
 std::vector<std::string> fuzz_seeds() {
