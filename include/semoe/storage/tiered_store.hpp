@@ -115,7 +115,7 @@ struct tiered_policy {
         cache_.template emplace<lru>();
       if constexpr (HasSsd) {
         if (opt_.ssd.dir.empty()) {  // a new private directory, never one that exists (mkdtemp, mode 0700)
-          std::string tmpl = (std::filesystem::temp_directory_path() / "semoe-ssd-XXXXXX").string();
+          std::string tmpl = (std::filesystem::temp_directory_path() / ("semoe-ssd-" + std::string(6, 'X'))).string();
           SEMOE_CHECK(::mkdtemp(tmpl.data()) != nullptr, "semoe::storage::tiered: mkdtemp(", tmpl,
                       ") for the default SSD directory: ", std::strerror(errno));
           opt_.ssd.dir = tmpl;
