@@ -6,7 +6,9 @@ set -euo pipefail
 
 packages=(libopenblas-dev doctest-dev nlohmann-json3-dev libboost-dev zlib1g-dev libssl-dev
           libxxhash-dev liburing-dev python3-matplotlib
-          libbenchmark-dev dataset-fashion-mnist fortunes "$@")
+          libbenchmark-dev dataset-fashion-mnist fortunes
+          iproute2 nftables  # the two-host test: network namespaces, packet loss
+          "$@")
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
   echo "semoe: not a Debian system; make sure these (or their equivalents) are installed: ${packages[*]}" >&2

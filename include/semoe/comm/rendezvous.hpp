@@ -89,7 +89,8 @@ inline void validate(const tcp_options& o) {
 }
 
 /// Reads the job from the environment: SEMOE_* first, then Open MPI's and
-/// Slurm's variables for the values ours leave out. `get` is getenv by
+/// Slurm's variables for the values ours leave out. SEMOE_TIMEOUT (seconds),
+/// when set, replaces base's timeout. `get` is getenv by
 /// default (tests pass their own). Every bad value names its variable.
 inline tcp_options tcp_options_from_env(tcp_options base = {},
                                         const std::function<const char*(const char*)>& get = nullptr) {
@@ -145,6 +146,8 @@ inline tcp_options tcp_options_from_env(tcp_options base = {},
   SEMOE_CHECK(secret, "semoe::comm::tcp: SEMOE_SECRET is not set: every rank needs the same shared secret "
                       "(semoe-run makes a fresh one)");
   o.secret = secret;
+  if (const found t = first({"SEMOE_TIMEOUT"}); t.value)
+    o.timeout = std::chrono::seconds(parse(t, 1, 7 * 24 * 3600, "whole seconds in [1, 604800]"));
   validate(o);
   return o;
 }

@@ -157,9 +157,14 @@ struct staged_msg {
 };
 
 struct tcp_link {
-  tcp_link(tcp_socket s, int p) : sock(std::move(s)), peer(p) {}
+  tcp_link(tcp_socket s, int p) : sock(std::move(s)), peer(p) {
+    boost::system::error_code ec;
+    const auto ep = sock.remote_endpoint(ec);
+    if (!ec) host = ep.address().to_string();
+  }
   tcp_socket sock;
   int peer;
+  std::string host;  ///< the peer's address, for messages
   struct out_msg {
     tcp_op* op;  ///< null: a control frame (abort, clear-to-send)
     wire::header h;
@@ -610,11 +615,14 @@ class tcp_world {
           if (w) waits.push_back(l->peer);
         }
         std::string who = waits.size() == 1 ? "rank " : "ranks ";
-        for (std::size_t i = 0; i < waits.size(); ++i) who += (i ? ", " : "") + std::to_string(waits[i]);
+        for (std::size_t i = 0; i < waits.size(); ++i) {
+          const std::string& host = links_[static_cast<std::size_t>(waits[i])]->host;
+          who += (i ? ", " : "") + std::to_string(waits[i]) + (host.empty() ? "" : " (" + host + ")");
+        }
         if (waits.empty()) who = "its peers";
         fail(semoe::detail::concat(op->name(), " made no progress for ", opt_.timeout.count(), " ms waiting on ", who,
                                    ": ", waits.size() == 1 ? "it" : "they",
-                                   " died, hung, or never issued this collective"));
+                                   " died, hung, became unreachable, or never issued this collective"));
         return;
       }
   }

@@ -942,6 +942,10 @@ TEST_CASE("tcp: options from SEMOE_* variables, with Open MPI and Slurm fallback
   CHECK(o.master_addr == "10.0.0.7");
   CHECK(o.master_port == 29500);
   CHECK(o.secret == "s3cret");
+  CHECK(o.timeout == std::chrono::seconds(60));
+  CHECK(from({{"SEMOE_RANK", "0"}, {"SEMOE_WORLD_SIZE", "1"}, {"SEMOE_MASTER_PORT", "1"}, {"SEMOE_SECRET", "x"},
+              {"SEMOE_TIMEOUT", "7"}})
+            .timeout == std::chrono::seconds(7));
 
   o = from({{"OMPI_COMM_WORLD_RANK", "5"},
             {"OMPI_COMM_WORLD_SIZE", "8"},
@@ -996,6 +1000,9 @@ TEST_CASE("tcp: bad environment values name their variable") {
   CHECK_THROWS_WITH_AS(from(with("SEMOE_MASTER_PORT", "")), doctest::Contains("SEMOE_MASTER_PORT is not set"),
                        semoe::error);
   CHECK_THROWS_WITH_AS(from(with("SEMOE_SECRET", "")), doctest::Contains("SEMOE_SECRET is not set"), semoe::error);
+  CHECK_THROWS_WITH_AS(from(with("SEMOE_TIMEOUT", "0")),
+                       doctest::Contains("SEMOE_TIMEOUT = \"0\": expected whole seconds"), semoe::error);
+  CHECK_THROWS_WITH_AS(from(with("SEMOE_TIMEOUT", "5s")), doctest::Contains("SEMOE_TIMEOUT = \"5s\""), semoe::error);
   CHECK_THROWS_WITH_AS(from(with("SEMOE_LOCAL_SIZE", "3")),
                        doctest::Contains("SEMOE_LOCAL_SIZE = 3: expected a divisor of SEMOE_WORLD_SIZE = 4"),
                        semoe::error);
