@@ -264,7 +264,9 @@ inline std::vector<unsigned char> read_frame(asio::io_context& io, tcp_socket& s
   const std::string why = wire::decode(hb, h, wire::max_control_bytes);
   SEMOE_CHECK(why.empty(), "bad ", wire::kind_name(k), " frame: ", why);
   if (h.type == wire::kind::abort) semoe::detail::fail("the peer refused: it sent an abort frame");
-  SEMOE_CHECK(h.type == k, "expected a ", wire::kind_name(k), " frame, got a ", wire::kind_name(h.type), " frame");
+  const auto a = [](const char* name) { return std::strchr("aeiou", name[0]) ? "an " : "a "; };
+  SEMOE_CHECK(h.type == k, "expected ", a(wire::kind_name(k)), wire::kind_name(k), " frame, got ",
+              a(wire::kind_name(h.type)), wire::kind_name(h.type), " frame");
   SEMOE_CHECK(h.length == h.total && (exact ? h.length == want : h.length <= want), "bad ", wire::kind_name(k),
               " frame: ", h.length, " payload bytes, expected ", want);
   std::vector<unsigned char> payload(h.length);
