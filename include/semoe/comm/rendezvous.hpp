@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <charconv>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -55,6 +56,10 @@ struct tcp_options {
   int master_port = 0;
   std::string secret;  ///< shared by every rank; proves membership (HMAC-SHA256)
   std::chrono::milliseconds timeout{60'000};  ///< rendezvous, and a silent peer in a collective
+  /// How long one connection may take to authenticate before it is dropped:
+  /// a stranger that connects and stays silent (or trickles bytes) holds one
+  /// of at most 64 handshake slots this long, and no one waits on it.
+  std::chrono::milliseconds handshake_timeout{10'000};
   std::size_t chunk_bytes = std::size_t{1} << 20;        ///< payload per frame of large messages
   std::size_t max_frame_bytes = std::size_t{64} << 20;   ///< a peer's frame larger than this is an error
   /// A message larger than this sends its first eager_bytes at once and the
@@ -81,6 +86,8 @@ inline void validate(const tcp_options& o) {
               ": expected a port in [1, 65535]");
   SEMOE_CHECK(!o.secret.empty(), p, "secret is empty: every rank needs the same shared secret");
   SEMOE_CHECK(o.timeout.count() > 0, p, "timeout = ", o.timeout.count(), " ms: expected > 0");
+  SEMOE_CHECK(o.handshake_timeout.count() > 0, p, "handshake_timeout = ", o.handshake_timeout.count(),
+              " ms: expected > 0");
   SEMOE_CHECK(o.max_frame_bytes >= 4096 && o.max_frame_bytes <= (std::size_t{1} << 31), p,
               "max_frame_bytes = ", o.max_frame_bytes, ": expected a value in [4096, 2^31]");
   SEMOE_CHECK(o.chunk_bytes >= 1 && o.chunk_bytes <= o.max_frame_bytes, p, "chunk_bytes = ", o.chunk_bytes,
@@ -160,8 +167,6 @@ using steady = std::chrono::steady_clock;
 
 inline constexpr std::size_t nonce_bytes = 32;
 inline constexpr std::size_t mac_bytes = 32;
-/// A stranger gets this long to finish its handshake before the next one is served.
-inline constexpr std::chrono::seconds handshake_limit{10};
 
 using mac_t = std::array<unsigned char, mac_bytes>;
 
@@ -390,13 +395,16 @@ inline void log_refusal(const tcp_options& o, const std::string& from, const std
                why.c_str());
 }
 
-/// Handshakes in flight at once; a connection past this many is closed at
-/// once (and logged), so strangers cannot exhaust threads or descriptors.
+/// Handshakes in flight at once. Past this many, connections wait in the
+/// kernel's accept queue and are served in the order they came as slots free
+/// up (each handshake ends within handshake_timeout): strangers cannot
+/// exhaust threads or descriptors, and a real rank that connects behind them
+/// is delayed, not turned away.
 inline constexpr int max_pending_handshakes = 64;
 
 /// Accept until `need` ranks passed the handshake and `admit`; strangers are
 /// refused and logged. Each handshake runs on its own thread under its own
-/// deadline (handshake_limit), so idle or slow strangers hold up nobody:
+/// deadline (handshake_timeout), so idle or slow strangers hold up nobody:
 /// this thread goes on accepting, and admits (under one lock) what passes.
 inline void accept_ranks(asio::io_context& io, asio::ip::tcp::acceptor& acc, const tcp_options& o,
                          steady::time_point deadline, int need,
@@ -413,6 +421,7 @@ inline void accept_ranks(asio::io_context& io, asio::ip::tcp::acceptor& acc, con
     std::deque<outcome> done;
     std::vector<int> live_fds;  // sockets of handshakes in flight: shut down to end them early
     int in_flight = 0;
+    std::condition_variable slot_freed;
   } state;
   std::mutex admit_m;  // admit and joined see one consistent set of ranks
   const auto locked_admit = [&](const join_claim& c) {
@@ -461,6 +470,13 @@ inline void accept_ranks(asio::io_context& io, asio::ip::tcp::acceptor& acc, con
       if (n >= need) break;
       SEMOE_CHECK(steady::now() < deadline, "semoe::comm::tcp: rank ", o.rank, ": rendezvous timed out after ",
                   o.timeout.count(), " ms waiting for ", missing());
+      {  // every slot taken: leave new connections queued in the kernel
+        std::unique_lock lk(state.m);
+        if (state.in_flight >= max_pending_handshakes) {
+          state.slot_freed.wait_for(lk, std::chrono::milliseconds(20));
+          continue;
+        }
+      }
       // Accept in short slices so finished handshakes are admitted promptly.
       tcp_socket s(io);
       const auto slice = std::min(deadline, steady::now() + std::chrono::milliseconds(20));
@@ -470,17 +486,11 @@ inline void accept_ranks(asio::io_context& io, asio::ip::tcp::acceptor& acc, con
       std::string from = endpoint_name(s);
       {
         std::lock_guard lk(state.m);
-        if (state.in_flight >= max_pending_handshakes) {
-          log_refusal(o, from, semoe::detail::concat("more than ", max_pending_handshakes,
-                                                     " connections are authenticating at once"));
-          close_quietly(s);
-          continue;
-        }
         ++state.in_flight;
         state.live_fds.push_back(s.native_handle());
       }
       const auto fd = s.release();
-      const auto until = std::min(deadline, steady::now() + handshake_limit);
+      const auto until = std::min(deadline, steady::now() + o.handshake_timeout);
       workers.emplace_back([&, fd, until, from = std::move(from)] {
         outcome r;
         r.from = from;
@@ -495,6 +505,7 @@ inline void accept_ranks(asio::io_context& io, asio::ip::tcp::acceptor& acc, con
         std::lock_guard lk(state.m);
         std::erase(state.live_fds, fd);
         --state.in_flight;
+        state.slot_freed.notify_one();
         if (r.refused.empty() && ws.is_open()) {
           r.fd = ws.release();
         } else {

@@ -904,6 +904,61 @@ TEST_CASE("tcp: idle and slowloris strangers during startup delay no one; the jo
   CHECK(formed < 5.0);  // well inside the 8 s timeout, not held by the strangers
 }
 
+TEST_CASE("tcp: more idle strangers than handshake slots queue in front of the real ranks but do not turn them away") {
+  // 70 silent connections first: 64 take every handshake slot, 6 wait in the
+  // kernel's queue, then the real ranks queue behind them. Each stranger is
+  // dropped after handshake_timeout, and the ranks are served in turn.
+  tcp_options base;
+  base.timeout = 20s;
+  base.handshake_timeout = 1s;
+  const tcp_options o = job_options(3, free_port(), base);
+  std::vector<std::vector<float>> results(3);
+  std::vector<std::string> errors(3);
+  std::vector<std::thread> ranks;
+  const auto start_rank = [&](int r) {
+    ranks.emplace_back([&, r] {
+      try {
+        tcp_options mine = o;
+        mine.rank = r;
+        tcp c(mine);
+        std::vector<float> x{float(r + 1)};
+        comm::all_reduce(c, std::span<float>(x));
+        results[r] = x;
+      } catch (const semoe::error& e) {
+        errors[r] = e.what();
+      }
+    });
+  };
+  start_rank(0);
+  asio::io_context io;
+  std::vector<std::unique_ptr<comm::detail::tcp_socket>> strangers;
+  const auto ep = comm::detail::resolve(io, o.master_addr, o.master_port);
+  for (int i = 0; i < 70; ++i) {
+    auto s = std::make_unique<comm::detail::tcp_socket>(io);
+    for (int tries = 0; tries < 200; ++tries) {
+      boost::system::error_code ec;
+      s->connect(ep, ec);
+      if (!ec) break;
+      s->close(ec);
+      std::this_thread::sleep_for(10ms);
+    }
+    REQUIRE(s->is_open());
+    strangers.push_back(std::move(s));
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  start_rank(1);
+  start_rank(2);
+  for (auto& t : ranks) t.join();
+  const double formed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (int r = 0; r < 3; ++r) {
+    CAPTURE(r);
+    CHECK(errors[r].empty());
+    CHECK(results[r] == std::vector<float>{6.f});
+  }
+  CHECK(formed < 10.0);  // about two handshake timeouts, well inside the 20 s job timeout
+  MESSAGE("the job formed " << formed << " s after the ranks connected behind 70 strangers");
+}
+
 TEST_CASE("tcp: a rank whose master never appears fails within the timeout") {
   tcp_options o = job_options(2, free_port());
   o.rank = 1;
