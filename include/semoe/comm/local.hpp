@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "semoe/comm/concepts.hpp"
+#include "semoe/comm/detail/exchange_plan.hpp"
 #include "semoe/core/error.hpp"
 
 namespace semoe::comm {
@@ -264,11 +265,8 @@ class local {
   request all_to_all_v_async(std::span<const T> send, std::span<const index_t> send_counts, std::span<T> recv,
                              std::span<const index_t> recv_counts) {
     const int P = size();
-    SEMOE_CHECK(static_cast<int>(send_counts.size()) == P && static_cast<int>(recv_counts.size()) == P,
-                "semoe::comm::local::all_to_all_v: expected ", P, " send and receive counts, got ",
-                send_counts.size(), " and ", recv_counts.size());
-    check_total(send_counts, send.size(), "send");
-    check_total(recv_counts, recv.size(), "receive");
+    detail::plan_exchange("semoe::comm::local::all_to_all_v", rank_, P, send_counts, send.size(), recv_counts,
+                          recv.size());
     return start(detail::local_kind::all_to_all_v, &typeid(T),
                  [&](detail::local_op& op) {
                    op.send[rank_] = send.data();
@@ -432,16 +430,6 @@ class local {
   void check_same_op(const detail::local_op& op, reduce_op rop, const char* what) const {
     SEMOE_CHECK(op.phase[0] == 0 || op.op == rop, "semoe::comm::local::", what, ": rank ", rank_, " reduces with ",
                 detail::op_name(rop), " while an earlier rank used ", detail::op_name(op.op));
-  }
-
-  static void check_total(std::span<const index_t> counts, std::size_t have, const char* what) {
-    index_t total = 0;
-    for (index_t c : counts) {
-      SEMOE_CHECK(c >= 0, "semoe::comm::local::all_to_all_v: negative ", what, " count ", c);
-      total += c;
-    }
-    SEMOE_CHECK(static_cast<std::size_t>(total) <= have, "semoe::comm::local::all_to_all_v: ", what, " counts total ",
-                total, " elements but the buffer holds ", have);
   }
 
   template <class Fill, class Work>

@@ -40,6 +40,7 @@
 #include <boost/asio/write.hpp>
 
 #include "semoe/comm/concepts.hpp"
+#include "semoe/comm/detail/exchange_plan.hpp"
 #include "semoe/comm/local.hpp"  // detail::reduce_into: the very fold comm::local uses
 #include "semoe/comm/rendezvous.hpp"
 #include "semoe/comm/wire.hpp"
@@ -1021,20 +1022,10 @@ class tcp {
   template <class T>
   request all_to_all_v_async(std::span<const T> send, std::span<const index_t> send_counts, std::span<T> recv,
                              std::span<const index_t> recv_counts) {
-    const int P = size();
-    SEMOE_CHECK(static_cast<int>(send_counts.size()) == P && static_cast<int>(recv_counts.size()) == P,
-                "semoe::comm::tcp::all_to_all_v: expected ", P, " send and receive counts, got ", send_counts.size(),
-                " and ", recv_counts.size());
-    check_total(send_counts, send.size(), "send");
-    check_total(recv_counts, recv.size(), "receive");
-    const int me = rank();
-    SEMOE_CHECK(send_counts[me] == recv_counts[me], "semoe::comm::tcp::all_to_all_v: rank ", me, " sends ",
-                send_counts[me], " elements to itself but expects ", recv_counts[me]);
-    std::size_t self_send = 0, self_recv = 0;
-    for (int q = 0; q < me; ++q) {
-      self_send += static_cast<std::size_t>(send_counts[q]);
-      self_recv += static_cast<std::size_t>(recv_counts[q]);
-    }
+    const int P = size(), me = rank();
+    const auto plan = detail::plan_exchange("semoe::comm::tcp::all_to_all_v", me, P, send_counts, send.size(),
+                                            recv_counts, recv.size());
+    const std::size_t self_send = plan.send_offset[me], self_recv = plan.recv_offset[me];
     // Copies: the counts may die before the io thread reads them.
     std::vector<index_t> sc(send_counts.begin(), send_counts.end()), rc(recv_counts.begin(), recv_counts.end());
     request req = start<T>(wire::kind::all_to_all_v, 0,
@@ -1253,16 +1244,6 @@ class tcp {
     g->id = id;
     w->add_group(g);
     return g;
-  }
-
-  static void check_total(std::span<const index_t> counts, std::size_t have, const char* what) {
-    index_t total = 0;
-    for (index_t c : counts) {
-      SEMOE_CHECK(c >= 0, "semoe::comm::tcp::all_to_all_v: negative ", what, " count ", c);
-      total += c;
-    }
-    SEMOE_CHECK(static_cast<std::size_t>(total) <= have, "semoe::comm::tcp::all_to_all_v: ", what, " counts total ",
-                total, " elements but the buffer holds ", have);
   }
 
   template <class T>
