@@ -69,6 +69,12 @@ concept Communicator = std::same_as<typename C::policy_kind, comm_tag> &&
       { c.split(0, 0) } -> std::same_as<C>;
     };
 
+/// True for a communicator that moves device memory itself (comm::nccl):
+/// device layers hand it their buffers. The host communicators (comm::local,
+/// comm::tcp) are given device data through host staging buffers.
+template <class C>
+inline constexpr bool moves_device_memory_v = requires { requires C::device_memory; };
+
 // Blocking forms, for any communicator.
 template <class C, class T>
 void all_to_all_v(C& c, std::span<const T> send, std::span<const index_t> send_counts, std::span<T> recv,

@@ -4,7 +4,8 @@
 // carries them, and they are regrouped expert-major for the grouped GEMM;
 // the way back mirrors it. Counts are exchanged first, so every rank knows
 // how many rows each peer sends. On a device backend the host communicators
-// (comm::local, comm::tcp) carry the rows through host staging buffers.
+// (comm::local, comm::tcp) carry the rows through host staging buffers;
+// comm::nccl moves the device buffers themselves.
 #pragma once
 
 #include <span>
@@ -96,7 +97,7 @@ class expert_exchange {
     index_t ns = 0, nr = 0;
     for (auto c : send_counts) ns += c;
     for (auto c : recv_counts) nr += c;
-    if constexpr (on_device) {  // the host communicators move host memory: stage through it
+    if constexpr (on_device && !comm::moves_device_memory_v<Comm>) {  // a host communicator: stage through host memory
       send_host_.resize_discard(ns);
       recv_host_.resize_discard(nr);
       ex.copy(send_host_.data(), send, send_host_.bytes());
