@@ -2,6 +2,9 @@
 // 64 KiB, 1 MiB and 16 MiB per destination on P = 2 and 4 processes, against
 // the raw throughput of one TCP socket pair measured in the same run.
 //
+// --backend nccl measures comm::nccl instead, one process per GPU (see
+// all_to_all_nccl.hpp).
+//
 // Run it with no arguments: it starts itself as P worker processes through
 // the launcher. The workers simulate two nodes (SEMOE_LOCAL_SIZE = P / 2), so
 // the hierarchical algorithm's inter-node message count can be compared with
@@ -32,6 +35,9 @@
 #include "semoe/comm/hierarchical.hpp"
 #include "semoe/comm/tcp.hpp"
 #include "semoe/launch/launcher.hpp"
+#ifdef SEMOE_BENCH_WITH_NCCL
+#include "all_to_all_nccl.hpp"
+#endif
 
 using namespace semoe;
 
@@ -178,16 +184,71 @@ int worker() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (std::getenv("SEMOE_WORLD_SIZE")) return worker();
-  std::printf("all_to_all over comm::tcp on loopback (2 simulated nodes), against one socket pair\n");
+  std::string backend = "tcp";
+  int ranks = 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--backend" && i + 1 < argc) {
+      backend = argv[++i];
+    } else if (a == "--ranks" && i + 1 < argc) {
+      ranks = std::atoi(argv[++i]);
+    } else if (a == "--help" || a == "-h") {
+      std::printf("usage: bench_all_to_all [--backend tcp|nccl] [--ranks P]\n"
+                  "  tcp:  flat and hierarchical all-to-all over comm::tcp on loopback, P = 2 and 4 processes,\n"
+                  "        against one TCP socket pair\n"
+                  "  nccl: comm::nccl, one process per GPU (P: all GPUs), against a copy of the same bytes to\n"
+                  "        the next GPU (cudaMemcpyPeer) measured in the same run\n");
+      return 0;
+    } else {
+      std::fprintf(stderr, "bench_all_to_all: unknown argument %s (see --help)\n", a.c_str());
+      return 2;
+    }
+  }
+  if (backend != "tcp" && backend != "nccl") {
+    std::fprintf(stderr, "bench_all_to_all: --backend %s: expected tcp or nccl\n", backend.c_str());
+    return 2;
+  }
+#ifndef SEMOE_BENCH_WITH_NCCL
+  if (backend == "nccl") {
+    std::fprintf(stderr, "bench_all_to_all: this build has no NCCL (configure with CUDA and NCCL installed)\n");
+    return 2;
+  }
+#endif
+  try {
+    if (std::getenv("SEMOE_WORLD_SIZE")) {
+#ifdef SEMOE_BENCH_WITH_NCCL
+      if (backend == "nccl") return bench_nccl::worker(sizes, rounds);
+#endif
+      return worker();
+    }
+  } catch (const semoe::error& e) {
+    std::fprintf(stderr, "bench_all_to_all: %s\n", e.what());
+    return 1;
+  }
+  std::vector<int> worlds = {2, 4};
+#ifdef SEMOE_BENCH_WITH_NCCL
+  if (backend == "nccl") {
+    int gpus = 0;
+    if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus == 0) {
+      std::fprintf(stderr, "bench_all_to_all: --backend nccl needs a CUDA device; this machine has none\n");
+      return 1;
+    }
+    worlds = {ranks > 0 ? ranks : gpus};
+    std::printf("all_to_all over comm::nccl, one rank per GPU, against a copy of the same bytes to the next GPU\n");
+  }
+#endif
+  if (backend == "tcp") {
+    if (ranks > 0) worlds = {ranks};
+    std::printf("all_to_all over comm::tcp on loopback (2 simulated nodes), against one socket pair\n");
+  }
   nlohmann::json results = nlohmann::json::array();
-  for (int P : {2, 4}) {
+  for (int P : worlds) {
     std::FILE* out = std::tmpfile();
     launch::options o;
     o.ranks_per_node = P;
     o.out = out;
     o.prefix = false;
-    const auto r = launch::run({argv[0]}, o);
+    const auto r = launch::run({argv[0], "--backend", backend}, o);
     SEMOE_CHECK(r.exit_code == 0, "bench_all_to_all: the ", P, "-rank run failed (rank ", r.failed_rank, ")");
     std::fflush(out);
     std::rewind(out);
@@ -198,7 +259,19 @@ int main(int argc, char** argv) {
       }
     std::fclose(out);
   }
-  (void)argc;
+  if (backend == "nccl") {
+    std::printf("%5s %12s %12s %14s %16s %9s\n", "ranks", "bytes/dest", "GB/s (sum)", "GB/s per rank",
+                "copy GB/s floor", "vs copy");
+    for (const auto& j : results)
+      std::printf("%5d %12zu %12.2f %14.2f %16.2f %9.2f\n", j["ranks"].get<int>(),
+                  j["bytes_per_dest"].get<std::size_t>(), j["gb_per_s"].get<double>(),
+                  j["per_rank_gb_per_s"].get<double>(), j["copy_floor_gb_per_s"].get<double>(),
+                  j["ratio_vs_copy"].get<double>());
+    std::printf("%s\n", nlohmann::json{{"benchmark", "all_to_all"}, {"backend", "nccl"}, {"results", results}}
+                            .dump()
+                            .c_str());
+    return 0;
+  }
   std::printf("%-13s %5s %12s %9s %12s %10s %10s\n", "algo", "ranks", "bytes/dest", "GB/s", "socket GB/s",
               "vs socket", "inter-node");
   for (const auto& j : results)
@@ -206,6 +279,7 @@ int main(int argc, char** argv) {
                 j["ranks"].get<int>(), j["bytes_per_dest"].get<std::size_t>(), j["gb_per_s"].get<double>(),
                 j["socket_gb_per_s"].get<double>(), j["ratio_vs_socket"].get<double>(),
                 static_cast<long long>(j["inter_node_messages"].get<std::int64_t>()));
-  std::printf("%s\n", nlohmann::json{{"benchmark", "all_to_all"}, {"results", results}}.dump().c_str());
+  std::printf("%s\n",
+              nlohmann::json{{"benchmark", "all_to_all"}, {"backend", "tcp"}, {"results", results}}.dump().c_str());
   return 0;
 }
