@@ -7,9 +7,11 @@
 # Builds the CUDA tests and benchmarks in Release (build/gpu-check, for the
 # architectures in SEMOE_CUDA_ARCHS, default 90), or unpacks a bundle built
 # elsewhere (for a GPU machine without the build's dependencies), then runs:
-# every GPU test program (the cuda-vs-cpu equality tests among them), 300
-# steps of fashion_mnist --backend cuda against the cpu loss curve, and
-# bench_moe_layer --backend cuda. Each step's output lands in OUTDIR, with a
+# every GPU test program (the cuda-vs-cpu equality tests among them; the
+# comm::nccl ones run what one GPU allows and say what needs more), 300
+# steps of fashion_mnist --backend cuda against the cpu loss curve,
+# bench_moe_layer --backend cuda, and bench_all_to_all --backend nccl (one
+# process per GPU, over comm::tcp's rendezvous). Each step's output lands in OUTDIR, with a
 # summary in OUTDIR/gpu-check.log; it exits non-zero if a step failed.
 set -uo pipefail
 out=${1:?usage: tests/cuda/gpu-check.sh OUTDIR [--bundle FILE]}
@@ -43,12 +45,15 @@ data=()
 if [[ -n $bundle ]]; then
   root="$out/bundle"
   rm -rf "$root" && mkdir -p "$root" && tar -xJf "$bundle" -C "$root" || { say "gpu-check: cannot unpack $bundle"; exit 1; }
-  # cuBLAS is the GPU machine's own (too large to carry): its toolkit's, or a
-  # Python wheel's (nvidia-cublas), wherever the loader does not look by itself.
+  # cuBLAS and NCCL are the GPU machine's own (too large to carry): its
+  # toolkit's, or Python wheels' (nvidia-cublas, nvidia-nccl), wherever the
+  # loader does not look by itself.
   cublas_dirs=$(
     { ls -d /usr/local/cuda*/lib64 /usr/local/cuda*/lib /usr/local/cuda*/targets/*/lib 2>/dev/null
-      python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null
-    } | while read -r d; do [[ -e $d/libcublas.so.13 ]] && printf '%s:' "$d"; done)
+      for m in cublas nccl; do
+        python3 -c "import nvidia.$m, os; print(os.path.join(list(nvidia.$m.__path__)[0], 'lib'))" 2>/dev/null
+      done
+    } | while read -r d; do [[ -e $d/libcublas.so.13 || -e $d/libnccl.so.2 ]] && printf '%s:' "$d"; done)
   lib_path="$root/lib:${cublas_dirs}${LD_LIBRARY_PATH:-}"
   export LD_LIBRARY_PATH="${lib_path%:}"
   say "libraries: $LD_LIBRARY_PATH"
@@ -56,6 +61,7 @@ if [[ -n $bundle ]]; then
   tests=("$root"/bin/semoe_cuda_*)
   fashion="$root/bin/fashion_mnist"
   bench="$root/bin/bench_moe_layer"
+  bench_a2a="$root/bin/bench_all_to_all"
   data=(--data "$root/data/fashion-mnist")
 else
   bdir=build/gpu-check
@@ -66,10 +72,11 @@ else
     exit 1
   }
   targets=$(cd tests/cuda && for f in *.cu; do printf 'semoe_cuda_%s ' "${f%.cu}"; done)
-  step build 420 cmake --build "$bdir" --parallel "$(nproc)" --target $targets bench_moe_layer fashion_mnist || exit 1
+  step build 420 cmake --build "$bdir" --parallel "$(nproc)" --target $targets bench_moe_layer bench_all_to_all fashion_mnist || exit 1
   tests=("$bdir"/tests/cuda/semoe_cuda_*)
   fashion="$bdir/examples/fashion_mnist"
   bench="$bdir/examples/bench_moe_layer"
+  bench_a2a="$bdir/examples/bench_all_to_all"
 fi
 
 # Every GPU test program; 77 means it saw no GPU, which here is a failure.
@@ -101,6 +108,7 @@ if [[ -s $out/fashion-mnist-cpu.txt && -s $out/fashion-mnist-cuda.txt ]]; then
 fi
 
 step bench-moe-layer 240 "$bench" --backend cuda --reps 5
+step bench-all-to-all-nccl 180 "$bench_a2a" --backend nccl
 
 if ((${#failed[@]})); then
   say "gpu-check: FAILED: ${failed[*]}"

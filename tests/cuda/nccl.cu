@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "gpu_main.cuh"
+#include "semoe/comm/hierarchical.hpp"
 #include "semoe/comm/local.hpp"
 #include "semoe/comm/nccl.hpp"
 #include "semoe/core/buffer.hpp"
@@ -63,7 +64,8 @@ void on_gpus(int P, F body) {
 float a2a_value(int r, int p, index_t i) { return static_cast<float>(1000 * r + 100 * p) + static_cast<float>(i); }
 
 /// Each rank sends (r + p) % 3 + 2 elements to rank p; checks what arrives.
-void check_all_to_all(comm::nccl& world, bool host_spans) {
+template <class C>
+void check_all_to_all(C& world, bool host_spans) {
   const int P = world.size(), me = world.rank();
   std::vector<index_t> sc(P), rc(P);
   for (int p = 0; p < P; ++p) {
@@ -174,5 +176,22 @@ TEST_CASE("nccl: bad arguments are errors naming the collective") {
                          doctest::Contains("semoe::comm::nccl::all_gather"), semoe::error);
     CHECK_THROWS_WITH_AS(comm::broadcast(world, std::span<float>(a), 1), doctest::Contains("root = 1"),
                          semoe::error);
+  });
+}
+
+TEST_CASE("hierarchical<comm::nccl> over two simulated nodes equals the expected bytes (4 or more GPUs)") {
+  const int P = gpus() / 2 * 2;
+  if (P < 4) {
+    MESSAGE("this machine has " << gpus() << " GPU(s): two nodes of two or more ranks need 4 and were not run");
+    return;
+  }
+  on_gpus(P, [P](cuda_executor&, comm::nccl& world) {
+    const int L = P / 2, r = world.rank();
+    auto intra = world.split(r / L, r);
+    auto rail = world.split(r % L, r);
+    comm::hierarchical<comm::nccl> h(world, std::move(intra), std::move(rail));
+    CHECK(h.nodes() == 2);
+    check_all_to_all(h, false);
+    check_all_to_all(h, true);
   });
 }
