@@ -7,14 +7,19 @@
 #include <cstdint>
 #include <vector>
 
+#include "compare.hpp"
 #include "gpu_main.cuh"
 #include "semoe/comm/hierarchical.hpp"
 #include "semoe/comm/local.hpp"
 #include "semoe/comm/nccl.hpp"
 #include "semoe/core/buffer.hpp"
 #include "semoe/cuda/backend.cuh"
+#include "semoe/gate/top_k.hpp"
+#include "semoe/layer/moe_layer.hpp"
 
 using namespace semoe;
+using semoe::test::random_vec;
+using semoe::test::scaled_error;
 
 static_assert(comm::Communicator<comm::nccl>);
 static_assert(comm::moves_device_memory_v<comm::nccl> && !comm::moves_device_memory_v<comm::local>);
@@ -193,5 +198,31 @@ TEST_CASE("hierarchical<comm::nccl> over two simulated nodes equals the expected
     CHECK(h.nodes() == 2);
     check_all_to_all(h, false);
     check_all_to_all(h, true);
+  });
+}
+
+TEST_CASE("moe_layer on the cuda backend over comm::nccl (device buffers, no host staging) equals the cpu layer") {
+  using cpu_layer = moe_layer<cpu, gate::top_k<2>>;
+  using gpu_layer = basic_moe_layer<float, semoe::cuda, gate::top_k<2>, expert::ffn<act::gelu>, comm::nccl>;
+  const index_t T = 256, H = 64, F = 128, E = 4;
+  const auto x = random_vec(T * H, 1), dy = random_vec(T * H, 2);
+  std::vector<float> ya(T * H), dxa(T * H);
+  {
+    cpu_executor cex({.threads = 2});
+    auto c1 = comm::local::make_world(1);
+    cpu_layer a(cex, c1[0], {.hidden = H, .ffn = F, .experts = E, .seed = 5});
+    a.forward(as_matrix(x.data(), T, H), as_matrix(ya.data(), T, H));
+    a.zero_grad();
+    a.backward(as_matrix(dy.data(), T, H), as_matrix(dxa.data(), T, H));
+  }
+  on_gpus(1, [&](cuda_executor& gex, comm::nccl& world) {
+    gpu_layer b(gex, world, {.hidden = H, .ffn = F, .experts = E, .seed = 5});
+    auto xd = to_device(x), dyd = to_device(dy);
+    buffer<float, device_space> yd(T * H), dxd(T * H);
+    b.forward(matrix_view<const float>(xd.matrix(T, H)), yd.matrix(T, H));
+    b.zero_grad();
+    b.backward(matrix_view<const float>(dyd.matrix(T, H)), dxd.matrix(T, H));
+    CHECK(scaled_error(to_host(yd), ya) < 1e-5);
+    CHECK(scaled_error(to_host(dxd), dxa) < 1e-5);
   });
 }
