@@ -40,6 +40,7 @@
 
 #include "semoe/comm/concepts.hpp"
 #include "semoe/comm/detail/exchange_plan.hpp"
+#include "semoe/comm/detail/side_channel.hpp"
 #include "semoe/cuda/memory.cuh"
 
 namespace semoe::comm {
@@ -51,34 +52,6 @@ struct nccl_options {
 };
 
 namespace detail {
-
-/// What comm::nccl needs from a host communicator: the NCCL id sent from
-/// rank 0 to all, every rank's count of issued collectives after a failure,
-/// and the same split as NCCL's. Any Communicator provides it.
-struct nccl_side_channel {
-  int rank = 0, size = 1, local_rank = 0, local_size = 1;
-  std::function<void(std::span<std::uint8_t>)> broadcast_from_0;
-  std::function<std::vector<std::uint64_t>(std::uint64_t)> all_gather;
-  std::function<nccl_side_channel(int, int)> split;
-};
-
-template <class C>
-nccl_side_channel make_side_channel(C c) {
-  auto sp = std::make_shared<C>(std::move(c));
-  nccl_side_channel s;
-  s.rank = sp->rank();
-  s.size = sp->size();
-  s.local_rank = sp->local_rank();
-  s.local_size = sp->local_size();
-  s.broadcast_from_0 = [sp](std::span<std::uint8_t> bytes) { comm::broadcast(*sp, bytes, 0); };
-  s.all_gather = [sp](std::uint64_t mine) {
-    std::vector<std::uint64_t> all(static_cast<std::size_t>(sp->size()));
-    comm::all_gather(*sp, std::span<const std::uint64_t>(&mine, 1), std::span<std::uint64_t>(all));
-    return all;
-  };
-  s.split = [sp](int color, int key) { return make_side_channel(sp->split(color, key)); };
-  return s;
-}
 
 template <class T>
 constexpr ncclDataType_t nccl_type() {
@@ -234,7 +207,7 @@ class nccl {
 
   /// One rank's communicator; copies of a nccl handle share it.
   struct state {
-    detail::nccl_side_channel side;
+    detail::side_channel side;
     options opt;
     int device = 0;
     ncclComm_t comm = nullptr;
@@ -242,7 +215,7 @@ class nccl {
     std::uint64_t issued = 0;  ///< collectives issued so far (their numbers are 1, 2, ...)
     std::string aborted;       ///< why the communicator was aborted, or empty
 
-    state(detail::nccl_side_channel s, options o, int dev) : side(std::move(s)), opt(o), device(dev) {
+    state(detail::side_channel s, options o, int dev) : side(std::move(s)), opt(o), device(dev) {
       SEMOE_CUDA_TRY(cudaSetDevice(device));
       SEMOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     }
@@ -309,19 +282,7 @@ class nccl {
 
     /// After collective #id failed: which ranks never issued it, asked over
     /// the side channel (which itself names a rank that died or went silent).
-    std::string diagnose(std::uint64_t id) {
-      try {
-        const auto seen = side.all_gather(id);
-        std::string behind;
-        for (std::size_t r = 0; r < seen.size(); ++r)
-          if (seen[r] < id)
-            behind += semoe::detail::concat(behind.empty() ? "" : ", ", r, " (at #", seen[r], ")");
-        if (behind.empty()) return "every rank issued it, so the transfer itself stalled (a hung GPU, link or NIC)";
-        return "ranks " + behind + " never issued it";
-      } catch (const std::exception& e) {
-        return std::string("the side channel could not ask the other ranks: ") + e.what();
-      }
-    }
+    std::string diagnose(std::uint64_t id) { return detail::who_never_issued(side, id, issued); }
   };
 
   /// Issuing one collective: its inputs staged to the device when on the
@@ -436,7 +397,7 @@ class nccl {
     std::vector<staged_span> staged_;
   };
 
-  nccl(detail::nccl_side_channel side, options o) {
+  nccl(detail::side_channel side, options o) {
     SEMOE_CHECK(o.timeout.count() > 0, "semoe::comm::nccl: options.timeout = ", o.timeout.count(),
                 " ms: expected > 0");
     int devices = 0;
