@@ -56,8 +56,18 @@ struct ring_stats {
 /// later expert of the layer (or the layer's end) shows it was not needed.
 enum class ring_unit { layer, expert };
 
+struct ring_release;
+
 struct ring {
   using policy_kind = storage::storage_tag;
+  /// Only ring_release frees a layer's slot for the loader.
+  template <class Prefetch>
+  static constexpr bool pairs_with_prefetch() {
+    static_assert(std::is_same_v<Prefetch, ring_release>,
+                  "semoe::infer::ring needs the prefetch policy semoe::infer::ring_release: it frees each layer's "
+                  "slot when the layer's forward ends; with any other the loader waits forever at layer K");
+    return true;
+  }
 
   struct store_options {
     index_t slots = 2;              ///< K; or derived from budget_bytes when that is set
@@ -461,6 +471,13 @@ struct ring {
 /// slot is released to the loader.
 struct ring_release {
   using policy_kind = prefetch::prefetch_tag;
+  template <class Storage>
+  static constexpr bool pairs_with_storage() {
+    static_assert(std::is_same_v<Storage, ring>,
+                  "semoe::infer::ring_release goes with the storage policy semoe::infer::ring only; with another "
+                  "storage policy use prefetch::on_demand or prefetch::vertical<D>");
+    return true;
+  }
   template <class Store>
   void before(Store&, index_t, prefetch::phase, std::span<const std::int32_t>) {}
   template <class Store>

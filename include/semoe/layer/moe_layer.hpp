@@ -94,6 +94,7 @@ class basic_moe_layer {
                 "add_layer/acquire/release); see storage/concepts.hpp");
   static_assert(prefetch::Prefetcher<Prefetch>,
                 "semoe::moe_layer: Prefetch must provide before/after/end_step hooks; see prefetch/concepts.hpp");
+  static_assert(prefetch::check_pairing<Storage, Prefetch>());  // a policy that needs a partner names it
 
  public:
   using value_type = T;

@@ -24,4 +24,21 @@ concept Prefetcher = std::same_as<typename P::policy_kind, prefetch_tag> &&
       { p.end_step(s) };
     };
 
+/// Storage and prefetch policies that only work with a particular partner
+/// say so at compile time: a storage policy may define
+///   template <class Prefetch> static constexpr bool pairs_with_prefetch()
+/// and a prefetch policy
+///   template <class Storage> static constexpr bool pairs_with_storage()
+/// each holding a static_assert whose message names the fix. moe_layer
+/// instantiates both, so a pairing that cannot work (infer::ring without
+/// infer::ring_release waits forever at layer K) does not compile.
+template <class Storage, class Prefetch>
+constexpr bool check_pairing() {
+  if constexpr (requires { Storage::template pairs_with_prefetch<Prefetch>(); })
+    static_cast<void>(Storage::template pairs_with_prefetch<Prefetch>());
+  if constexpr (requires { Prefetch::template pairs_with_storage<Storage>(); })
+    static_cast<void>(Prefetch::template pairs_with_storage<Storage>());
+  return true;
+}
+
 }  // namespace semoe::prefetch
