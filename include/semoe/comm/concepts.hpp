@@ -21,12 +21,17 @@ enum class reduce_op { sum, max, min };
 class request {
  public:
   request() = default;
-  explicit request(std::function<void()> complete) : complete_(std::move(complete)) {}
-  request(request&& o) noexcept : complete_(std::exchange(o.complete_, nullptr)) {}
+  /// `complete` waits for the collective; `ready`, where the communicator
+  /// can tell, says without waiting whether it has finished.
+  explicit request(std::function<void()> complete, std::function<bool()> ready = nullptr)
+      : complete_(std::move(complete)), ready_(std::move(ready)) {}
+  request(request&& o) noexcept
+      : complete_(std::exchange(o.complete_, nullptr)), ready_(std::exchange(o.ready_, nullptr)) {}
   request& operator=(request&& o) noexcept {
     if (this != &o) {
       finish_noexcept();
       complete_ = std::exchange(o.complete_, nullptr);
+      ready_ = std::exchange(o.ready_, nullptr);
     }
     return *this;
   }
@@ -38,6 +43,9 @@ class request {
     if (auto f = std::exchange(complete_, nullptr)) f();
   }
   bool pending() const { return static_cast<bool>(complete_); }
+  /// True once the collective has finished (wait() then returns at once);
+  /// false while it runs, and for communicators that cannot tell.
+  bool ready() const { return !complete_ || (ready_ && ready_()); }
 
  private:
   void finish_noexcept() noexcept {
@@ -48,6 +56,7 @@ class request {
     }
   }
   std::function<void()> complete_;
+  std::function<bool()> ready_;
 };
 
 /// What every communication backend provides. Counts are in elements.

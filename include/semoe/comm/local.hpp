@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -419,12 +420,57 @@ class local {
   }
 
   /// Complete every collective this rank has issued.
-  void drain() { complete_through(*state_, state_->next_seq); }
+  void drain() {
+    if (state_->next_seq > 0) wait_for(*state_, state_->next_seq - 1);
+  }
 
  private:
+  /// One rank's issued collectives and the thread that runs them: started
+  /// with the first collective, it waits for the peers to post and does this
+  /// rank's copies in issue order, so an async collective completes while
+  /// the caller computes (on processes, comm::tcp's io thread does the same).
   struct rank_state {
-    std::uint64_t next_seq = 0;
-    std::map<std::uint64_t, std::function<void()>> pending;
+    std::uint64_t next_seq = 0;  // caller's thread only
+    std::mutex m;
+    std::condition_variable cv;
+    std::map<std::uint64_t, std::function<void()>> pending;  // under m
+    std::map<std::uint64_t, std::exception_ptr> failed;      // under m
+    std::uint64_t done = 0;                                  // [0, done) have run; under m
+    bool stop = false;
+    std::thread worker;
+
+    rank_state() = default;
+    rank_state(const rank_state&) = delete;
+    rank_state& operator=(const rank_state&) = delete;
+    ~rank_state() {
+      {
+        std::lock_guard lk(m);
+        stop = true;
+      }
+      cv.notify_all();
+      if (worker.joinable()) worker.join();
+    }
+
+    void run() {
+      std::unique_lock lk(m);
+      for (;;) {
+        cv.wait(lk, [&] { return stop || (!pending.empty() && pending.begin()->first == done); });
+        if (pending.empty() || pending.begin()->first != done) return;  // stopping, nothing left to run
+        auto f = std::move(pending.begin()->second);
+        pending.erase(pending.begin());
+        lk.unlock();
+        std::exception_ptr e;
+        try {
+          f();
+        } catch (...) {
+          e = std::current_exception();
+        }
+        lk.lock();
+        if (e) failed.emplace(done, e);
+        ++done;
+        cv.notify_all();
+      }
+    }
   };
 
   void check_same_op(const detail::local_op& op, reduce_op rop, const char* what) const {
@@ -436,8 +482,11 @@ class local {
   request start(detail::local_kind kind, const std::type_info* type, Fill fill, Work work) {
     const std::uint64_t seq = state_->next_seq++;
     detail::local_op* op = &world_->post(seq, rank_, kind, type, fill);
+    rank_state& st = *state_;
+    std::lock_guard lk(st.m);
+    if (!st.worker.joinable()) st.worker = std::thread([&st] { st.run(); });
     // Copies, not `this`: a handle may be moved while its requests are pending.
-    state_->pending.emplace(seq, [world = world_, me = rank_, seq, op, work]() mutable {
+    st.pending.emplace(seq, [world = world_, me = rank_, seq, op, work]() mutable {
       world->wait_posted(*op);
       try {
         work(*op);
@@ -448,15 +497,21 @@ class local {
       world->done_reading(*op);
       world->finish(seq, *op);
     });
-    return request([st = state_, seq] { complete_through(*st, seq); });
+    st.cv.notify_all();
+    return request([st = state_, seq] { wait_for(*st, seq); }, [st = state_, seq] {
+      std::lock_guard lk(st->m);
+      return st->done > seq;
+    });
   }
 
-  /// Collectives complete in issue order, whichever request is waited first.
-  static void complete_through(rank_state& st, std::uint64_t seq) {
-    while (!st.pending.empty() && st.pending.begin()->first <= seq) {
-      auto f = std::move(st.pending.begin()->second);
-      st.pending.erase(st.pending.begin());
-      f();
+  /// Collectives complete in issue order; waiting for one rethrows its error.
+  static void wait_for(rank_state& st, std::uint64_t seq) {
+    std::unique_lock lk(st.m);
+    st.cv.wait(lk, [&] { return st.done > seq; });
+    if (auto it = st.failed.find(seq); it != st.failed.end()) {
+      auto e = it->second;
+      st.failed.erase(it);
+      std::rethrow_exception(e);
     }
   }
 

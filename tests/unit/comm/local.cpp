@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -456,4 +457,32 @@ TEST_CASE("a failure aborts collectives of split groups too, so no rank hangs in
     });
   };
   CHECK_THROWS_WITH_AS(run(), doctest::Contains("rank 0 gave up"), semoe::error);
+}
+
+TEST_CASE("local: an async collective completes while the caller computes, without a wait") {
+  // Each rank issues an all-gather and then only computes; the collective
+  // must finish on its own (comm::local's progress thread), as the layer-ahead
+  // gather of prefetch::two_d needs. wait() then returns at once.
+  std::vector<double> finished_after(2, -1);
+  std::vector<std::vector<float>> got(2);
+  local::run(2, [&](local& c) {
+    const int me = c.rank();
+    std::vector<float> mine{float(me + 1)}, all(2);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto req = c.all_gather_async(std::span<const float>(mine), std::span<float>(all));
+    double x = 0;  // compute, checking now and then
+    while (!req.ready() && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5))
+      for (int i = 0; i < 1000; ++i) x += std::sqrt(double(i));
+    if (req.ready()) finished_after[me] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    req.wait();
+    got[me] = all;
+    CHECK(x > 0);
+  });
+  for (int r = 0; r < 2; ++r) {
+    CAPTURE(r);
+    CHECK(finished_after[r] >= 0);  // it finished before this rank waited
+    CHECK(got[r] == std::vector<float>{1, 2});
+  }
+  MESSAGE("the all-gather finished " << finished_after[0] << " s and " << finished_after[1]
+                                     << " s after it was issued, while both ranks computed");
 }
