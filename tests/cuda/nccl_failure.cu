@@ -1,11 +1,12 @@
 // comm::nccl's failure paths on one GPU: a rank that never joins is a
 // timeout naming the init call, and a collective that cannot finish aborts
-// the communicator with an error naming it (the last case: the stalled work
-// it leaves behind is only released when the program ends). Skipped without
-// a device (gpu_main.cuh).
+// the communicator with an error naming it (held back by a host function on
+// the compute stream, which lets go after 3 s). Skipped without a device
+// (gpu_main.cuh).
 #include <atomic>
 #include <chrono>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gpu_main.cuh"
@@ -58,9 +59,13 @@ using nccl_failure_test::lonely_side;
 
 namespace {
 
+/// Holds the stream until released or for 3 s at most: aborting the
+/// communicator frees device memory, and cudaFree waits for all work on the
+/// device, so the hold must end by itself for the abort to return.
 std::atomic<bool> release{false};
 void CUDART_CB hold_stream(void*) {
-  while (!release.load()) std::this_thread::sleep_for(1ms);
+  const auto until = std::chrono::steady_clock::now() + 3s;
+  while (!release.load() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
 }
 
 }  // namespace
@@ -99,6 +104,6 @@ TEST_CASE("nccl: a collective that cannot finish aborts the communicator and nam
     CHECK_THROWS_WITH_AS(comm::all_reduce(world, std::span<float>(x)),
                          doctest::Contains("all_reduce on a communicator that was aborted: all_reduce #2 failed"),
                          semoe::error);
-    release = true;  // the stalled work may now run; the program ends without waiting for it
+    release = true;
   });
 }
