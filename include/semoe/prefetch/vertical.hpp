@@ -2,13 +2,15 @@
 // i runs, the experts of layers i+1 .. i+Depth (i-1 .. i-Depth in backward)
 // move toward compute: the next layer to the device, the ones after it from
 // SSD to host DRAM. Which experts is predicted from the gate counts recorded
-// in earlier steps (the counts the all-to-all already exchanged: no extra
-// communication); an expert the prediction missed loads on demand.
+// in earlier steps (expert_prediction.hpp); an expert the prediction missed
+// loads on demand. With prefetch::two_d this is the vertical half of 2D
+// prefetch; the horizontal half is prefetch/dense_shards.hpp.
 #pragma once
 
 #include <span>
 
 #include "semoe/prefetch/concepts.hpp"
+#include "semoe/prefetch/expert_prediction.hpp"
 #include "semoe/storage/concepts.hpp"
 
 namespace semoe::prefetch {
@@ -48,13 +50,14 @@ struct vertical {
   static constexpr bool can_prefetch = requires(Store& s, index_t i, std::span<const std::int32_t> c) {
     s.prefetch(i, i, storage::tier_level::device);
     s.record_counts(i, c);
-    s.predicted_experts(i);
+    s.recorded_counts(i);
   };
 
   template <class Store>
   static void ahead(Store& s, index_t layer, int distance) {
     const auto to = distance == 1 ? storage::tier_level::device : storage::tier_level::host;
-    for (index_t e : s.predicted_experts(layer)) s.prefetch(layer, e, to);
+    const auto recorded = s.recorded_counts(layer);
+    for (index_t e : predict_experts(recorded, s.experts(layer))) s.prefetch(layer, e, to);
   }
 };
 

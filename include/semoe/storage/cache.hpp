@@ -1,9 +1,11 @@
 // semoe/storage/cache.hpp: which block host DRAM gives up when it is full.
-// `lfu` is SE-MoE's DRAM cache policy (§3.2): a hit counter per block, the
-// least-hit block evicted, blocks hit more than a threshold kept while any
-// other candidate remains, and every counter decayed by beta every K steps so
-// that experts which stop being chosen lose their place. `lru` is the usual
-// baseline for comparison.
+// `lfu` is SE-MoE's DRAM cache policy (§3.2): a hit counter per block, every
+// counter decayed by beta every K steps so that experts which stop being
+// chosen lose their place, the least-hit block evicted (the least recently
+// used among equal counts), and an admission threshold theta: a block hit
+// fewer than theta times does not displace a cached block. The store reads
+// such a block through a staging buffer instead (tiered_store.hpp). `lru` is
+// the usual baseline for comparison: it admits every block.
 #pragma once
 
 #include <concepts>
@@ -49,7 +51,7 @@ class lfu : public detail::block_stats {
   struct options {
     double decay = 0.5;             ///< beta: counters are multiplied by it ...
     std::uint64_t decay_every = 8;  ///< ... every K steps
-    double threshold = 4.0;         ///< blocks hit more often are evicted last
+    double threshold = 1.0;         ///< theta: fewer (decayed) hits than this and a block is not admitted
   };
   static void validate(const options& o) {
     SEMOE_CHECK(o.decay >= 0 && o.decay <= 1, "semoe::storage::lfu: options.decay = ", o.decay,
@@ -67,13 +69,16 @@ class lfu : public detail::block_stats {
     for (auto& h : hits_) h *= opt_.decay;
   }
 
-  /// The block to evict among `candidates` (not empty): the least-hit one
-  /// under the threshold, else the least-hit one; ties go to the least
-  /// recently used.
+  /// Whether block b may displace a cached block: its decayed hit count has
+  /// reached the threshold.
+  bool admits(std::size_t b) const { return hits_[b] >= opt_.threshold; }
+
+  /// The block to evict among `candidates` (not empty): the least-hit one;
+  /// ties go to the least recently used.
   std::size_t pick(std::span<const std::size_t> candidates) const {
     SEMOE_EXPECTS(!candidates.empty());
     std::size_t best = candidates.front();
-    auto key = [&](std::size_t b) { return std::tuple(hits_[b] > opt_.threshold, hits_[b], last_[b]); };
+    auto key = [&](std::size_t b) { return std::tuple(hits_[b], last_[b]); };
     for (std::size_t b : candidates)
       if (key(b) < key(best)) best = b;
     return best;
@@ -92,6 +97,7 @@ class lru : public detail::block_stats {
   lru() = default;
   explicit lru(options) {}
   void end_step() {}
+  bool admits(std::size_t) const { return true; }
   std::size_t pick(std::span<const std::size_t> candidates) const {
     SEMOE_EXPECTS(!candidates.empty());
     std::size_t best = candidates.front();
@@ -107,6 +113,7 @@ concept CachePolicy = std::same_as<typename C::policy_kind, cache_policy_tag> &&
                         c.resize(b);
                         c.touch(b);
                         c.end_step();
+                        { cc.admits(b) } -> std::same_as<bool>;
                         { cc.pick(cand) } -> std::same_as<std::size_t>;
                       };
 

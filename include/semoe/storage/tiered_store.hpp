@@ -1,7 +1,11 @@
 // semoe/storage/tiered_store.hpp: SE-MoE's hierarchical storage (§3.2).
 // Every expert block (weights, gradients, optimizer moments) has its home on
 // SSD (or in host DRAM when there is no SSD tier); host DRAM caches blocks
-// under a byte budget with the LFU-with-decay policy of cache.hpp; the device
+// under a byte budget with the LFU-with-decay policy of cache.hpp; a block
+// the policy does not admit (hit fewer than theta times) and which finds
+// DRAM full is read through one staging buffer to the device instead of
+// displacing a cached block, when compute needs only its weights (the buffer
+// is one block of the host budget, taken on first use); the device
 // tier holds the weights and gradients of the blocks compute works on, under
 // its own budget. Blocks move on demand (acquire) or ahead of need when a
 // prefetcher asks (prefetch), on mover threads that stand for copy engines.
@@ -63,6 +67,7 @@ struct store_stats {
   std::uint64_t hits = 0;      ///< acquires that found the block on the device
   std::uint64_t misses = 0;    ///< acquires that loaded or waited
   std::uint64_t prefetches = 0;
+  std::uint64_t read_through = 0;  ///< SSD -> device loads through the staging buffer, past DRAM
   double wait_seconds = 0;     ///< compute time spent in acquire waiting for blocks
   double hit_rate() const { return hits + misses ? double(hits) / double(hits + misses) : 1.0; }
 };
@@ -87,7 +92,7 @@ struct tiered_policy {
     cache_kind cache = cache_kind::lfu;         ///< host DRAM's eviction policy
     cache_kind device_cache = cache_kind::lru;  ///< the device tier's: lfu makes it an expert cache for decoding
     bool device_grads = true;  ///< room for gradients in device copies; false: inference only, twice the experts
-    lfu::options lfu_options{};
+    lfu::options lfu_options{};  ///< decay, and the admission threshold theta of host DRAM (and of the device under lfu)
     int movers = 1;                  ///< threads serving prefetches (copy engines)
     int rank = 0;                    ///< trace process id
   };
@@ -151,6 +156,7 @@ struct tiered_policy {
         std::error_code ec;
         if (made_dir_ && !keep_file_) std::filesystem::remove(opt_.ssd.dir, ec);  // ours, and empty by now
       }
+      host_.deallocate(staging_buf_, staging_bytes_);
       for (auto& b : blocks_) {
         if (b.compute_done) try {
             b.compute_done();
@@ -219,7 +225,7 @@ struct tiered_policy {
       } else {
         ++stats_.misses;
         const double t0 = trace::recorder::instance().now_us();
-        ensure_device(lk, b, false);
+        ensure_device(lk, b, false, !grads);
         const double t1 = trace::recorder::instance().now_us();
         stats_.wait_seconds += (t1 - t0) * 1e-6;
         record("wait ", b, "wait", t0, compute_lane());
@@ -323,22 +329,19 @@ struct tiered_policy {
       cv_.notify_all();
     }
 
-    /// Routed rows per local expert of `layer` in its latest forward; the
-    /// vertical prefetcher predicts the next use from it.
+    /// Routed rows per local expert of `layer` in its latest forward, kept
+    /// for the vertical prefetcher (prefetch/expert_prediction.hpp), which
+    /// predicts the next use from them.
     void record_counts(index_t layer, std::span<const std::int32_t> counts) {
       std::lock_guard lk(m_);
       auto& c = counts_.at(static_cast<std::size_t>(layer));
       c.assign(counts.begin(), counts.end());
     }
-    /// Experts of `layer` expected to get rows: those with rows in its latest
-    /// recorded forward, or all of them before any.
-    std::vector<index_t> predicted_experts(index_t layer) const {
+    /// The counts record_counts kept for `layer` (empty: none yet).
+    std::vector<std::int32_t> recorded_counts(index_t layer) const {
       std::lock_guard lk(m_);
-      const auto& c = counts_.at(static_cast<std::size_t>(layer));
-      std::vector<index_t> out;
-      for (index_t e = 0; e < info(layer).experts; ++e)
-        if (c.empty() || c[static_cast<std::size_t>(e)] > 0) out.push_back(e);
-      return out;
+      (void)info(layer);
+      return counts_[static_cast<std::size_t>(layer)];
     }
 
     /// Once per optimizer step per layer; after the last layer's call the
@@ -570,8 +573,18 @@ struct tiered_policy {
     /// wait for room.
     bool ensure_host(std::unique_lock<std::mutex>& lk, block& b, bool prefetch);
 
-    /// Make b's weights and gradients resident on the device.
-    bool ensure_device(std::unique_lock<std::mutex>& lk, block& b, bool prefetch);
+    /// Make b's weights resident on the device. `weights_only`: the caller
+    /// will not need a host copy next, so a block host DRAM does not admit
+    /// may be read through the staging buffer.
+    bool ensure_device(std::unique_lock<std::mutex>& lk, block& b, bool prefetch, bool weights_only = false);
+
+    /// Whether b, to be loaded, is one host DRAM turns away: it is on SSD,
+    /// DRAM has no free room for it and the cache policy does not admit it.
+    bool refused_by_host(const block& b) const;
+
+    /// Take the staging buffer (one SSD block) from the host budget, evicting
+    /// as a prefetch would; false when that finds no room. b is not busy.
+    bool make_staging(std::unique_lock<std::mutex>& lk, const block& b);
 
     bool host_victim_ok(const block& v, const block& self, bool prefetch) const;
     bool dev_victim_ok(const block& v, bool prefetch) const;
@@ -606,6 +619,9 @@ struct tiered_policy {
     using host_arena = host_tier::basic_arena<host_staging_t<Space>>;  // pinned under a device
     device_tier::basic_arena<Space> device_;
     host_arena host_;
+    std::byte* staging_buf_ = nullptr;  ///< the read-through buffer, in host_'s budget
+    std::size_t staging_bytes_ = 0;
+    bool staging_busy_ = false;
     std::conditional_t<HasSsd, std::optional<ssd_tier>, std::monostate> ssd_{};
     std::array<std::uint64_t, 2> ssd_base_{0, 0};
     std::variant<lfu, lru> cache_;

@@ -154,7 +154,7 @@ TEST_CASE("tiered store: a configuration too small for a layer's working set fai
   o.ssd.dir = d.path;
   store_t s(o);
   s.add_layer(experts, elems);
-  auto a = s.acquire(0, 0);
+  [[maybe_unused]] auto a = s.acquire(0, 0);
   CHECK_THROWS_WITH_AS(s.acquire(0, 1), doctest::Contains("the device budget"), error);
   s.release(0, 0);
   CHECK(device_meter.peak <= o.device.budget_bytes);  // the failed request took nothing

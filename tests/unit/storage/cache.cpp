@@ -62,3 +62,18 @@ TEST_CASE("lru: the least recently used block goes first, however often the othe
   CHECK(pick(c, {0, 1, 2}) == 1);
   CHECK(pick(c, {0, 2}) == 2);
 }
+
+TEST_CASE("lfu: a block is admitted once its decayed count reaches the threshold; lru admits all") {
+  storage::lfu c({.decay = 0.5, .decay_every = 1, .threshold = 2.0});
+  c.resize(2);
+  CHECK_FALSE(c.admits(0));  // never hit
+  c.touch(0);
+  CHECK_FALSE(c.admits(0));
+  c.touch(0);
+  CHECK(c.admits(0));
+  c.end_step();  // 2 -> 1: below the threshold again
+  CHECK_FALSE(c.admits(0));
+  storage::lru l;
+  l.resize(1);
+  CHECK(l.admits(0));
+}

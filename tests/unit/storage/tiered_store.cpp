@@ -224,11 +224,11 @@ TEST_CASE("tiered store: vertical prefetch predicts from recorded counts and bri
   for (int l = 0; l < 4; ++l) s.add_layer(2, elems);
   for (int l = 0; l < 4; ++l)
     for (int e = 0; e < 2; ++e) s.visit(l, e, [](storage::block_ref<float>) {});  // fills host, spills to SSD
-  CHECK(s.predicted_experts(2) == std::vector<index_t>{0, 1});  // nothing recorded: all
+  CHECK(prefetch::predict_experts(s.recorded_counts(2), s.experts(2)) == std::vector<index_t>{0, 1});  // nothing recorded: all
   prefetch::vertical<2> v;
   const std::int32_t routed_to_1[2] = {0, 5};
   v.before(s, 2, prefetch::phase::forward, routed_to_1);  // layer 2 sends rows to expert 1 only
-  CHECK(s.predicted_experts(2) == std::vector<index_t>{1});
+  CHECK(prefetch::predict_experts(s.recorded_counts(2), s.experts(2)) == std::vector<index_t>{1});
   s.drain();
   CHECK(s.on_device(3, 0));  // layer 3 (distance 1): to the device
   CHECK(s.on_device(3, 1));

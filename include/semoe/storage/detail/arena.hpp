@@ -59,6 +59,8 @@ class budget_arena {
 
   /// Whether `bytes` could ever fit (an empty arena).
   bool fits(std::size_t bytes) const { return !budget_ || round_up(bytes) <= budget_; }
+  /// Whether `bytes` fit now, next to what is allocated.
+  bool has_room(std::size_t bytes) const { return !budget_ || used() + round_up(bytes) <= budget_; }
   std::size_t budget() const { return budget_; }
   std::size_t used() const { return used_.load(std::memory_order_relaxed); }
   std::size_t peak() const { return peak_.load(std::memory_order_relaxed); }

@@ -17,6 +17,7 @@ bool tiered_policy<HasSsd>::store<T, Space>::ensure_host(std::unique_lock<std::m
     if (prefetch && b.busy) return false;  // a mover never waits: its waiter may be the one moving b
     cv_.wait(lk, [&] { return !b.busy; });
     if (b.host) return true;
+    if (prefetch && refused_by_host(b)) return false;  // a prefetch never displaces for a block below theta
     b.busy = true;  // reserve b while making room
     std::byte* slot = alloc_for(lk, b, host_, host_bytes(b), prefetch,
                                 [&](block& v) { return host_victim_ok(v, b, prefetch); },
@@ -59,13 +60,25 @@ bool tiered_policy<HasSsd>::store<T, Space>::ensure_host(std::unique_lock<std::m
 
 template <bool HasSsd>
 template <class T, MemorySpace Space>
-bool tiered_policy<HasSsd>::store<T, Space>::ensure_device(std::unique_lock<std::mutex>& lk, block& b, bool prefetch) {
+bool tiered_policy<HasSsd>::store<T, Space>::ensure_device(std::unique_lock<std::mutex>& lk, block& b, bool prefetch,
+                                                           bool weights_only) {
+  bool no_staging = false;  // the buffer could not be made: load through DRAM
   for (;;) {
     if (prefetch && b.busy) return false;
     cv_.wait(lk, [&] { return !b.busy; });
     if (b.dev) return true;
-    if (!ensure_host(lk, b, prefetch)) return false;
-    if (b.busy || b.dev) continue;  // someone moved it while we waited
+    // Below theta with DRAM full: SSD -> staging buffer -> device, DRAM untouched.
+    const bool through = weights_only && !no_staging && refused_by_host(b);
+    if (through && !staging_buf_) {
+      no_staging = !make_staging(lk, b);
+      continue;  // evicting for it let go of the lock
+    }
+    if (!through) {
+      if (!ensure_host(lk, b, prefetch)) return false;
+      if (b.busy || b.dev) continue;  // someone moved it while we waited
+    } else if (prefetch && staging_busy_) {
+      return false;
+    }
     b.busy = true;
     std::byte* slot = alloc_for(lk, b, device_, dev_bytes(b), prefetch,
                                 [&](block& v) { return dev_victim_ok(v, prefetch); },
@@ -75,13 +88,41 @@ bool tiered_policy<HasSsd>::store<T, Space>::ensure_device(std::unique_lock<std:
       cv_.notify_all();
       return false;
     }
+    const std::byte* src = b.host;
+    if (through) {  // whoever holds the buffer only reads and copies: a short wait, even for a mover
+      cv_.wait(lk, [&] { return !staging_busy_; });
+      staging_busy_ = true;
+      src = staging_buf_;
+    }
     lk.unlock();
     const auto n = static_cast<std::size_t>(b.elems);
-    copy_traced<Space, host_space>(reinterpret_cast<T*>(slot), reinterpret_cast<const T*>(b.host), n, "to device ",
-                                   b);
+    std::optional<std::string> failure;
+    if (through) {
+      if constexpr (HasSsd) {
+        const double t0 = trace::recorder::instance().now_us();
+        try {
+          ssd_->read(b.id, const_cast<std::byte*>(src)).wait();
+        } catch (const std::exception& e) {
+          failure = e.what();
+        }
+        record("ssd read through ", b, "load", t0, ssd_lane);
+      }
+    }
+    if (!failure)
+      copy_traced<Space, host_space>(reinterpret_cast<T*>(slot), reinterpret_cast<const T*>(src), n, "to device ", b);
     lk.lock();
+    if (through) staging_busy_ = false;
+    if (failure) {
+      device_.deallocate(slot, dev_bytes(b));
+      b.busy = false;
+      cv_.notify_all();
+      throw error(*failure);
+    }
     stats_.device.bytes_in += n * sizeof(T);
-    stats_.host.bytes_out += n * sizeof(T);
+    if (through)
+      ++stats_.read_through;
+    else
+      stats_.host.bytes_out += n * sizeof(T);
     b.dev = slot;
     b.dev_grads = b.dev_dirty = false;  // weights only; backward's acquire brings gradients
     b.fresh = prefetch;
@@ -90,6 +131,34 @@ bool tiered_policy<HasSsd>::store<T, Space>::ensure_device(std::unique_lock<std:
     cv_.notify_all();
     return true;
   }
+}
+
+template <bool HasSsd>
+template <class T, MemorySpace Space>
+bool tiered_policy<HasSsd>::store<T, Space>::refused_by_host(const block& b) const {
+  if constexpr (HasSsd) {
+    return b.on_ssd && !host_.has_room(host_bytes(b)) &&
+           !std::visit([&](const auto& c) { return c.admits(b.id); }, cache_);
+  } else {
+    (void)b;
+    return false;  // without SSD every block lives in DRAM
+  }
+}
+
+template <bool HasSsd>
+template <class T, MemorySpace Space>
+bool tiered_policy<HasSsd>::store<T, Space>::make_staging(std::unique_lock<std::mutex>& lk, const block& b) {
+  const std::size_t bytes = ssd_block_bytes();
+  std::byte* p = alloc(lk, host_, bytes, true, b, [&](block& v) { return host_victim_ok(v, b, true); },
+                       [&](std::unique_lock<std::mutex>& l, block& v) { evict_host(l, v); });
+  if (!p) return false;
+  if (staging_buf_) {  // another thread made one while this one evicted
+    host_.deallocate(p, bytes);
+  } else {
+    staging_buf_ = p;
+    staging_bytes_ = bytes;
+  }
+  return true;
 }
 
 template <bool HasSsd>
@@ -275,7 +344,7 @@ void tiered_policy<HasSsd>::store<T, Space>::mover_loop() {
         queue_.pop_front();
         t.b->queued = false;
         if (t.to == tier_level::device)
-          ensure_device(lk, *t.b, true);
+          ensure_device(lk, *t.b, true, !opt_.device_grads);  // an inference store needs no host home
         else
           ensure_host(lk, *t.b, true);
       } else {
