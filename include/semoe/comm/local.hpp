@@ -20,6 +20,7 @@
 #include "semoe/comm/concepts.hpp"
 #include "semoe/comm/detail/exchange_plan.hpp"
 #include "semoe/core/error.hpp"
+#include "semoe/core/trace.hpp"
 
 namespace semoe::comm {
 
@@ -194,9 +195,14 @@ void reduce_into(T* acc, const T* x, std::size_t n, reduce_op op) {
 }  // namespace detail
 
 /// A rank's handle on a world of P thread-ranks. Collectives post at once and
-/// complete, in issue order, when their request is waited on.
+/// complete in issue order on the rank's progress thread, whether or not
+/// anyone waits on their requests.
 class local {
  public:
+  /// The trace lane (tid) of each rank's progress thread: one event per
+  /// collective, named "<collective> #<issue number>", pid the rank.
+  static constexpr int progress_lane = 1003;
+
   using policy_kind = comm_tag;
 
   struct options {
@@ -484,10 +490,15 @@ class local {
     detail::local_op* op = &world_->post(seq, rank_, kind, type, fill);
     rank_state& st = *state_;
     std::lock_guard lk(st.m);
-    if (!st.worker.joinable()) st.worker = std::thread([&st] { st.run(); });
+    if (!st.worker.joinable()) {
+      trace::recorder::instance().name_lane(rank_, progress_lane, "collectives (comm::local)");
+      st.worker = std::thread([&st] { st.run(); });
+    }
     // Copies, not `this`: a handle may be moved while its requests are pending.
-    st.pending.emplace(seq, [world = world_, me = rank_, seq, op, work]() mutable {
+    st.pending.emplace(seq, [world = world_, me = rank_, seq, op, kind, work]() mutable {
       world->wait_posted(*op);
+      auto& rec = trace::recorder::instance();
+      const double t0 = rec.now_us();
       try {
         work(*op);
       } catch (const std::exception& e) {
@@ -496,6 +507,9 @@ class local {
       }
       world->done_reading(*op);
       world->finish(seq, *op);
+      if (rec.enabled())  // from every rank's posting to this rank's copies done
+        rec.add({std::string(detail::kind_name(kind)) + " #" + std::to_string(seq), "comm", t0, rec.now_us() - t0, me,
+                 progress_lane});
     });
     st.cv.notify_all();
     return request([st = state_, seq] { wait_for(*st, seq); }, [st = state_, seq] {

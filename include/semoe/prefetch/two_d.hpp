@@ -4,9 +4,9 @@
 // data-parallel ranks (each keeps 1/n of them and of their optimizer state,
 // ZeRO-3 style) and layer i+1's are all-gathered in one fused buffer while
 // layer i computes; gradients are reduce-scattered layer by layer while
-// backward runs. The horizontal half is the trainer's work: it sees
-// `horizontal` on a layer's prefetch policy and shards the model's dense
-// parameters (train/trainer.hpp).
+// backward runs. The two halves live beside this file: vertical.hpp (with
+// expert_prediction.hpp) and dense_shards.hpp. The trainer sees `horizontal`
+// on a layer's prefetch policy and installs dense_shards on the model.
 #pragma once
 
 #include "semoe/prefetch/vertical.hpp"

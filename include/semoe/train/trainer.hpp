@@ -18,6 +18,7 @@
 #include "semoe/comm/concepts.hpp"
 #include "semoe/core/buffer.hpp"
 #include "semoe/core/trace.hpp"
+#include "semoe/prefetch/dense_shards.hpp"
 #include "semoe/train/optimizer.hpp"
 
 namespace semoe::train {
@@ -121,11 +122,7 @@ class trainer {
     {
       trace::scope tr("reduce_grads", "comm", world_->rank());
       if (horizontal_) {
-        for (auto& sh : shards_) {  // layers whose backward the hook did not report: none, normally
-          if (!sh.scatter_started) sh.scatter = sh.fs->reduce_scatter_async();
-          sh.scatter.wait();
-          sh.scatter_started = false;
-        }
+        dense_->finish_reduce_scatters();
       } else if (overlap) {
         buckets_->mark_all_ready();  // layers the hook did not report (none, normally)
         buckets_->finish();
@@ -141,8 +138,7 @@ class trainer {
     if (horizontal_) {
       sharded_view view{this};
       opt_->step(view);  // each rank updates its shard of the dense parameters
-      for (auto& sh : shards_) sh.stale = true;  // gathered again as the next forward reaches them
-      if (!shards_.empty()) start_gather(0);      // the first one now, while the caller prepares a batch
+      dense_->shards_updated();
     } else {
       opt_->step(*model_);
     }
@@ -156,27 +152,16 @@ class trainer {
   /// (a layer's prefetch policy asked for it: prefetch::two_d).
   bool shards_dense() const { return horizontal_; }
   /// Bytes of dense parameters this rank owns (its shards), for reports.
-  std::size_t dense_shard_bytes() const {
-    std::size_t n = 0;
-    for (const auto& sh : shards_) n += static_cast<std::size_t>(sh.fs->shard_elements()) * sizeof(value_type);
-    return n;
-  }
+  std::size_t dense_shard_bytes() const { return dense_ ? dense_->shard_bytes() : 0; }
   /// Make every layer's dense parameters whole now (before reading them
   /// outside a forward: saving, evaluating another way).
   void gather_dense() {
-    for (std::size_t k = 0; k < shards_.size(); ++k) make_whole(k);
+    if (dense_) dense_->gather_all();
   }
   /// The dense model parameters were overwritten whole (a restored
   /// checkpoint): this rank's shards take their values from them.
   void reload_dense_shards() {
-    for (auto& sh : shards_) {
-      if (sh.gathering) {  // the gather started after the last step writes the flat buffer: let it land first
-        sh.gather.wait();
-        sh.gathering = false;
-      }
-      sh.fs->take_from_params();
-      sh.stale = false;
-    }
+    if (dense_) dense_->reload_from_params();
   }
   /// The tensors the optimizer keeps dense state for, in its order: the
   /// model's parameters, or with sharded dense parameters this rank's shards
@@ -217,93 +202,23 @@ class trainer {
     }
   }
 
-  /// SE-MoE's horizontal prefetch: each top-level layer's replicated dense
-  /// parameters packed into one flat buffer sharded over the world. Before
-  /// layer i's forward its buffer is made whole and layer i+1's gather starts,
-  /// so it runs while layer i computes; after layer i's backward its
-  /// gradients are reduce-scattered while earlier layers run backward.
+  /// SE-MoE's horizontal prefetch (prefetch/dense_shards.hpp): the model's
+  /// replicated dense parameters sharded over the world, layer by layer,
+  /// each gathered while the layer before it computes.
   void shard_dense() {
     SEMOE_CHECK(opt_o_.clip_norm == 0, "semoe::train::trainer: sharded dense parameters (prefetch::two_d) need "
                 "clip_norm = 0 (got ", opt_o_.clip_norm, ")");
     if constexpr (!detail::model_space<Model>::type::host_accessible) {
       ::semoe::detail::fail("semoe::train::trainer: sharded dense parameters (prefetch::two_d) run on host backends "
                             "only; on a device backend the flat shards are not built yet");
-    } else if constexpr (hookable<Model>) {
-      install(*model_);
+    } else if constexpr (prefetch::shardable_container<Model>) {
+      dense_ = std::make_unique<prefetch::dense_shards<value_type, Comm>>(*world_);
+      dense_->install(*model_);
     } else {
       ::semoe::detail::fail("semoe::train::trainer: sharded dense parameters (prefetch::two_d) need a model with "
                             "set_forward_hook and set_backward_hook (layer::sequential, layer::repeated)");
     }
   }
-
-  template <class L>
-  static constexpr bool hookable = requires(L& l) {
-    l.set_forward_hook(std::function<void(std::size_t)>{});
-    l.set_backward_hook(std::function<void(std::size_t)>{});
-    l.for_each_layer([](auto&) {});
-  };
-
-  /// Every layer of container c is one unit of sharding, except a nested
-  /// container, whose layers are (so a repeated stack shards layer by layer).
-  /// Units are numbered in forward order: unit k+1 runs right after unit k.
-  template <class Container>
-  void install(Container& c) {
-    std::vector<int> unit;  // c's layer -> shard index, -1: none (no parameters, or a nested container)
-    c.for_each_layer([&](auto& l) {
-      using L = std::remove_cvref_t<decltype(l)>;
-      if constexpr (hookable<L>) {
-        unit.push_back(-1);
-        install(l);
-      } else {
-        param_list<value_type> mine;
-        for (auto& p : l.parameters())
-          if (p.scope == param_scope::replicated) mine.push_back(p);
-        if (mine.empty()) {
-          unit.push_back(-1);
-        } else {
-          unit.push_back(static_cast<int>(shards_.size()));
-          shards_.emplace_back();
-          shards_.back().fs = std::make_unique<comm::flat_shards<value_type, Comm>>(std::move(mine), *world_);
-        }
-      }
-    });
-    c.set_forward_hook([this, unit](std::size_t i) {
-      if (unit[i] < 0) return;
-      const auto k = static_cast<std::size_t>(unit[i]);
-      make_whole(k);
-      if (k + 1 < shards_.size()) start_gather(k + 1);  // overlaps unit k's forward
-    });
-    c.set_backward_hook([this, unit](std::size_t i) {
-      if (unit[i] < 0) return;
-      auto& sh = shards_[static_cast<std::size_t>(unit[i])];
-      sh.scatter = sh.fs->reduce_scatter_async();  // overlaps the backward of the units before
-      sh.scatter_started = true;
-    });
-  }
-
-  void start_gather(std::size_t k) {
-    auto& sh = shards_[k];
-    if (!sh.stale || sh.gathering) return;
-    sh.gather = sh.fs->all_gather_async();
-    sh.gathering = true;
-  }
-
-  void make_whole(std::size_t k) {
-    auto& sh = shards_[k];
-    if (!sh.stale) return;
-    trace::scope ts("all_gather_dense", "comm", world_->rank());
-    if (!sh.gathering) sh.gather = sh.fs->all_gather_async();
-    sh.gather.wait();
-    sh.gathering = false;
-    sh.fs->copy_to_params();
-    sh.stale = false;
-  }
-
-  struct dense_shard {
-    std::unique_ptr<comm::flat_shards<value_type, Comm>> fs;
-    comm::request gather, scatter;
-    bool stale = false, gathering = false, scatter_started = false;
-  };
 
   /// What the optimizer sees in horizontal mode: this rank's dense shards
   /// (and parameters sharded by their layer), and the model's MoE layers.
@@ -313,9 +228,7 @@ class trainer {
       param_list<value_type> out;
       for (auto& p : t->model_->parameters())
         if (p.scope == param_scope::sharded) out.push_back(p);
-      for (std::size_t k = 0; k < t->shards_.size(); ++k)
-        out.push_back({"shard." + std::to_string(k), t->shards_[k].fs->shard(), t->shards_[k].fs->grad_shard(),
-                       param_kind::dense, param_scope::sharded});
+      for (auto& p : t->dense_->shard_parameters()) out.push_back(p);
       return out;
     }
     template <class F>
@@ -325,7 +238,7 @@ class trainer {
   };
 
   bool horizontal_ = false;
-  std::vector<dense_shard> shards_;
+  std::unique_ptr<prefetch::dense_shards<value_type, Comm>> dense_;  ///< with horizontal_
 
   Model* model_;
   Optimizer* opt_;
