@@ -202,7 +202,7 @@ double io_floor(const std::vector<storage::store_stats>& per_step, const std::fi
       threads.emplace_back([&, r] {
         const auto& s = per_step[static_cast<std::size_t>(r)].ssd;
         const std::size_t reads = (s.bytes_out + block - 1) / block, writes = (s.bytes_in + block - 1) / block;
-        const std::size_t blocks = std::max<std::size_t>(1, std::min(reads, depth * E / ranks));  // the rank's file
+        const std::size_t blocks = std::max<std::size_t>(1, std::min<std::size_t>(reads, depth * E / ranks));  // the rank's file
         storage::ssd_tier tier({.dir = dir, .rank = r}, block, blocks + in_flight);
         std::vector<std::unique_ptr<std::byte[], decltype(&std::free)>> buf;
         for (std::size_t i = 0; i < in_flight; ++i) {
@@ -273,7 +273,8 @@ int main(int argc, char** argv) {
         continue;
       }
     }
-    std::fprintf(stderr, "bench_offload: bad argument '%s'\n", a.c_str());
+    std::fprintf(stderr, "bench_offload: bad argument '%s%s%s'\n", a.c_str(), i < argc && argv[i] != a ? " " : "",
+                 i < argc && argv[i] != a ? argv[i] : "");
     usage(stderr);
     return 2;
   }
