@@ -86,6 +86,8 @@ int main(int argc, char** argv) {
   const index_t tokens = 4096, H = 1024, F = 4096, E = 8;
   const int threads = 2;
   blas::set_num_threads(threads);
+  std::printf("BLAS kernels: %s\n", blas::kernel_name().c_str());
+  if (const auto w = blas::kernel_warning(); !w.empty()) std::printf("warning: %s\n", w.c_str());
   cpu_executor ex({.threads = threads});
   auto comms = comm::local::make_world(1);
   using layer_t = moe_layer<cpu, gate::top_k<2>, expert::ffn<act::gelu>>;

@@ -279,6 +279,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   blas::set_num_threads(1);  // each rank's executor threads call BLAS
+  std::printf("BLAS kernels: %s\n", blas::kernel_name().c_str());
+  if (const auto w = blas::kernel_warning(); !w.empty()) std::printf("warning: %s\n", w.c_str());
   std::printf("offload benchmark: %lld MoE layers x %lld experts, hidden %lld, ffn %lld, %lld tokens, top-2, %d ranks\n",
               (long long)depth, (long long)E, (long long)H, (long long)F, (long long)tokens, ranks);
   std::printf("per rank: expert state %.0f MiB; device budget %.0f MiB (2 layers), host budget %.0f MiB (25 %%)\n"

@@ -112,6 +112,8 @@ int main(int argc, char** argv) {
                : std::filesystem::temp_directory_path() / ("semoe-bench-ring-" + std::to_string(::getpid()));
   const int batches = argc > 2 ? std::max(1, std::atoi(argv[2])) : 7;
   blas::set_num_threads(2);
+  std::printf("BLAS kernels: %s\n", blas::kernel_name().c_str());
+  if (const auto w = blas::kernel_warning(); !w.empty()) std::printf("warning: %s\n", w.c_str());
   const std::size_t budget = depth * layer_bytes / 4;
   std::printf("ring benchmark: %lld MoE layers x %lld experts (hidden %lld, ffn %lld), %lld tokens a batch\n",
               (long long)depth, (long long)E, (long long)H, (long long)F, (long long)tokens);

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -199,5 +200,24 @@ void grouped_gemm(Exec& ex, std::span<const gemm_problem<T>> problems) {
 /// Number of threads OpenBLAS uses for one call.
 inline void set_num_threads(int n) { openblas_set_num_threads(n); }
 inline int num_threads() { return openblas_get_num_threads(); }
+
+/// The kernels OpenBLAS chose for this CPU ("SkylakeX", "Zen", "Haswell").
+inline std::string kernel_name() { return openblas_get_corename(); }
+
+/// A sentence when OpenBLAS runs kernels far older than the CPU: a release
+/// that does not know a CPU model falls back to its SSE3 "Prescott" kernels,
+/// several times slower on an AVX2 or AVX-512 machine. Empty otherwise.
+/// Programs that time GEMMs print it.
+inline std::string kernel_warning() {
+  const std::string k = kernel_name();
+  if (k != "Prescott" && k != "Core2" && k != "Nehalem" && k != "Penryn" && k != "Dunnington") return {};
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  const char* better = __builtin_cpu_supports("avx512f") ? "SkylakeX" : __builtin_cpu_supports("avx2") ? "Haswell" : nullptr;
+  if (better)
+    return semoe::detail::concat("OpenBLAS (", openblas_get_config(), ") does not know this CPU and runs its ", k,
+                                 " kernels; OPENBLAS_CORETYPE=", better, " selects the ones this CPU can run");
+#endif
+  return {};
+}
 
 }  // namespace semoe::blas

@@ -192,3 +192,16 @@ TEST_CASE("grouped GEMM with bf16 inputs multiplies the bf16 roundings of A and 
       CHECK(got != native);  // and not the fp32 product: rounding happened
     }
 }
+
+TEST_CASE("blas::kernel_warning: speaks only when OpenBLAS fell back to kernels older than the CPU") {
+  const std::string k = semoe::blas::kernel_name();
+  REQUIRE_FALSE(k.empty());
+  const std::string w = semoe::blas::kernel_warning();
+  MESSAGE("OpenBLAS kernels: ", k, w.empty() ? "" : "; " + w);
+  if (k == "Prescott" && __builtin_cpu_supports("avx2")) {
+    CHECK(w.find("OPENBLAS_CORETYPE=") != std::string::npos);
+    CHECK(w.find(k) != std::string::npos);
+  } else if (k != "Core2" && k != "Nehalem" && k != "Penryn" && k != "Dunnington" && k != "Prescott") {
+    CHECK(w.empty());
+  }
+}
