@@ -20,8 +20,9 @@
 // of the sharded dense parameters while layers compute, as comm::tcp's io
 // thread does across processes.
 //
-// Usage: bench_offload [--ranks N] [--steps S] [--dir PATH]
-//   defaults: 2 ranks, 3 measured steps, a directory under the temp dir.
+// Usage: bench_offload [--ranks N] [--steps S] [--movers M] [--dir PATH]
+//   defaults: 2 ranks, 3 measured steps, 1 mover thread per store (the
+//   store's default), a directory under the temp dir.
 #include <algorithm>
 #include <barrier>
 #include <chrono>
@@ -75,8 +76,11 @@ double now() {
 
 /// One rank's budgets: two layers of its experts on the device, a quarter
 /// of its expert state in DRAM.
+int movers = 1;  // --movers: the store's mover threads (copy engines)
+
 ssd_store::store<float>::options offload_options(const std::filesystem::path& dir, int ranks, int rank) {
   ssd_store::store<float>::options o;
+  o.movers = movers;
   o.device.budget_bytes = 2 * (E / ranks) * device_block;
   o.host.budget_bytes = expert_state / ranks / 4;
   o.ssd.dir = dir;
@@ -238,10 +242,11 @@ double mib(std::uint64_t b) { return static_cast<double>(b) / (1 << 20); }
 
 void usage(std::FILE* to) {
   std::fprintf(to,
-               "usage: bench_offload [--ranks N] [--steps S] [--dir PATH]\n"
+               "usage: bench_offload [--ranks N] [--steps S] [--movers M] [--dir PATH]\n"
                "  Offloaded training per prefetch policy against the all-resident step and the\n"
                "  I/O floor, on N thread-ranks (default 2; 1, 2, 4 or 8), S measured steps\n"
-               "  (default 3), SSD files under PATH (default: a new directory in the temp dir).\n");
+               "  (default 3), M mover threads per store (default 1), SSD files under PATH\n"
+               "  (default: a new directory in the temp dir).\n");
 }
 
 }  // namespace
@@ -257,7 +262,7 @@ int main(int argc, char** argv) {
       usage(stdout);
       return 0;
     }
-    if ((a == "--ranks" || a == "--steps" || a == "--dir") && i + 1 < argc) {
+    if ((a == "--ranks" || a == "--steps" || a == "--dir" || a == "--movers") && i + 1 < argc) {
       const std::string v = argv[++i];
       if (a == "--dir") {
         dir = v;
@@ -272,6 +277,10 @@ int main(int argc, char** argv) {
         steps = n;
         continue;
       }
+      if (a == "--movers" && n >= 1 && n <= 16) {
+        movers = n;
+        continue;
+      }
     }
     std::fprintf(stderr, "bench_offload: bad argument '%s%s%s'\n", a.c_str(), i < argc && argv[i] != a ? " " : "",
                  i < argc && argv[i] != a ? argv[i] : "");
@@ -283,9 +292,9 @@ int main(int argc, char** argv) {
   if (const auto w = blas::kernel_warning(); !w.empty()) std::printf("warning: %s\n", w.c_str());
   std::printf("offload benchmark: %lld MoE layers x %lld experts, hidden %lld, ffn %lld, %lld tokens, top-2, %d ranks\n",
               (long long)depth, (long long)E, (long long)H, (long long)F, (long long)tokens, ranks);
-  std::printf("per rank: expert state %.0f MiB; device budget %.0f MiB (2 layers), host budget %.0f MiB (25 %%)\n"
-              "SSD: %s\n",
-              mib(expert_state / ranks), mib(2 * (E / ranks) * device_block), mib(expert_state / ranks / 4),
+  std::printf("per rank: expert state %.0f MiB; device budget %.0f MiB (2 layers), host budget %.0f MiB (25 %%), "
+              "%d mover thread(s)\nSSD: %s\n",
+              mib(expert_state / ranks), mib(2 * (E / ranks) * device_block), mib(expert_state / ranks / 4), movers,
               dir.c_str());
 
   const auto resident = train_steps<storage::resident, prefetch::on_demand>(ranks, steps, {}, "resident");
@@ -334,6 +343,7 @@ int main(int argc, char** argv) {
   }
   std::printf("%s\n", nlohmann::json{{"benchmark", "offload"},
                                      {"ranks", ranks},
+                                     {"movers", movers},
                                      {"resident_step_s", resident.step_s},
                                      {"policies", policies}}
                           .dump()
