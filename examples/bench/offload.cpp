@@ -262,30 +262,22 @@ int main(int argc, char** argv) {
       usage(stdout);
       return 0;
     }
-    if ((a == "--ranks" || a == "--steps" || a == "--dir" || a == "--movers") && i + 1 < argc) {
-      const std::string v = argv[++i];
-      if (a == "--dir") {
-        dir = v;
-        continue;
-      }
-      const int n = std::atoi(v.c_str());
-      if (a == "--ranks" && (n == 1 || n == 2 || n == 4 || n == 8)) {
-        ranks = n;
-        continue;
-      }
-      if (a == "--steps" && n >= 1) {
-        steps = n;
-        continue;
-      }
-      if (a == "--movers" && n >= 1 && n <= 16) {
-        movers = n;
-        continue;
-      }
+    const std::string v = i + 1 < argc ? argv[i + 1] : "";
+    const int n = std::atoi(v.c_str());
+    if (a == "--dir" && !v.empty()) {
+      dir = v;
+    } else if (a == "--ranks" && (n == 1 || n == 2 || n == 4 || n == 8)) {
+      ranks = n;
+    } else if (a == "--steps" && n >= 1) {
+      steps = n;
+    } else if (a == "--movers" && n >= 1 && n <= 16) {
+      movers = n;
+    } else {
+      std::fprintf(stderr, "bench_offload: bad argument '%s %s'\n", a.c_str(), v.c_str());
+      usage(stderr);
+      return 2;
     }
-    std::fprintf(stderr, "bench_offload: bad argument '%s%s%s'\n", a.c_str(), i < argc && argv[i] != a ? " " : "",
-                 i < argc && argv[i] != a ? argv[i] : "");
-    usage(stderr);
-    return 2;
+    ++i;
   }
   blas::set_num_threads(1);  // each rank's executor threads call BLAS
   std::printf("BLAS kernels: %s\n", blas::kernel_name().c_str());

@@ -113,6 +113,12 @@ class recorder {
   std::chrono::steady_clock::time_point epoch_ = std::chrono::steady_clock::now();
 };
 
+/// The calling thread's lane: a stable number below 1000 per thread (lanes
+/// from 1000 up are named ones: copy engines, I/O, progress threads).
+inline int this_thread_lane() {
+  return static_cast<int>(std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000);
+}
+
 /// Records one complete event from construction to destruction.
 class scope {
  public:
@@ -122,7 +128,7 @@ class scope {
     name_ = name;
     category_ = category;
     pid_ = pid;
-    tid_ = tid >= 0 ? tid : static_cast<int>(std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000);
+    tid_ = tid >= 0 ? tid : this_thread_lane();
     begin_ = recorder::instance().now_us();
   }
   scope(const scope&) = delete;

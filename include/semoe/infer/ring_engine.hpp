@@ -184,7 +184,7 @@ struct ring {
         auto& rec = trace::recorder::instance();
         if (rec.enabled())
           rec.add({"wait L" + std::to_string(layer) + ".E" + std::to_string(expert), "wait", t0, t1 - t0, opt_.rank,
-                   static_cast<int>(std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000)});
+                   trace::this_thread_lane()});
       }
       if (failure_) ::semoe::detail::fail(*failure_);
       ++s.users;

@@ -19,7 +19,6 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -162,7 +161,7 @@ class dense_shards {
     sh.stale = false;
     if (rec.enabled())
       rec.add({"gather wait " + std::to_string(k), "comm", t0, rec.now_us() - t0, world_->rank(),
-               static_cast<int>(std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000)});
+               trace::this_thread_lane()});
   }
 
   struct shard {

@@ -486,7 +486,7 @@ struct tiered_policy {
       return "L" + std::to_string(b.layer) + ".E" + std::to_string(b.id - layers_[static_cast<std::size_t>(b.layer)].first);
     }
     static int compute_lane() {
-      return static_cast<int>(std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000);
+      return trace::this_thread_lane();
     }
     void touch(const block& b) {
       std::visit([&](auto& c) { c.touch(b.id); }, cache_);

@@ -88,7 +88,7 @@ bool tiered_policy<HasSsd>::store<T, Space>::ensure_device(std::unique_lock<std:
       cv_.notify_all();
       return false;
     }
-    const std::byte* src = b.host;
+    std::byte* src = b.host;
     if (through) {  // whoever holds the buffer only reads and copies: a short wait, even for a mover
       cv_.wait(lk, [&] { return !staging_busy_; });
       staging_busy_ = true;
@@ -101,7 +101,7 @@ bool tiered_policy<HasSsd>::store<T, Space>::ensure_device(std::unique_lock<std:
       if constexpr (HasSsd) {
         const double t0 = trace::recorder::instance().now_us();
         try {
-          ssd_->read(b.id, const_cast<std::byte*>(src)).wait();
+          ssd_->read(b.id, src).wait();
         } catch (const std::exception& e) {
           failure = e.what();
         }
