@@ -16,7 +16,12 @@
 // by the same SSD engine with 32 operations in flight per rank and no
 // compute. overlap_ratio = offloaded / max(resident step, io floor): 1.0 is
 // perfect overlap of SSD traffic with compute. vs_resident = offloaded /
-// resident. comm::local's progress threads carry two_d's layer-ahead gathers
+// resident. Both ratios assume compute and I/O cost each other nothing; to
+// see what they cost each other here, the resident step is also run with
+// two_d's SSD traffic replayed beside it (both_s: the hardware's best at
+// doing both at once; vs_both = offloaded / both_s), and every run reports
+// the process's CPU seconds (cpu_s; a step near cores x step_s is CPU-bound).
+// comm::local's progress threads carry two_d's layer-ahead gathers
 // of the sharded dense parameters while layers compute, as comm::tcp's io
 // thread does across processes.
 //
@@ -26,6 +31,7 @@
 #include <algorithm>
 #include <barrier>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -36,6 +42,7 @@
 #include <thread>
 #include <vector>
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
@@ -74,6 +81,15 @@ double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+/// CPU seconds (user + system) of every thread of this process so far.
+double cpu_seconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  const auto sec = [](const timeval& t) { return static_cast<double>(t.tv_sec) + 1e-6 * static_cast<double>(t.tv_usec); };
+  return sec(u.ru_utime) + sec(u.ru_stime);
+}
+
+
 /// One rank's budgets: two layers of its experts on the device, a quarter
 /// of its expert state in DRAM.
 int movers = 1;  // --movers: the store's mover threads (copy engines)
@@ -89,14 +105,127 @@ ssd_store::store<float>::options offload_options(const std::filesystem::path& di
   return o;
 }
 
+/// The SSD traffic of one step replayed with no compute: every rank at once
+/// reads and writes the blocks its step moved (per_step[r]: SSD bytes read
+/// and written) with the store's SSD engine, `in_flight` operations at once
+/// per rank. The files are written once; each start() replays the traffic
+/// on one thread per rank and wait() returns the seconds from start to the
+/// last rank's last operation. Alone it is the I/O floor; started beside the
+/// resident step it is the hardware's best at doing both at once.
+class io_replay {
+ public:
+  static constexpr std::size_t in_flight = 32;
+  static constexpr std::size_t block = full_block;  // the store's SSD block: weights, grads, two moments
+
+  io_replay(const std::vector<storage::store_stats>& per_step, std::filesystem::path dir) : dir_(std::move(dir)) {
+    const int ranks = static_cast<int>(per_step.size());
+    for (int r = 0; r < ranks; ++r) {
+      auto& rk = ranks_.emplace_back();
+      const auto& s = per_step[static_cast<std::size_t>(r)].ssd;
+      rk.reads = (s.bytes_out + block - 1) / block;
+      rk.writes = (s.bytes_in + block - 1) / block;
+      rk.blocks = std::max<std::size_t>(1, std::min<std::size_t>(rk.reads, depth * E / ranks));  // the rank's file
+      rk.tier = std::make_unique<storage::ssd_tier>(storage::ssd_options{.dir = dir_, .rank = r}, block,
+                                                    rk.blocks + in_flight);
+      for (std::size_t i = 0; i < in_flight; ++i) {
+        rk.buf.emplace_back(static_cast<std::byte*>(std::aligned_alloc(storage::ssd_tier::alignment, block)),
+                            &std::free);
+        std::memset(rk.buf.back().get(), int(i), block);
+      }
+      for (std::size_t b = 0; b < rk.blocks; ++b) rk.tier->write(b, rk.buf[b % in_flight].get()).wait();  // to read back
+    }
+    for (int r = 0; r < ranks; ++r) threads_.emplace_back([this, r] { serve(static_cast<std::size_t>(r)); });
+  }
+  io_replay(const io_replay&) = delete;
+  io_replay& operator=(const io_replay&) = delete;
+  ~io_replay() {
+    {
+      std::lock_guard lk(m_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+    ranks_.clear();
+    std::filesystem::remove_all(dir_);
+  }
+
+  void start() {
+    std::lock_guard lk(m_);
+    begin_ = end_ = now();
+    done_ = 0;
+    ++round_;
+    cv_.notify_all();
+  }
+  double wait() {
+    std::unique_lock lk(m_);
+    cv_.wait(lk, [&] { return done_ == ranks_.size(); });
+    return end_ - begin_;
+  }
+
+ private:
+  struct rank_files {
+    std::size_t reads = 0, writes = 0, blocks = 0;
+    std::unique_ptr<storage::ssd_tier> tier;
+    std::vector<std::unique_ptr<std::byte[], decltype(&std::free)>> buf;
+  };
+
+  void serve(std::size_t r) {
+    std::uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock lk(m_);
+        cv_.wait(lk, [&] { return stop_ || round_ != seen; });
+        if (stop_) return;
+        seen = round_;
+      }
+      replay(ranks_[r]);
+      {
+        std::lock_guard lk(m_);
+        end_ = std::max(end_, now());
+        ++done_;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  static void replay(rank_files& rk) {
+    std::deque<storage::io_handle> pending;
+    for (std::size_t i = 0; i < rk.reads + rk.writes; ++i) {
+      if (pending.size() == in_flight) {
+        pending.front().wait();
+        pending.pop_front();
+      }
+      // Writes go to blocks no read touches; each buffer is reused only
+      // after the operation in flight on it (in_flight ago) is done.
+      std::byte* b = rk.buf[i % in_flight].get();
+      pending.push_back(i < rk.reads ? rk.tier->read(i % rk.blocks, b)
+                                     : rk.tier->write(rk.blocks + i % in_flight, b));
+    }
+    for (auto& h : pending) h.wait();
+  }
+
+  std::filesystem::path dir_;
+  std::deque<rank_files> ranks_;  // stable addresses for the threads
+  std::vector<std::thread> threads_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::uint64_t round_ = 0;
+  std::size_t done_ = 0;
+  double begin_ = 0, end_ = 0;
+  bool stop_ = false;
+};
+
 struct measured {
   double step_s = 0;  // median over the measured steps (rank 0's clock; steps end in collectives)
+  double cpu_s = 0;   // process CPU seconds per step (all ranks, movers, SSD engine)
+  double both_s = 0;  // with an I/O replay beside each step: median of max(step, replay) from one start
   std::vector<storage::store_stats> per_step;  // per rank, bytes divided by the steps
 };
 
 /// Train `steps` measured steps after one warm-up on `ranks` thread-ranks.
 template <class Storage, class Prefetch>
-measured train_steps(int ranks, int steps, const std::filesystem::path& dir, const char* name, bool trace_last = false) {
+measured train_steps(int ranks, int steps, const std::filesystem::path& dir, const char* name, bool trace_last = false,
+                     io_replay* beside = nullptr) {
   using store_t = typename Storage::template store<float>;
   using M = model_t<Storage, Prefetch>;
   measured out;
@@ -149,7 +278,8 @@ measured train_steps(int ranks, int steps, const std::filesystem::path& dir, con
       store->reset_stats();
     }
     world.barrier();
-    std::vector<double> t;
+    std::vector<double> t, both;
+    double cpu = 0;
     auto& rec = trace::recorder::instance();
     const std::string trace_path = rec.path();
     for (int s = 0; s < steps; ++s) {
@@ -157,10 +287,16 @@ measured train_steps(int ranks, int steps, const std::filesystem::path& dir, con
       const bool traced = !trace_path.empty() && trace_last && s + 1 == steps;
       if (traced && rank == 0) rec.start(trace_path);
       world.barrier();
+      const double c0 = cpu_seconds();
+      if (beside && rank == 0) beside->start();
       const double t0 = now();
       step();
       t.push_back(now() - t0);
       world.barrier();
+      if (rank == 0) {
+        if (beside) both.push_back(std::max(t.back(), beside->wait()));
+        cpu += cpu_seconds() - c0;
+      }
       if (traced && rank == 0) {
         rec.stop();
         rec.write();
@@ -184,58 +320,30 @@ measured train_steps(int ranks, int steps, const std::filesystem::path& dir, con
     if (rank == 0) {
       std::sort(t.begin(), t.end());
       out.step_s = t[t.size() / 2];
+      out.cpu_s = cpu / steps;
+      if (!both.empty()) {
+        std::sort(both.begin(), both.end());
+        out.both_s = both[both.size() / 2];
+      }
     }
   });
   return out;
 }
 
-/// The floor of a step's SSD traffic: every rank at once reads and writes
-/// the blocks its step moved (per_step[r]: SSD bytes read and written) with
-/// the store's SSD engine, `in_flight` operations at once per rank, no
-/// compute. Median seconds over `rounds`.
-double io_floor(const std::vector<storage::store_stats>& per_step, const std::filesystem::path& dir, int rounds) {
-  constexpr std::size_t in_flight = 32;
-  constexpr std::size_t block = full_block;  // the store's SSD block: weights, grads, two moments
-  const int ranks = static_cast<int>(per_step.size());
+/// The I/O floor: median seconds of `rounds` replays of a step's SSD traffic,
+/// and the process CPU seconds of one.
+std::pair<double, double> io_floor(const std::vector<storage::store_stats>& per_step, const std::filesystem::path& dir,
+                                   int rounds) {
+  io_replay io(per_step, dir);
   std::vector<double> t;
+  const double c0 = cpu_seconds();
   for (int round = 0; round < rounds; ++round) {
-    std::vector<std::thread> threads;
-    std::vector<double> begin(static_cast<std::size_t>(ranks)), end(static_cast<std::size_t>(ranks));
-    std::barrier sync(ranks);
-    for (int r = 0; r < ranks; ++r)
-      threads.emplace_back([&, r] {
-        const auto& s = per_step[static_cast<std::size_t>(r)].ssd;
-        const std::size_t reads = (s.bytes_out + block - 1) / block, writes = (s.bytes_in + block - 1) / block;
-        const std::size_t blocks = std::max<std::size_t>(1, std::min<std::size_t>(reads, depth * E / ranks));  // the rank's file
-        storage::ssd_tier tier({.dir = dir, .rank = r}, block, blocks + in_flight);
-        std::vector<std::unique_ptr<std::byte[], decltype(&std::free)>> buf;
-        for (std::size_t i = 0; i < in_flight; ++i) {
-          buf.emplace_back(static_cast<std::byte*>(std::aligned_alloc(storage::ssd_tier::alignment, block)), &std::free);
-          std::memset(buf.back().get(), int(i), block);
-        }
-        for (std::size_t b = 0; b < blocks; ++b) tier.write(b, buf[b % in_flight].get()).wait();  // data to read back
-        sync.arrive_and_wait();
-        begin[static_cast<std::size_t>(r)] = now();
-        std::deque<storage::io_handle> pending;
-        for (std::size_t i = 0; i < reads + writes; ++i) {
-          if (pending.size() == in_flight) {
-            pending.front().wait();
-            pending.pop_front();
-          }
-          // Writes go to blocks no read touches; each buffer is reused only
-          // after the operation in flight on it (in_flight ago) is done.
-          std::byte* b = buf[i % in_flight].get();
-          pending.push_back(i < reads ? tier.read(i % blocks, b) : tier.write(blocks + i % in_flight, b));
-        }
-        for (auto& h : pending) h.wait();
-        end[static_cast<std::size_t>(r)] = now();
-      });
-    for (auto& th : threads) th.join();
-    t.push_back(*std::max_element(end.begin(), end.end()) - *std::min_element(begin.begin(), begin.end()));
-    std::filesystem::remove_all(dir);
+    io.start();
+    t.push_back(io.wait());
   }
+  const double cpu = (cpu_seconds() - c0) / rounds;
   std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return {t[t.size() / 2], cpu};
 }
 
 double mib(std::uint64_t b) { return static_cast<double>(b) / (1 << 20); }
@@ -292,19 +400,23 @@ int main(int argc, char** argv) {
   const auto resident = train_steps<storage::resident, prefetch::on_demand>(ranks, steps, {}, "resident");
 
   nlohmann::json policies = nlohmann::json::array();
+  std::vector<storage::store_stats> two_d_traffic;
   auto run = [&]<class Prefetch>(const char* name, bool trace) {
     const auto sub = dir / name;
     const auto m = train_steps<ssd_store, Prefetch>(ranks, steps, sub, name, trace);
     std::filesystem::remove_all(sub);
-    const double floor_s = io_floor(m.per_step, dir / "floor", 3);
+    const auto [floor_s, floor_cpu_s] = io_floor(m.per_step, dir / "floor", 3);
     std::printf("  %-11s I/O floor %.2f s\n", name, floor_s);
     std::fflush(stdout);
+    if (std::string(name) == "two_d") two_d_traffic = m.per_step;
     const auto& s = m.per_step[0];
     policies.push_back({{"policy", name},
                         {"step_s", m.step_s},
                         {"io_floor_s", floor_s},
                         {"overlap_ratio", m.step_s / std::max(resident.step_s, floor_s)},
                         {"vs_resident", m.step_s / resident.step_s},
+                        {"cpu_s", m.cpu_s},
+                        {"io_floor_cpu_s", floor_cpu_s},
                         {"hit_rate", s.hit_rate()},
                         {"wait_s", s.wait_seconds / steps},
                         {"read_through", s.read_through / static_cast<std::uint64_t>(steps)},
@@ -318,17 +430,30 @@ int main(int argc, char** argv) {
   run.operator()<prefetch::vertical<1>>("vertical<1>", false);
   run.operator()<prefetch::vertical<2>>("vertical<2>", false);
   run.operator()<prefetch::two_d<2>>("two_d", true);
+
+  // Perfect overlap on this machine: the resident step with two_d's SSD
+  // traffic replayed beside it (full queue depth, no waiting on each other).
+  // Where compute and I/O share cores, this is above max(resident, floor).
+  double both_s = 0;
+  {
+    io_replay io(two_d_traffic, dir / "both");
+    both_s = train_steps<storage::resident, prefetch::on_demand>(ranks, steps, {}, "both", false, &io).both_s;
+  }
+  std::printf("  resident step with two_d's I/O beside it: %.2f s\n", both_s);
+  for (auto& p : policies) p["vs_both"] = p["step_s"].get<double>() / both_s;
   std::filesystem::remove_all(dir);
 
-  std::printf("\nall-resident step %.2f s on %d ranks; per rank 0 below (bytes per step, peaks and budgets in MiB)\n",
-              resident.step_s, ranks);
-  std::printf("%-12s %7s %7s %8s %7s %6s %8s %8s %8s %8s %11s %11s\n", "policy", "step s", "floor s", "overlap",
-              "vs res", "hit", "SSD rd", "SSD wr", "H->D", "D->H", "dev peak", "host peak");
+  std::printf("\nall-resident step %.2f s (%.2f CPU s) on %d ranks; with two_d's I/O beside it %.2f s; per rank 0 below "
+              "(bytes per step, peaks and budgets in MiB)\n",
+              resident.step_s, resident.cpu_s, ranks, both_s);
+  std::printf("%-12s %7s %7s %8s %7s %7s %6s %6s %8s %8s %8s %8s %11s %11s\n", "policy", "step s", "floor s", "overlap",
+              "vs res", "vs both", "CPU s", "hit", "SSD rd", "SSD wr", "H->D", "D->H", "dev peak", "host peak");
   for (const auto& p : policies) {
     const auto& b = p["bytes_per_step"];
-    std::printf("%-12s %7.2f %7.2f %8.2f %7.2f %6.2f %7.0fM %7.0fM %7.0fM %7.0fM %5.0f/%-5.0f %5.0f/%-5.0f\n",
+    std::printf("%-12s %7.2f %7.2f %8.2f %7.2f %7.2f %6.2f %6.2f %7.0fM %7.0fM %7.0fM %7.0fM %5.0f/%-5.0f %5.0f/%-5.0f\n",
                 p["policy"].get<std::string>().c_str(), p["step_s"].get<double>(), p["io_floor_s"].get<double>(),
-                p["overlap_ratio"].get<double>(), p["vs_resident"].get<double>(), p["hit_rate"].get<double>(),
+                p["overlap_ratio"].get<double>(), p["vs_resident"].get<double>(), p["vs_both"].get<double>(),
+                p["cpu_s"].get<double>(), p["hit_rate"].get<double>(),
                 mib(b["ssd_read"]), mib(b["ssd_write"]), mib(b["host_to_device"]), mib(b["device_to_host"]),
                 mib(p["peak_bytes"]["device"]), mib(p["budget_bytes"]["device"]), mib(p["peak_bytes"]["host"]),
                 mib(p["budget_bytes"]["host"]));
@@ -337,6 +462,8 @@ int main(int argc, char** argv) {
                                      {"ranks", ranks},
                                      {"movers", movers},
                                      {"resident_step_s", resident.step_s},
+                                     {"resident_cpu_s", resident.cpu_s},
+                                     {"both_s", both_s},
                                      {"policies", policies}}
                           .dump()
                           .c_str());

@@ -94,6 +94,11 @@ struct tiered_policy {
     bool device_grads = true;  ///< room for gradients in device copies; false: inference only, twice the experts
     lfu::options lfu_options{};  ///< decay, and the admission threshold theta of host DRAM (and of the device under lfu)
     int movers = 1;                  ///< threads serving prefetches (copy engines)
+    /// A block a visit changed (the optimizer updated it) is queued for
+    /// write-back to SSD at once, for the movers' idle time (prefetches go
+    /// first), so that evicting it later costs no write. false: dirty blocks
+    /// are written when evicted or at the end of the step's cycle.
+    bool eager_write_back = true;
     int rank = 0;                    ///< trace process id
   };
 
@@ -356,11 +361,7 @@ struct tiered_policy {
       std::visit([](auto& c) { c.end_step(); }, cache_);
       device_lfu_.end_step();
       if constexpr (HasSsd) {
-        for (auto& b : blocks_)
-          if (b.host && b.host_dirty && !b.queued_writeback) {
-            b.queued_writeback = true;
-            writebacks_.push_back(&b);
-          }
+        for (auto& b : blocks_) queue_write_back(b);
         cv_.notify_all();
       }
     }
@@ -445,6 +446,7 @@ struct tiered_policy {
       bool grads_zero = false;    ///< gradients read as zero wherever they are
       bool busy = false;
       bool queued = false, queued_writeback = false;
+      bool writing = false;  ///< busy with a write-back: a host victim all the same, waited for
       bool fresh = false;         ///< prefetched and not used yet: other prefetches do not evict it
       int pins = 0;
       std::function<void()> compute_done;  ///< waits for the compute of the last release
@@ -517,6 +519,8 @@ struct tiered_policy {
       }
       if (writes) {
         b.host_dirty = true;
+        if constexpr (HasSsd)
+          if (opt_.eager_write_back) queue_write_back(b);
         if (b.dev && b.pins == 0) {  // its weights are stale now
           device_.deallocate(b.dev, dev_bytes(b));
           b.dev = nullptr;
@@ -569,6 +573,14 @@ struct tiered_policy {
 
     void evict_host(std::unique_lock<std::mutex>& lk, block& v);
 
+    /// Queue b for a mover to write back, if it is dirty in host DRAM and not
+    /// queued yet (the caller holds m_ and notifies).
+    void queue_write_back(block& b) {
+      if (b.host && b.host_dirty && !b.queued_writeback) {
+        b.queued_writeback = true;
+        writebacks_.push_back(&b);
+      }
+    }
     /// Write v's host copy to SSD (v stays in host DRAM, clean).
     void write_back(std::unique_lock<std::mutex>& lk, block& v);
 

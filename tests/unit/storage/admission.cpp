@@ -61,6 +61,7 @@ TEST_CASE("tiered store: a block below the LFU threshold is read through, displa
     s.visit(0, e, [&](storage::block_ref<float> r) {
       for (index_t i = 0; i < elems; ++i) r.params[static_cast<std::size_t>(i)] = weight(e, i);
     });
+  s.drain();  // the eager write-backs land: 0 and 1 are in DRAM and on SSD, and load from DRAM
   for (int k = 0; k < 2; ++k)  // experts 0 and 1 reach three hits
     for (index_t e : {0, 1}) use(s, e);
   REQUIRE(s.in_host(0, 0));

@@ -299,6 +299,29 @@ TEST_CASE("tiered store: a block moves device -> host -> SSD and back with its c
   CHECK(std::filesystem::exists(file));
 }
 
+TEST_CASE("tiered store: a block the optimizer changed is written back at once, so its eviction writes nothing") {
+  using store_t = ssd_store::store<float>;
+  for (const bool eager : {true, false}) {
+    CAPTURE(eager);
+    temp_dir d("eager");
+    store_t::options o;
+    o.ssd.dir = d.path;
+    o.host.budget_bytes = full_block;  // one block: visiting the other evicts it
+    o.eager_write_back = eager;
+    store_t s(o);
+    s.add_layer(2, elems);
+    s.visit(0, 0, [](storage::block_ref<float> b) { b.params[1] = 2; });  // an optimizer update
+    s.drain();
+    const auto before_eviction = s.stats().ssd.bytes_in;
+    CHECK(before_eviction == (eager ? full_block : 0));
+    CHECK(s.in_host(0, 0));  // written back, still cached
+    s.visit(0, 1, [](storage::block_ref<float>) {}, false);  // evicts block 0
+    CHECK_FALSE(s.in_host(0, 0));
+    CHECK(s.stats().ssd.bytes_in == full_block);  // one write of block 0 either way: early or at eviction
+    s.visit(0, 0, [](storage::block_ref<float> b) { CHECK(b.params[1] == 2.0f); }, false);
+  }
+}
+
 TEST_CASE("tiered store: its SSD file is scratch unless a checkpoint names it") {
   using store_t = ssd_store::store<float>;
   temp_dir d("scratch");

@@ -137,7 +137,8 @@ template <bool HasSsd>
 template <class T, MemorySpace Space>
 bool tiered_policy<HasSsd>::store<T, Space>::refused_by_host(const block& b) const {
   if constexpr (HasSsd) {
-    return b.on_ssd && !host_.has_room(host_bytes(b)) &&
+    // A block already in DRAM is copied from there, whatever its count.
+    return !b.host && b.on_ssd && !host_.has_room(host_bytes(b)) &&
            !std::visit([&](const auto& c) { return c.admits(b.id); }, cache_);
   } else {
     (void)b;
@@ -164,7 +165,7 @@ bool tiered_policy<HasSsd>::store<T, Space>::make_staging(std::unique_lock<std::
 template <bool HasSsd>
 template <class T, MemorySpace Space>
 bool tiered_policy<HasSsd>::store<T, Space>::host_victim_ok(const block& v, const block& self, bool prefetch) const {
-  return &v != &self && v.host && !v.busy && v.pins == 0 && !(prefetch && v.fresh);
+  return &v != &self && v.host && (!v.busy || v.writing) && v.pins == 0 && !(prefetch && v.fresh);
 }
 
 template <bool HasSsd>
@@ -210,6 +211,12 @@ std::byte* tiered_policy<HasSsd>::store<T, Space>::alloc(std::unique_lock<std::m
       } else {
         victim = *std::min_element(cand.begin(), cand.end(),
                                    [&](auto a, auto c) { return blocks_[a].dev_use < blocks_[c].dev_use; });
+      }
+      // A victim being written back is waited for, not passed over: the
+      // cache policy picks victims, not the timing of the movers.
+      if (block& v = blocks_[victim]; v.busy) {
+        cv_.wait(lk, [&] { return !v.busy; });
+        continue;
       }
       evict(lk, blocks_[victim]);
       continue;
@@ -292,7 +299,7 @@ template <class T, MemorySpace Space>
 void tiered_policy<HasSsd>::store<T, Space>::write_back(std::unique_lock<std::mutex>& lk, block& v) {
   if constexpr (HasSsd) {
     ensure_ssd();
-    v.busy = true;
+    v.busy = v.writing = true;
     const bool zero = v.grads_zero;
     lk.unlock();
     if (zero) {  // the file holds the true block: its gradients are zero
@@ -308,7 +315,7 @@ void tiered_policy<HasSsd>::store<T, Space>::write_back(std::unique_lock<std::mu
     }
     record("ssd write ", v, "store", t0, ssd_lane);
     lk.lock();
-    v.busy = false;
+    v.busy = v.writing = false;
     cv_.notify_all();
     if (failure) throw error(*failure);
     v.on_ssd = true;
