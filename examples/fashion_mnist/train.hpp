@@ -259,6 +259,7 @@ outcome train_and_test(Comm& c, const config& cfg, const io::mnist_split& train,
     if (bar) bar->finish();
     comm::all_reduce(c, std::span<double>(load));
     comm::all_reduce(c, std::span<double>(&drop_frac, 1));
+    const auto balance = moe_of(model).gather_load();  // the last steps' rows and expert seconds per rank
 
     // Test accuracy: each rank classifies its share of the test set.
     model.train(false);
@@ -279,6 +280,12 @@ outcome train_and_test(Comm& c, const config& cfg, const io::mnist_split& train,
                   100.0 * drop_frac / static_cast<double>(P * steps_now));
       for (double v : load) std::printf(" %.3f", v / total_load);
       std::printf("\n");
+      if (P > 1) {
+        std::printf("  busiest rank %.0f %% of expert rows (balanced: %.0f %%); expert ms per step by rank:",
+                    100.0 * balance.max_rank_share(), 100.0 / P);
+        for (double s : balance.rank_seconds) std::printf(" %.1f", 1e3 * s);
+        std::printf("\n");
+      }
       if constexpr (requires { store->stats(); }) {
         const auto st = store->stats();
         std::printf("  rank 0 experts: %.0f %% of blocks already on device when needed; SSD read %.0f MiB, written "

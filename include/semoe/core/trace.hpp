@@ -29,6 +29,9 @@ struct event {
   double duration_us;
   int pid;  ///< the rank
   int tid;  ///< a lane: thread, stream, or queue
+  /// Non-empty: a counter ("C") at begin_us with these series, drawn as a
+  /// stacked chart per pid (duration and tid unused).
+  std::vector<std::pair<std::string, double>> counters{};
 };
 
 class recorder {
@@ -74,9 +77,17 @@ class recorder {
   nlohmann::json to_json() const {
     std::lock_guard lock(mutex_);
     nlohmann::json list = nlohmann::json::array();
-    for (const auto& e : events_)
-      list.push_back({{"name", e.name}, {"cat", e.category}, {"ph", "X"}, {"ts", e.begin_us},
-                      {"dur", e.duration_us}, {"pid", e.pid}, {"tid", e.tid}});
+    for (const auto& e : events_) {
+      if (e.counters.empty()) {
+        list.push_back({{"name", e.name}, {"cat", e.category}, {"ph", "X"}, {"ts", e.begin_us},
+                        {"dur", e.duration_us}, {"pid", e.pid}, {"tid", e.tid}});
+      } else {
+        nlohmann::json args = nlohmann::json::object();
+        for (const auto& [series, v] : e.counters) args[series] = v;
+        list.push_back({{"name", e.name}, {"cat", e.category}, {"ph", "C"}, {"ts", e.begin_us}, {"pid", e.pid},
+                        {"args", std::move(args)}});
+      }
+    }
     for (const auto& [key, name] : lanes_)
       list.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", key.first}, {"tid", key.second},
                       {"args", {{"name", name}}}});

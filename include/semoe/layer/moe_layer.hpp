@@ -36,6 +36,7 @@
 #include "semoe/layer/concepts.hpp"
 #include "semoe/layer/dispatch.hpp"
 #include "semoe/layer/expert_exchange.hpp"
+#include "semoe/layer/load_monitor.hpp"
 #include "semoe/prefetch/on_demand.hpp"
 #include "semoe/storage/resident.hpp"
 
@@ -213,6 +214,7 @@ class basic_moe_layer {
       }
     }
     const index_t R = plan_.kept();
+    if (training_) load_.record_sent(plan_.counts.span());  // eval forwards are not steps
     x_disp_.resize_discard(R * H);
     y_disp_.resize_discard(R * H);
     {
@@ -220,9 +222,11 @@ class basic_moe_layer {
       layer::permute(*ex_, map(), x, x_disp_.matrix(R, H));
     }
     if (comm_->size() == 1) {
+      if (training_) load_.record_received(plan_.offsets.span());
       run_experts_forward(plan_.offsets.span(), x_disp_.matrix(R, H), y_disp_.matrix(R, H));
     } else {
       exchange_.plan(*ex_, *comm_, plan_.counts.span(), local_experts_, H);
+      if (training_) load_.record_received(exchange_.expert_offsets());
       const index_t Rr = exchange_.rows();
       expert_in_.resize_discard(Rr * H);
       expert_out_.resize_discard(Rr * H);
@@ -338,6 +342,8 @@ class basic_moe_layer {
     if constexpr (requires(Gate& g, const gate::route_context& c) { g.end_step(c); }) gate_.end_step(context());
     if constexpr (requires { store_->end_step(layer_id_); }) store_->end_step(layer_id_);
     prefetch_.end_step(*store_);
+    load_.end_step();
+    load_.trace("expert rows L" + std::to_string(layer_id_), comm_->rank(), first_expert_);
     ++step_;
   }
 
@@ -364,6 +370,11 @@ class basic_moe_layer {
     comm::all_reduce(*comm_, std::span<double>(load));
     return {load.begin(), load.end()};
   }
+  /// This rank's rows and expert seconds, step by step (layer/load_monitor.hpp);
+  /// assign a load_monitor(window) to change its window (16 steps).
+  layer::load_monitor& load() { return load_; }
+  /// The group's load over the window, on every rank: one small all-gather.
+  layer::load_report gather_load() { return layer::gather_load(*comm_, load_, local_experts_); }
 
  private:
   /// A traced phase of the step. On a device backend with tracing on it
@@ -586,6 +597,7 @@ class basic_moe_layer {
       forward_only(offsets, x, y);
       return;
     }
+    const auto timed = load_.time();
     if constexpr (streams_experts) {
       (void)batch(offsets, x);  // sizes saved_ and work_ for every row
       stream_blocks(offsets, prefetch::phase::forward,
@@ -625,6 +637,7 @@ class basic_moe_layer {
 
   void run_experts_backward(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> dy_dx) {
     phase ts("experts_backward", *this);
+    const auto timed = load_.time();
     if constexpr (streams_experts) {
       stream_blocks(offsets, prefetch::phase::backward, [&](index_t e) {
         expert_.backward(*ex_, one_expert(offsets, e, x), matrix_view<const T>(dy_dx), dy_dx);
@@ -676,6 +689,7 @@ class basic_moe_layer {
   dbuffer<T> expert_in_, expert_out_;
   std::vector<T*> params_, grads_;
   std::function<void(index_t)> expert_done_;
+  layer::load_monitor load_;
 };
 
 /// The float layer: `semoe::moe_layer<semoe::cpu, semoe::gate::top_k<2>>`.
