@@ -6,8 +6,10 @@
 // already exchanges (no extra collective): the rows this rank's tokens send
 // to every expert of the group, the rows each of its local experts receives
 // from all ranks, and the seconds its experts' forward and backward take on
-// the host clock (on a device backend: launches, unless tracing makes each
-// phase wait for its kernels). Figures are means over the last `window`
+// the host clock (with any wait for their blocks under an offloading store;
+// on a device backend: launches, unless tracing makes each phase wait for
+// its kernels). Seconds are per rank: a resident store runs a layer's
+// experts in one grouped call. Figures are means over the last `window`
 // steps. gather_load() makes the group's picture on every rank with one
 // small all-gather, when the caller asks for it.
 #pragma once
