@@ -73,12 +73,12 @@ class load_monitor {
     ++total_steps_;
   }
 
-  /// The last step's rows per local expert as a Chrome trace counter named
-  /// `name` (series "E<global id>") on lane group `pid` (the rank).
-  void trace(const std::string& name, int pid, index_t first_expert) const {
+  /// When tracing: the last step's rows per local expert as a Chrome trace
+  /// counter "expert rows L<layer>" (series "E<global id>") for rank `pid`.
+  void trace(index_t layer, int pid, index_t first_expert) const {
     auto& rec = trace::recorder::instance();
     if (!rec.enabled() || steps_.empty()) return;
-    trace::event e{name, "load", rec.now_us(), 0, pid, 0};
+    trace::event e{"expert rows L" + std::to_string(layer), "load", rec.now_us(), 0, pid, 0};
     const auto& r = steps_.back().received;
     for (std::size_t i = 0; i < r.size(); ++i)
       e.counters.emplace_back("E" + std::to_string(first_expert + static_cast<index_t>(i)), r[i]);

@@ -343,7 +343,7 @@ class basic_moe_layer {
     if constexpr (requires { store_->end_step(layer_id_); }) store_->end_step(layer_id_);
     prefetch_.end_step(*store_);
     load_.end_step();
-    load_.trace("expert rows L" + std::to_string(layer_id_), comm_->rank(), first_expert_);
+    load_.trace(layer_id_, comm_->rank(), first_expert_);
     ++step_;
   }
 

@@ -72,7 +72,7 @@ TEST_CASE("load_monitor: means over the last `window` steps; a step without a fo
   // The last step's rows as a Chrome trace counter, one series per expert.
   auto& rec = trace::recorder::instance();
   rec.start("unused-load-monitor-trace.json");  // recording only: nothing is written
-  m.trace("expert rows L7", 1, 4);
+  m.trace(7, 1, 4);
   const auto all = rec.to_json();
   nlohmann::json events = nlohmann::json::array();
   for (const auto& e : all["traceEvents"])
@@ -107,7 +107,7 @@ TEST_CASE("moe_layer's load monitor counts the rows each rank's experts process,
         moe.backward(matrix_view<const float>(y.view()), dx.view());
         moe.end_step();
       }
-      moe.forward(x.view(), y.view());  // an eval-free forward without end_step: not a step yet
+      moe.forward(x.view(), y.view());  // a forward with no end_step after it is not a step yet
       CHECK(moe.load().total_steps() == 3);
       CHECK(moe.load().seconds() > 0);
       auto r = moe.gather_load();
