@@ -18,8 +18,9 @@
 // perfect overlap of SSD traffic with compute. vs_resident = offloaded /
 // resident. Both ratios assume compute and I/O cost each other nothing; to
 // see what they cost each other here, the resident step is also run with
-// two_d's SSD traffic replayed beside it (both_s: the hardware's best at
-// doing both at once; vs_both = offloaded / both_s), and every run reports
+// two_d's SSD traffic replayed beside it, the two uncoordinated (both_s;
+// vs_both = offloaded / both_s; not a floor: a store that schedules its I/O
+// can beat it), and every run reports
 // the process's CPU seconds (cpu_s; a step near cores x step_s is CPU-bound).
 // comm::local's progress threads carry two_d's layer-ahead gathers
 // of the sharded dense parameters while layers compute, as comm::tcp's io
@@ -29,7 +30,6 @@
 //   defaults: 2 ranks, 3 measured steps, 1 mover thread per store (the
 //   store's default), a directory under the temp dir.
 #include <algorithm>
-#include <barrier>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -89,7 +89,6 @@ double cpu_seconds() {
   return sec(u.ru_utime) + sec(u.ru_stime);
 }
 
-
 /// One rank's budgets: two layers of its experts on the device, a quarter
 /// of its expert state in DRAM.
 int movers = 1;  // --movers: the store's mover threads (copy engines)
@@ -111,7 +110,7 @@ ssd_store::store<float>::options offload_options(const std::filesystem::path& di
 /// per rank. The files are written once; each start() replays the traffic
 /// on one thread per rank and wait() returns the seconds from start to the
 /// last rank's last operation. Alone it is the I/O floor; started beside the
-/// resident step it is the hardware's best at doing both at once.
+/// resident step it shows what compute and I/O cost each other here.
 class io_replay {
  public:
   static constexpr std::size_t in_flight = 32;
@@ -431,9 +430,9 @@ int main(int argc, char** argv) {
   run.operator()<prefetch::vertical<2>>("vertical<2>", false);
   run.operator()<prefetch::two_d<2>>("two_d", true);
 
-  // Perfect overlap on this machine: the resident step with two_d's SSD
-  // traffic replayed beside it (full queue depth, no waiting on each other).
-  // Where compute and I/O share cores, this is above max(resident, floor).
+  // The resident step with two_d's SSD traffic replayed beside it (full
+  // queue depth, neither waiting on the other). Where compute and I/O share
+  // cores, this is above max(resident, floor).
   double both_s = 0;
   {
     io_replay io(two_d_traffic, dir / "both");
