@@ -151,6 +151,8 @@ class dropout {
   bool training() const { return training_; }
   void end_step() { ++step_; }
   std::uint64_t step() const { return step_; }
+  /// A restored run puts the mask stream back where it was saved.
+  void set_step(std::uint64_t s) { step_ = s; }
 
   void forward(matrix_view<const T> x, matrix_view<T> y) {
     check_shape(y, x.rows(), x.cols(), "semoe::layer::dropout::forward: y");

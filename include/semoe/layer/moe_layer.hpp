@@ -361,7 +361,9 @@ class basic_moe_layer {
   index_t local_experts() const { return local_experts_; }
   index_t first_expert() const { return first_expert_; }
   Comm& communicator() { return *comm_; }
+  /// Steps taken; keys gate noise and jitter. A restored run sets it back.
   std::uint64_t step() const { return step_; }
+  void set_step(std::uint64_t s) { step_ = s; }
 
   /// Routed rows per global expert over the whole group in the last forward.
   std::vector<index_t> expert_load() {
@@ -662,11 +664,9 @@ class basic_moe_layer {
   Expert expert_;
   std::shared_ptr<store_type> store_;
   Prefetch prefetch_{};
-  index_t layer_id_ = 0, local_experts_ = 0, first_expert_ = 0;
-  bool training_ = true;
-  bool has_forward_ = false;
+  index_t layer_id_ = 0, local_experts_ = 0, first_expert_ = 0, global_tokens_ = 0, token_offset_ = 0;
+  bool training_ = true, has_forward_ = false;
   std::uint64_t step_ = 0;
-  index_t global_tokens_ = 0, token_offset_ = 0;
 
   template <class U>
   using dbuffer = buffer<U, memory_space>;  // where the executor's kernels read and write

@@ -174,6 +174,8 @@ class trainer {
   /// Set by load_checkpoint: the step the restored run had reached.
   void set_steps(std::uint64_t s) { steps_ = s; }
   Model& model() { return *model_; }
+  Comm& world() { return *world_; }
+  parallel_groups<Comm>& groups() { return *groups_; }
   Optimizer& optimizer() { return *opt_; }
   /// Gradient buckets reduced while backward runs (0: not overlapping).
   std::size_t overlapped_buckets() const { return buckets_ ? buckets_->bucket_count() : 0; }
