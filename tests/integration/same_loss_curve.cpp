@@ -22,18 +22,11 @@
 #include <unistd.h>
 
 #include "semoe/launch/launcher.hpp"
+#include "support/files.hpp"
 
 namespace {
 
-std::string slurp(std::FILE* f) {
-  std::fflush(f);
-  std::rewind(f);
-  std::string s;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
-  return s;
-}
+using semoe::testing::slurp;
 
 /// "step N loss X" lines (rank 0's, with or without the launcher's prefix).
 std::vector<double> losses(const std::string& text) {

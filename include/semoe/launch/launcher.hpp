@@ -6,6 +6,12 @@
 // `settle`, so they can print their own error first), and the job's exit
 // status is that rank's; a rank frozen by a stop signal is named with it. Several hosts: run the launcher on each
 // with --nnodes, --node-rank and the same --master and SEMOE_SECRET.
+//
+// Elastic jobs (run_elastic, `semoe-run --elastic --min-ranks M`): when a
+// rank fails, the job starts again on the ranks that remain, as long as they
+// are at least M. Each attempt gets SEMOE_RESTART_COUNT (0, 1, ...); the
+// program resumes from its last complete checkpoint, one it can load on any
+// number of ranks (train/portable_checkpoint.hpp). One host only.
 #pragma once
 
 #include <fcntl.h>
@@ -22,6 +28,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -43,12 +50,18 @@ struct options {
   std::chrono::milliseconds grace{3000};  ///< SIGTERM -> SIGKILL delay when stopping ranks
   std::FILE* out = stdout;         ///< prefixed rank output goes here
   bool prefix = true;
+  int min_ranks = 1;               ///< run_elastic: the fewest ranks a restart may run on
+  /// Called in the launcher for each rank it starts: (attempt, rank, pid).
+  std::function<void(int, int, pid_t)> on_spawn;
 };
 
 struct result {
   int exit_code = 0;     ///< 0, a failing rank's exit status, or 128 + its signal
   int failed_rank = -1;  ///< the first rank that failed, or -1
   int stopped_rank = -1; ///< a rank found stopped by a signal (SIGSTOP, SIGTSTP) when the job failed, or -1
+  int interrupted = 0;   ///< the signal (SIGINT, SIGTERM) that stopped the job from outside, or 0
+  int attempts = 1;      ///< run_elastic: attempts made
+  int ranks = 0;         ///< ranks of the last attempt (this host's)
 };
 
 namespace detail {
@@ -145,7 +158,8 @@ inline void validate(const options& o) {
 }
 
 /// Run argv on o.ranks_per_node local ranks; returns when all have ended.
-inline result run(const std::vector<std::string>& argv, options o) {
+/// `attempt` is handed to the ranks as SEMOE_RESTART_COUNT.
+inline result run(const std::vector<std::string>& argv, options o, int attempt = 0) {
   validate(o);
   SEMOE_CHECK(!argv.empty(), "semoe-run: no program given");
   if (o.master_port == 0) o.master_port = detail::free_port();
@@ -190,6 +204,7 @@ inline result run(const std::vector<std::string>& argv, options o) {
       ::setenv("SEMOE_MASTER_ADDR", o.master_addr.c_str(), 1);
       ::setenv("SEMOE_MASTER_PORT", std::to_string(o.master_port).c_str(), 1);
       ::setenv("SEMOE_SECRET", o.secret.c_str(), 1);
+      ::setenv("SEMOE_RESTART_COUNT", std::to_string(attempt).c_str(), 1);
       std::vector<char*> args;
       for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
       args.push_back(nullptr);
@@ -205,9 +220,11 @@ inline result run(const std::vector<std::string>& argv, options o) {
     ::fcntl(fds[0], F_SETFL, ::fcntl(fds[0], F_GETFL) | O_NONBLOCK);
     pids[l] = pid;
     pumps.push_back({fds[0], rank, {}});
+    if (o.on_spawn) o.on_spawn(attempt, rank, pid);
   }
 
   result res;
+  res.ranks = L;
   int alive = L;
   bool stopping = false;
   std::vector<int> stopped_by(static_cast<std::size_t>(L), 0);  // the signal that stopped a rank, 0: running
@@ -229,6 +246,7 @@ inline result run(const std::vector<std::string>& argv, options o) {
     if (detail::g_signal && !stopping) {  // forward Ctrl-C / TERM to every rank
       stop_all(detail::g_signal);
       res.exit_code = 128 + detail::g_signal;
+      res.interrupted = detail::g_signal;
       stopping = true;
       stop_deadline = std::chrono::steady_clock::now() + o.grace;
     }
@@ -281,6 +299,34 @@ inline result run(const std::vector<std::string>& argv, options o) {
   ::sigaction(SIGINT, &old_int, nullptr);
   ::sigaction(SIGTERM, &old_term, nullptr);
   return res;
+}
+
+/// Run argv on o.ranks_per_node ranks; when a rank fails, run it again on
+/// one rank fewer, down to o.min_ranks. Returns the last attempt's result:
+/// exit code 0 once an attempt finishes, else the failure that ended it.
+inline result run_elastic(const std::vector<std::string>& argv, options o) {
+  validate(o);
+  SEMOE_CHECK(o.nnodes == 1, "semoe-run --elastic: one host only (--nnodes ", o.nnodes,
+              "); restarting across hosts is not built");
+  SEMOE_CHECK(o.min_ranks >= 1 && o.min_ranks <= o.ranks_per_node, "semoe-run: --min-ranks ", o.min_ranks,
+              ": expected 1..", o.ranks_per_node, " (-n)");
+  const bool fixed_port = o.master_port != 0;
+  for (int attempt = 0;; ++attempt) {
+    if (!fixed_port) o.master_port = 0;  // a fresh port: the last attempt's may linger in TIME_WAIT
+    result res = run(argv, o, attempt);
+    res.attempts = attempt + 1;
+    if (res.exit_code == 0 || res.interrupted || res.failed_rank < 0) return res;
+    const int remain = o.ranks_per_node - 1;
+    if (remain < o.min_ranks) {
+      std::fprintf(stderr, "semoe-run: rank %d failed; %d ranks would remain, fewer than --min-ranks %d: giving up\n",
+                   res.failed_rank, remain, o.min_ranks);
+      return res;
+    }
+    std::fprintf(stderr, "semoe-run: rank %d failed; restarting on the %d ranks that remain (attempt %d), from the "
+                 "program's last complete checkpoint\n", res.failed_rank, remain, attempt + 2);
+    std::fflush(stderr);
+    o.ranks_per_node = remain;
+  }
 }
 
 }  // namespace semoe::launch

@@ -227,6 +227,31 @@ inline std::optional<std::filesystem::path> latest_checkpoint(const std::filesys
   return best;
 }
 
+/// Remove all but the newest `keep` complete checkpoints under `root`, and
+/// any incomplete step-N directory older than the newest complete one (a
+/// save that a crash cut short). Call it from one rank, after a save.
+inline void prune_checkpoints(const std::filesystem::path& root, std::size_t keep) {
+  SEMOE_CHECK(keep >= 1, "semoe::train::prune_checkpoints: keep = 0 would remove the checkpoint just saved");
+  std::vector<std::pair<std::uint64_t, std::filesystem::path>> complete, partial;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(root, ec)) {
+    const std::string name = e.path().filename().string();
+    std::uint64_t step = 0;
+    if (name.size() <= 5 || name.compare(0, 5, "step-") != 0) continue;
+    const auto [end, err] = std::from_chars(name.data() + 5, name.data() + name.size(), step);
+    if (err != std::errc() || end != name.data() + name.size()) continue;
+    (std::filesystem::is_regular_file(e.path() / "manifest.json", ec) ? complete : partial).emplace_back(step, e.path());
+  }
+  std::sort(complete.rbegin(), complete.rend());
+  if (complete.empty()) return;
+  for (std::size_t i = keep; i < complete.size(); ++i) {  // the manifest first: never a complete-looking remnant
+    std::filesystem::remove(complete[i].second / "manifest.json", ec);
+    std::filesystem::remove_all(complete[i].second, ec);
+  }
+  for (const auto& [step, path] : partial)
+    if (step < complete.front().first) std::filesystem::remove_all(path, ec);
+}
+
 /// Save a trainer's run into `dir` on every rank of its world (a collective:
 /// every rank calls it). `data_position` is stored for the caller (where its
 /// data order stands) and handed back by load_portable_checkpoint. A

@@ -29,6 +29,7 @@
 #include "semoe/storage/tiered_store.hpp"
 #include "semoe/train/portable_checkpoint.hpp"
 #include "semoe/train/trainer.hpp"
+#include "support/files.hpp"
 
 using namespace semoe;
 
@@ -48,15 +49,7 @@ template <class Storage>
 using model_t =
     layer::sequential<float, layer::linear<float>, layer::repeated<float, block_t<Storage>>, layer::linear<float>>;
 
-struct temp_dir {
-  std::filesystem::path path;
-  explicit temp_dir(const std::string& tag)
-      : path(std::filesystem::temp_directory_path() / ("semoe-portable-" + tag + "-" + std::to_string(::getpid()))) {
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~temp_dir() { std::filesystem::remove_all(path); }
-};
+using semoe::testing::temp_dir;
 
 void make_batch(std::uint64_t step, matrix<float>& x, std::vector<std::int32_t>& y) {
   const philox rng(31, step);
@@ -205,17 +198,17 @@ std::string load_error(const plan& p) {
 }  // namespace
 
 TEST_CASE("a checkpoint saved on 1-4 ranks resumes on every other number of ranks with the same losses (experts resident)") {
-  temp_dir root("resident");
+  temp_dir root("portable-resident");
   every_pair<storage::resident>(root.path);
 }
 
 TEST_CASE("a checkpoint saved on 1-4 ranks resumes on every other number of ranks with the same losses (experts on SSD)") {
-  temp_dir root("ssd");
+  temp_dir root("portable-ssd");
   every_pair<ssd_store>(root.path);
 }
 
 TEST_CASE("a portable checkpoint moves between expert-parallel sizes with expert replicas") {
-  temp_dir root("replicas");
+  temp_dir root("portable-replicas");
   const auto ckpt = root.path / "ckpt";
   // Saved on 4 ranks as 2 replicas of 2 expert shards, loaded as 1 replica of 4 and as 4 replicas of 1.
   const outcome kept = run<storage::resident>({.ranks = 4, .expert_parallel = 2, .dropless = true, .save_to = ckpt,
@@ -232,7 +225,7 @@ TEST_CASE("a portable checkpoint moves between expert-parallel sizes with expert
 }
 
 TEST_CASE("a damaged, incomplete or mismatched portable checkpoint is refused by name") {
-  temp_dir root("bad");
+  temp_dir root("portable-bad");
   const auto ckpt = train::checkpoint_dir(root.path, 3);
   run<storage::resident>({.ranks = 2, .expert_parallel = 2, .save_to = ckpt, .steps_before_save = 3});
   REQUIRE(std::filesystem::exists(ckpt / "manifest.json"));
@@ -284,7 +277,7 @@ TEST_CASE("a damaged, incomplete or mismatched portable checkpoint is refused by
 }
 
 TEST_CASE("latest_checkpoint picks the highest complete step") {
-  temp_dir root("latest");
+  temp_dir root("portable-latest");
   for (std::uint64_t s : {5u, 40u, 7u}) {
     std::filesystem::create_directories(train::checkpoint_dir(root.path, s));
     std::ofstream(train::checkpoint_dir(root.path, s) / "manifest.json") << "{}";
@@ -293,4 +286,13 @@ TEST_CASE("latest_checkpoint picks the highest complete step") {
   std::filesystem::create_directories(root.path / "step-12x");
   CHECK(train::latest_checkpoint(root.path) == train::checkpoint_dir(root.path, 40));
   CHECK(!train::latest_checkpoint(root.path / "absent"));
+
+  // Pruning keeps the newest complete ones and an incomplete one newer than them (a save in progress).
+  std::filesystem::create_directories(train::checkpoint_dir(root.path, 3));  // a save a crash cut short
+  train::prune_checkpoints(root.path, 2);
+  std::vector<std::string> left;
+  for (const auto& e : std::filesystem::directory_iterator(root.path)) left.push_back(e.path().filename().string());
+  std::sort(left.begin(), left.end());
+  CHECK(left == std::vector<std::string>{"step-000000000007", "step-000000000040", "step-000000000099", "step-12x"});
+  CHECK_THROWS_WITH_AS(train::prune_checkpoints(root.path, 0), doctest::Contains("keep = 0"), semoe::error);
 }
