@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "semoe/launch/launcher.hpp"
+#include "support/files.hpp"
 
 using namespace semoe;
 
@@ -19,15 +20,7 @@ namespace {
 struct captured {
   std::FILE* f = std::tmpfile();
   ~captured() { std::fclose(f); }
-  std::string text() {
-    std::fflush(f);
-    std::rewind(f);
-    std::string s;
-    char buf[4096];
-    std::size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
-    return s;
-  }
+  std::string text() { return semoe::testing::slurp(f); }
 };
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
