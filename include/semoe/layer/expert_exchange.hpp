@@ -8,7 +8,9 @@
 // comm::nccl moves the device buffers themselves.
 #pragma once
 
+#include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "semoe/comm/concepts.hpp"
@@ -18,6 +20,22 @@
 #include "semoe/layer/dispatch.hpp"
 
 namespace semoe::layer {
+
+/// The group's token count and this rank's first global token: every rank's
+/// batch size, learned in one all-gather (one rank: no collective).
+template <class Comm>
+std::pair<index_t, index_t> group_tokens(Comm& comm, index_t tokens) {
+  const int P = comm.size();
+  if (P == 1) return {tokens, 0};
+  std::vector<std::uint64_t> mine{static_cast<std::uint64_t>(tokens)}, all(static_cast<std::size_t>(P));
+  comm::all_gather(comm, std::span<const std::uint64_t>(mine), std::span<std::uint64_t>(all));
+  index_t global = 0, offset = 0;
+  for (int p = 0; p < P; ++p) {
+    if (p < comm.rank()) offset += static_cast<index_t>(all[p]);
+    global += static_cast<index_t>(all[p]);
+  }
+  return {global, offset};
+}
 
 template <class T, Backend B, class Comm>
 class expert_exchange {

@@ -42,7 +42,8 @@ class load_monitor {
     cur_.sent.assign(counts.begin(), counts.end());
   }
   /// Rows each local expert received from all ranks this step (expert i's
-  /// rows are offsets[i + 1] - offsets[i]).
+  /// rows are offsets[i + 1] - offsets[i]), then each replica slot's
+  /// (placement::replicate_hot).
   void record_received(std::span<const index_t> offsets) {
     cur_.received.resize(offsets.empty() ? 0 : offsets.size() - 1);
     for (std::size_t i = 0; i + 1 < offsets.size(); ++i)
@@ -74,14 +75,18 @@ class load_monitor {
   }
 
   /// When tracing: the last step's rows per local expert as a Chrome trace
-  /// counter "expert rows L<layer>" (series "E<global id>") for rank `pid`.
-  void trace(index_t layer, int pid, index_t first_expert) const {
+  /// counter "expert rows L<layer>" (series "E<global id>", replica slots
+  /// "R<slot>") for rank `pid`.
+  void trace(index_t layer, int pid, index_t first_expert, index_t local_experts) const {
     auto& rec = trace::recorder::instance();
     if (!rec.enabled() || steps_.empty()) return;
     trace::event e{"expert rows L" + std::to_string(layer), "load", rec.now_us(), 0, pid, 0};
     const auto& r = steps_.back().received;
     for (std::size_t i = 0; i < r.size(); ++i)
-      e.counters.emplace_back("E" + std::to_string(first_expert + static_cast<index_t>(i)), r[i]);
+      e.counters.emplace_back(static_cast<index_t>(i) < local_experts
+                                  ? "E" + std::to_string(first_expert + static_cast<index_t>(i))
+                                  : "R" + std::to_string(static_cast<index_t>(i) - local_experts),
+                              r[i]);
     rec.add(std::move(e));
   }
 
@@ -128,8 +133,8 @@ class load_monitor {
 
 /// The expert group's load, the same on every rank of it.
 struct load_report {
-  std::vector<double> expert_rows;   ///< per global expert, rows per step (window mean)
-  std::vector<double> rank_rows;     ///< per rank of the group: rows its experts process per step
+  std::vector<double> expert_rows;   ///< per global expert, rows per step its home copy processes (window mean)
+  std::vector<double> rank_rows;     ///< per rank of the group: rows its experts and replicas process per step
   std::vector<double> rank_seconds;  ///< per rank: seconds its experts compute per step
   /// The busiest rank's share of the group's expert rows: 1 / ranks is
   /// balanced, 1 is one rank doing everything.
@@ -141,25 +146,26 @@ struct load_report {
 
 /// The group's load from every rank's monitor: one all-gather over `group`
 /// (the layer's expert communicator), collective. Ranks hold consecutive
-/// experts, `local_experts` each.
+/// experts, `local_experts` each, and `replica_slots` copies of others.
 template <comm::Communicator Comm>
-load_report gather_load(Comm& group, const load_monitor& m, index_t local_experts) {
-  const auto L = static_cast<std::size_t>(local_experts), P = static_cast<std::size_t>(group.size());
+load_report gather_load(Comm& group, const load_monitor& m, index_t local_experts, index_t replica_slots = 0) {
+  const auto L = static_cast<std::size_t>(local_experts), S = L + static_cast<std::size_t>(replica_slots);
+  const auto P = static_cast<std::size_t>(group.size());
   auto mine = m.received();
-  mine.resize(L, 0.0);
+  mine.resize(S, 0.0);
   mine.push_back(m.seconds());
-  std::vector<double> all(P * (L + 1));
+  std::vector<double> all(P * (S + 1));
   comm::all_gather(group, std::span<const double>(mine), std::span<double>(all));
   load_report r;
   r.expert_rows.resize(P * L);
   r.rank_rows.resize(P);
   r.rank_seconds.resize(P);
   for (std::size_t p = 0; p < P; ++p) {
-    for (std::size_t i = 0; i < L; ++i) {
-      r.expert_rows[p * L + i] = all[p * (L + 1) + i];
-      r.rank_rows[p] += all[p * (L + 1) + i];
+    for (std::size_t i = 0; i < S; ++i) {
+      if (i < L) r.expert_rows[p * L + i] = all[p * (S + 1) + i];
+      r.rank_rows[p] += all[p * (S + 1) + i];
     }
-    r.rank_seconds[p] = all[p * (L + 1) + L];
+    r.rank_seconds[p] = all[p * (S + 1) + S];
   }
   return r;
 }

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <functional>
 #include <memory>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -37,27 +38,13 @@
 #include "semoe/layer/dispatch.hpp"
 #include "semoe/layer/expert_exchange.hpp"
 #include "semoe/layer/load_monitor.hpp"
+#include "semoe/placement/static_placement.hpp"
 #include "semoe/prefetch/on_demand.hpp"
 #include "semoe/storage/resident.hpp"
 
 namespace semoe {
 
 namespace detail {
-/// The store a storage policy makes for scalar T in memory space Space: the
-/// policy's store<T, Space> where it has one, its store<T> in host memory.
-template <class Storage, class T, class Space>
-struct store_for {
-  static_assert(std::is_same_v<Space, host_space>,
-                "semoe::moe_layer: this storage policy keeps blocks in host memory only; on a device backend use "
-                "storage::resident (device-memory tiers for tiered stores are not built yet)");
-  using type = typename Storage::template store<T>;
-};
-template <class Storage, class T, class Space>
-  requires requires { typename Storage::template store<T, Space>; }
-struct store_for<Storage, T, Space> {
-  using type = typename Storage::template store<T, Space>;
-};
-
 /// out = in * u (or out += in * u), u ~ U(1-eps, 1+eps) keyed by (step,
 /// global token, feature): the router's input jitter, one row per index.
 template <class T>
@@ -84,7 +71,8 @@ struct jitter_kernel {
 
 /// The layer for scalar T. Most code names `moe_layer` (T = float) below.
 template <class T, Backend B, class Gate, class Expert = expert::ffn<act::gelu>, class Comm = comm::local,
-          class Storage = storage::resident, class Prefetch = prefetch::on_demand>
+          class Storage = storage::resident, class Prefetch = prefetch::on_demand,
+          class Placement = placement::static_placement>
 class basic_moe_layer {
   static_assert(gate::check_gate<Gate>());
   static_assert(expert::check_expert<Expert, typename B::executor>());
@@ -96,6 +84,12 @@ class basic_moe_layer {
   static_assert(prefetch::Prefetcher<Prefetch>,
                 "semoe::moe_layer: Prefetch must provide before/after/end_step hooks; see prefetch/concepts.hpp");
   static_assert(prefetch::check_pairing<Storage, Prefetch>());  // a policy that needs a partner names it
+  static_assert(placement::Placement<Placement>, "semoe::moe_layer: Placement must be a placement policy "
+                "(placement::static_placement, placement::replicate_hot); see placement/static_placement.hpp");
+  /// Experts with copies on other ranks (placement::replicate_hot).
+  static constexpr bool replicates = Placement::replica_slots > 0;
+  static_assert(!replicates || !B::executor::on_device, "semoe::moe_layer: placement::replicate_hot runs on host "
+                "backends only; on a device backend use placement::static_placement");
 
  public:
   using value_type = T;
@@ -105,8 +99,9 @@ class basic_moe_layer {
   using expert_type = Expert;
   using comm_type = Comm;
   using memory_space = typename B::memory_space;
-  using store_type = typename detail::store_for<Storage, T, memory_space>::type;
+  using store_type = typename storage::store_for<Storage, T, memory_space>::type;
   using prefetch_type = Prefetch;
+  using placement_type = Placement;
   /// Activations, router and expert blocks in device memory.
   static constexpr bool on_device = B::executor::on_device;
   /// The gate routes on the layer's executor (else on the host, staged).
@@ -120,6 +115,7 @@ class basic_moe_layer {
     typename Gate::options gate{};
     typename Expert::options expert{};  ///< hidden and ffn are filled in from above
     std::uint64_t seed = 0;             ///< parameter init and gate noise; same on every rank
+    typename Placement::options placement{};
   };
 
   static void validate(const options& o, int ranks) {
@@ -135,12 +131,12 @@ class basic_moe_layer {
   /// default the layer makes its own.
   basic_moe_layer(typename B::executor& ex, Comm& comm, options opt, std::shared_ptr<store_type> store = nullptr)
       : ex_(&ex), comm_(&comm), opt_(fill(opt)), gate_(opt_.gate), expert_(opt_.expert),
-        store_(store ? std::move(store) : std::make_shared<store_type>()) {
+        store_(store ? std::move(store) : std::make_shared<store_type>()), placement_(opt_.placement) {
     validate(opt_, comm.size());
     (void)gate_.choices(opt_.experts);  // k > experts fails here, not mid-step
     local_experts_ = opt_.experts / comm.size();
     first_expert_ = comm.rank() * local_experts_;
-    layer_id_ = store_->add_layer(local_experts_, expert_.block_elems());
+    layer_id_ = store_->add_layer(local_experts_ + Placement::replica_slots, expert_.block_elems());
     const philox rng(opt_.seed, 0x5e30e);
     buffer<T> staged;  // a device block is initialized on the host, then copied
     for (index_t i = 0; i < local_experts_; ++i)
@@ -181,7 +177,7 @@ class basic_moe_layer {
     x_ = x;
     // Uneven batches are fine, a rank with no tokens included: every rank
     // learns every rank's count here, and capacity is computed from the total.
-    agree_on_tokens(tokens);
+    std::tie(global_tokens_, token_offset_) = layer::group_tokens(*comm_, tokens);
     SEMOE_CHECK(global_tokens_ > 0, "semoe::moe_layer::forward: empty batch (0 tokens on every one of the ",
                 comm_->size(), " ranks)");
     has_forward_ = training_;  // eval mode keeps nothing for a backward
@@ -204,9 +200,11 @@ class basic_moe_layer {
       if constexpr (routes_on_executor) {
         gate_.route(*ex_, ctx, matrix_view<const T>(logits_.matrix(tokens, E)), plan_);
         layer::dispatch_rows(*ex_, plan_, row_dev_);
+        if constexpr (replicates) placement_.assign(plan_, row_dev_.span(), comm_->size(), local_experts_, slots_);
       } else {
         gate_.route(ctx, host_logits(tokens), plan_);
         layer::dispatch_rows(plan_, row_);
+        if constexpr (replicates) placement_.assign(plan_, row_.span(), comm_->size(), local_experts_, slots_);
         if constexpr (on_device) {  // the kernels read the plan's rows and weights on the device
           to_device(row_dev_, row_);
           to_device(weight_dev_, plan_.weight);
@@ -225,7 +223,10 @@ class basic_moe_layer {
       if (training_) load_.record_received(plan_.offsets.span());
       run_experts_forward(plan_.offsets.span(), x_disp_.matrix(R, H), y_disp_.matrix(R, H));
     } else {
-      exchange_.plan(*ex_, *comm_, plan_.counts.span(), local_experts_, H);
+      if constexpr (replicates)  // rows per slot: each rank's experts, then its replicas
+        exchange_.plan(*ex_, *comm_, std::span<const std::int32_t>(slots_), local_experts_ + Placement::replica_slots, H);
+      else
+        exchange_.plan(*ex_, *comm_, plan_.counts.span(), local_experts_, H);
       if (training_) load_.record_received(exchange_.expert_offsets());
       const index_t Rr = exchange_.rows();
       expert_in_.resize_discard(Rr * H);
@@ -260,6 +261,7 @@ class basic_moe_layer {
       exchange_.to_experts(*ex_, *comm_, y_disp_.data(), expert_out_.data());
       run_experts_backward(exchange_.expert_offsets(), expert_in_.matrix(Rr, H), expert_out_.matrix(Rr, H));
       exchange_.from_experts(*ex_, *comm_, expert_out_.data(), y_disp_.data());
+      if constexpr (replicates) placement_.template reduce_grads<T>(*store_, layer_id_, *comm_, local_experts_);
     }
     if (want_dx) {
       phase ts("unpermute", *this);
@@ -333,7 +335,11 @@ class basic_moe_layer {
   /// Called in backward with each local expert once its gradients of this
   /// step are final, every expert once (a trainer updates it right then, while
   /// its block is still near compute; see trainer options).
-  void set_expert_backward_hook(std::function<void(index_t)> f) { expert_done_ = std::move(f); }
+  void set_expert_backward_hook(std::function<void(index_t)> f) {
+    SEMOE_CHECK(!replicates, "semoe::moe_layer: experts updated in backward need placement::static_placement: "
+                "replicated experts' gradients are summed after backward");
+    expert_done_ = std::move(f);
+  }
   T aux_loss() const { return plan_.aux_loss(); }
 
   /// Call once per optimizer step: gate state (aux-free bias), fresh noise,
@@ -343,7 +349,8 @@ class basic_moe_layer {
     if constexpr (requires { store_->end_step(layer_id_); }) store_->end_step(layer_id_);
     prefetch_.end_step(*store_);
     load_.end_step();
-    load_.trace(layer_id_, comm_->rank(), first_expert_);
+    load_.trace(layer_id_, comm_->rank(), first_expert_, local_experts_);
+    if constexpr (replicates) placement_.template end_step<T>(*store_, layer_id_, *comm_, local_experts_, load_);
     ++step_;
   }
 
@@ -376,7 +383,10 @@ class basic_moe_layer {
   /// assign a load_monitor(window) to change its window (16 steps).
   layer::load_monitor& load() { return load_; }
   /// The group's load over the window, on every rank: one small all-gather.
-  layer::load_report gather_load() { return layer::gather_load(*comm_, load_, local_experts_); }
+  layer::load_report gather_load() {
+    return layer::gather_load(*comm_, load_, local_experts_, Placement::replica_slots);
+  }
+  Placement& placement() { return placement_; }
 
  private:
   /// A traced phase of the step. On a device backend with tracing on it
@@ -451,23 +461,6 @@ class basic_moe_layer {
       return layer::host_map(plan_, row_);
   }
 
-  void agree_on_tokens(index_t tokens) {
-    const int P = comm_->size();
-    if (P == 1) {
-      global_tokens_ = tokens;
-      token_offset_ = 0;
-      return;
-    }
-    std::vector<std::uint64_t> mine{static_cast<std::uint64_t>(tokens)}, all(static_cast<std::size_t>(P));
-    comm::all_gather(*comm_, std::span<const std::uint64_t>(mine), std::span<std::uint64_t>(all));
-    global_tokens_ = 0;
-    token_offset_ = 0;
-    for (int p = 0; p < P; ++p) {
-      if (p < comm_->rank()) token_offset_ += static_cast<index_t>(all[p]);
-      global_tokens_ += static_cast<index_t>(all[p]);
-    }
-  }
-
   gate::route_context context() {
     gate::route_context c;
     c.rank = comm_->rank();
@@ -490,8 +483,8 @@ class basic_moe_layer {
 
   /// Local expert counts in the layout the prefetcher expects.
   std::vector<std::int32_t> local_counts(std::span<const index_t> offsets) const {
-    std::vector<std::int32_t> c(static_cast<std::size_t>(local_experts_));
-    for (index_t i = 0; i < local_experts_; ++i) c[i] = static_cast<std::int32_t>(offsets[i + 1] - offsets[i]);
+    std::vector<std::int32_t> c(offsets.size() - 1);  // local experts, then replica slots
+    for (std::size_t i = 0; i < c.size(); ++i) c[i] = static_cast<std::int32_t>(offsets[i + 1] - offsets[i]);
     return c;
   }
 
@@ -499,10 +492,11 @@ class basic_moe_layer {
   void with_blocks(std::span<const index_t> offsets, prefetch::phase ph, F f) {
     const auto counts = local_counts(offsets);
     prefetch_.before(*store_, layer_id_, ph, std::span<const std::int32_t>(counts));
-    params_.resize(static_cast<std::size_t>(local_experts_));
-    grads_.resize(static_cast<std::size_t>(local_experts_));
+    const auto n = static_cast<index_t>(counts.size());
+    params_.resize(counts.size());
+    grads_.resize(counts.size());
     // An expert without rows this step is not brought into fast memory.
-    for (index_t i = 0; i < local_experts_; ++i) {
+    for (index_t i = 0; i < n; ++i) {
       params_[i] = grads_[i] = nullptr;
       if (counts[i] == 0) continue;
       auto blk = acquire(i, ph == prefetch::phase::backward);
@@ -510,7 +504,7 @@ class basic_moe_layer {
       grads_[i] = blk.grads.data();
     }
     f();
-    for (index_t i = 0; i < local_experts_; ++i)
+    for (index_t i = 0; i < n; ++i)
       if (counts[i] > 0) release_block(i);
     prefetch_.after(*store_, layer_id_, ph);
   }
@@ -570,9 +564,9 @@ class basic_moe_layer {
     const bool done_hook = ph == prefetch::phase::backward && expert_done_;
     const auto counts = local_counts(offsets);
     prefetch_.before(*store_, layer_id_, ph, std::span<const std::int32_t>(counts));
-    params_.assign(static_cast<std::size_t>(local_experts_), nullptr);
-    grads_.assign(static_cast<std::size_t>(local_experts_), nullptr);
-    for (index_t i = 0; i < local_experts_; ++i) {
+    params_.assign(counts.size(), nullptr);
+    grads_.assign(counts.size(), nullptr);
+    for (index_t i = 0; i < static_cast<index_t>(counts.size()); ++i) {
       if (counts[i] == 0) continue;
       auto blk = acquire(i, ph == prefetch::phase::backward);
       params_[i] = blk.params.data();
@@ -614,7 +608,8 @@ class basic_moe_layer {
   /// Each expert's GEMMs are the ones the grouped call would run: same bits.
   void forward_only(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> y) {
     index_t widest = 0;
-    for (index_t i = 0; i < local_experts_; ++i) widest = std::max(widest, offsets[i + 1] - offsets[i]);
+    const auto slots = static_cast<index_t>(offsets.size()) - 1;
+    for (index_t i = 0; i < slots; ++i) widest = std::max(widest, offsets[i + 1] - offsets[i]);
     const index_t sc = expert_.saved_cols(), wc = expert_.work_cols();
     saved_.resize_discard(widest * sc);
     work_.resize_discard(widest * wc);
@@ -631,7 +626,7 @@ class basic_moe_layer {
       stream_blocks(offsets, prefetch::phase::forward, one);
     } else {
       with_blocks(offsets, prefetch::phase::forward, [&] {
-        for (index_t e = 0; e < local_experts_; ++e)
+        for (index_t e = 0; e < slots; ++e)
           if (offsets[e + 1] > offsets[e]) one(e);
       });
     }
@@ -690,11 +685,14 @@ class basic_moe_layer {
   std::vector<T*> params_, grads_;
   std::function<void(index_t)> expert_done_;
   layer::load_monitor load_;
+  Placement placement_;
+  std::vector<std::int32_t> slots_;  // replicating: rows this rank sends per slot of the group
 };
 
 /// The float layer: `semoe::moe_layer<semoe::cpu, semoe::gate::top_k<2>>`.
 template <Backend B, class Gate, class Expert = expert::ffn<act::gelu>, class Comm = comm::local,
-          class Storage = storage::resident, class Prefetch = prefetch::on_demand>
-using moe_layer = basic_moe_layer<float, B, Gate, Expert, Comm, Storage, Prefetch>;
+          class Storage = storage::resident, class Prefetch = prefetch::on_demand,
+          class Placement = placement::static_placement>
+using moe_layer = basic_moe_layer<float, B, Gate, Expert, Comm, Storage, Prefetch, Placement>;
 
 }  // namespace semoe

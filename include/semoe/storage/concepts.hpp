@@ -8,6 +8,7 @@
 #include <concepts>
 #include <functional>
 #include <span>
+#include <type_traits>
 #include <string_view>
 
 #include "semoe/core/config.hpp"
@@ -112,6 +113,21 @@ struct visit_space_of<S> {
 };
 template <class S>
 using visit_space_t = typename visit_space_of<S>::type;
+
+/// The store a storage policy makes for scalar T in memory space Space: the
+/// policy's store<T, Space> where it has one, its store<T> in host memory.
+template <class Storage, class T, class Space>
+struct store_for {
+  static_assert(std::is_same_v<Space, host_space>,
+                "semoe::moe_layer: this storage policy keeps blocks in host memory only; on a device backend use "
+                "storage::resident (device-memory tiers for tiered stores are not built yet)");
+  using type = typename Storage::template store<T>;
+};
+template <class Storage, class T, class Space>
+  requires requires { typename Storage::template store<T, Space>; }
+struct store_for<Storage, T, Space> {
+  using type = typename Storage::template store<T, Space>;
+};
 
 template <class P>
 concept Storage = std::same_as<typename P::policy_kind, storage_tag> &&

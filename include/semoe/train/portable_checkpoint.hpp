@@ -447,7 +447,8 @@ checkpoint_info load_portable_checkpoint(const std::filesystem::path& dir, train
         const auto& where = j.at("expert_file");
         for (index_t e = 0; e < layer.local_experts(); ++e) {
           const index_t g = layer.first_expert() + e;
-          const io::safetensors_file& f = file(where.at(static_cast<std::size_t>(g)).get<std::size_t>());
+          const std::size_t which = where.at(static_cast<std::size_t>(g));
+          const io::safetensors_file& f = file(which);
           const std::string name = io::expert_tensor_name(l, g, "block");
           s.visit(id, e, [&](storage::block_ref<T> b) {
             const index_t n = static_cast<index_t>(b.params.size());

@@ -72,7 +72,7 @@ TEST_CASE("load_monitor: means over the last `window` steps; a step without a fo
   // The last step's rows as a Chrome trace counter, one series per expert.
   auto& rec = trace::recorder::instance();
   rec.start("unused-load-monitor-trace.json");  // recording only: nothing is written
-  m.trace(7, 1, 4);
+  m.trace(7, 1, 4, 1);  // one local expert, then a replica slot
   const auto all = rec.to_json();
   nlohmann::json events = nlohmann::json::array();
   for (const auto& e : all["traceEvents"])
@@ -84,7 +84,7 @@ TEST_CASE("load_monitor: means over the last `window` steps; a step without a fo
   CHECK(events[0]["ph"] == "C");
   CHECK(events[0]["name"] == "expert rows L7");
   CHECK(events[0]["pid"] == 1);
-  CHECK(events[0]["args"] == nlohmann::json{{"E4", 5.0}, {"E5", 0.0}});
+  CHECK(events[0]["args"] == nlohmann::json{{"E4", 5.0}, {"R0", 0.0}});
 }
 
 TEST_CASE("moe_layer's load monitor counts the rows each rank's experts process, as the routing says") {
