@@ -9,10 +9,13 @@
 // greedily, gives the expert with the most rows per copy on the busiest rank
 // another copy on the least-busy rank with a free slot, while that lowers the
 // busiest rank's rows by at least `min_gain`; under even load it makes none.
+// Then it sets what share of a replicated expert's rows each copy takes, by
+// water-filling: the copies on less busy ranks take more, so the ranks end
+// as even as the copies allow.
 //
-// A step with copies: each rank splits its rows for expert e into equal
-// contiguous parts, one per copy (the home copy first, then the replicas by
-// rank); after backward the copies' gradients are summed into the home
+// A step with copies: each rank splits its rows for expert e into contiguous
+// parts by those shares, one per copy (the home copy first, then the
+// replicas by rank); after backward the copies' gradients are summed into the home
 // block (one all-reduce of the replicated blocks), which alone the optimizer,
 // clipping and checkpoints see; after the optimizer step the home block's
 // parameters are copied to its replicas (one more all-reduce). Results are
@@ -21,6 +24,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -44,7 +48,9 @@ class replicate_hot {
   static constexpr index_t replica_slots = Slots;
   struct options {
     index_t interval = 8;   ///< steps between placement decisions
-    double min_gain = 0.05;  ///< a copy must lower the busiest rank's rows by this fraction
+    /// A copy must lower the busiest rank's rows by this fraction: expert rows
+    /// are one part of a step, and each copy costs two all-reduces of its block.
+    double min_gain = 0.1;
   };
 
   explicit replicate_hot(options o = {}) : o_(o) {
@@ -81,19 +87,27 @@ class replicate_hot {
       for (index_t j = 0; j < Slots; ++j)
         if (const auto h = holds_[static_cast<std::size_t>(p * Slots + j)]; h >= 0)
           copies_[h].push_back(p * per + local + j);
+    // bounds_[e][q]: where copy q's part of this rank's rows of e begins.
+    bounds_.assign(static_cast<std::size_t>(E), {});
     for (index_t e = 0; e < E; ++e) {
       const index_t n = plan.counts[e], c = static_cast<index_t>(copies_[e].size());
-      for (index_t q = 0; q < c; ++q) counts[copies_[e][q]] += static_cast<std::int32_t>(part(n, c, q + 1) - part(n, c, q));
+      auto& b = bounds_[e];
+      b.push_back(0);
+      for (index_t q = 1; q < c; ++q)
+        b.push_back(std::clamp(static_cast<index_t>(std::floor(static_cast<double>(n) * cut(e, q))), b.back(), n));
+      b.push_back(n);
+      for (index_t q = 0; q < c; ++q) counts[copies_[e][q]] += static_cast<std::int32_t>(b[q + 1] - b[q]);
     }
     std::vector<index_t> start(counts.size() + 1, 0);
     for (std::size_t s = 0; s < counts.size(); ++s) start[s + 1] = start[s] + counts[s];
     for (index_t a = 0; a < plan.assignments(); ++a) {
       const index_t j = plan.slot[a];
       if (j < 0) continue;
-      const index_t e = plan.expert[a], n = plan.counts[e], c = static_cast<index_t>(copies_[e].size());
+      const index_t e = plan.expert[a], c = static_cast<index_t>(copies_[e].size());
+      const auto& b = bounds_[e];
       index_t q = 0;
-      while (q + 1 < c && part(n, c, q + 1) <= j) ++q;
-      row[a] = start[copies_[e][q]] + (j - part(n, c, q));
+      while (q + 1 < c && b[q + 1] <= j) ++q;
+      row[a] = start[copies_[e][q]] + (j - b[q]);
     }
   }
 
@@ -150,7 +164,13 @@ class replicate_hot {
   }
 
  private:
-  static index_t part(index_t n, index_t copies, index_t q) { return n * q / copies; }
+  /// The fraction of expert e's rows that copies before q take (even split
+  /// until a decision set shares).
+  double cut(index_t e, index_t q) const {
+    const auto c = static_cast<index_t>(copies_[e].size());
+    if (static_cast<std::size_t>(e) < cuts_.size() && cuts_[e].size() == static_cast<std::size_t>(c + 1)) return cuts_[e][q];
+    return static_cast<double>(q) / static_cast<double>(c);
+  }
 
   void resize(int ranks) {
     if (holds_.size() != static_cast<std::size_t>(ranks * Slots)) holds_.assign(static_cast<std::size_t>(ranks * Slots), -1);
@@ -222,11 +242,65 @@ class replicate_hot {
       holds_ = std::move(next);
       ++changes_;
     }
+    set_shares(P, local, rows);
+  }
+
+  /// cuts_[e]: cumulative shares of e's rows over its copies (home, then
+  /// replicas in slot order), water-filled so the copies' ranks end as even
+  /// as they can; a few passes over the replicated experts, hottest first.
+  void set_shares(int P, index_t local, const std::vector<double>& rows) {
+    const auto E = static_cast<index_t>(rows.size());
+    std::vector<std::vector<int>> on(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) on[e].push_back(static_cast<int>(e / local));
+    for (int p = 0; p < P; ++p)
+      for (index_t j = 0; j < Slots; ++j)
+        if (const auto h = holds_[static_cast<std::size_t>(p * Slots + j)]; h >= 0) on[h].push_back(p);
+    std::vector<index_t> hot;
+    std::vector<double> load(static_cast<std::size_t>(P), 0.0);
+    std::vector<std::vector<double>> take(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) {
+      const auto c = on[e].size();
+      take[e].assign(c, rows[e] / static_cast<double>(c));
+      for (std::size_t q = 0; q < c; ++q) load[on[e][q]] += take[e][q];
+      if (c > 1) hot.push_back(e);
+    }
+    std::sort(hot.begin(), hot.end(), [&](index_t a, index_t b) { return rows[a] > rows[b] || (rows[a] == rows[b] && a < b); });
+    for (int pass = 0; pass < 8; ++pass)
+      for (index_t e : hot) {
+        const auto c = on[e].size();
+        for (std::size_t q = 0; q < c; ++q) load[on[e][q]] -= take[e][q];
+        // Level L with sum over copies of max(0, L - load) = rows[e].
+        std::vector<double> lv;
+        for (int p : on[e]) lv.push_back(load[p]);
+        std::sort(lv.begin(), lv.end());
+        double level = lv[0] + rows[e], filled = 0;
+        for (std::size_t k = 0; k < lv.size(); ++k) {
+          filled += lv[k];
+          const double l = (rows[e] + filled) / static_cast<double>(k + 1);
+          if (k + 1 == lv.size() || l <= lv[k + 1]) {
+            level = l;
+            break;
+          }
+        }
+        for (std::size_t q = 0; q < c; ++q) {
+          take[e][q] = std::max(0.0, level - load[on[e][q]]);
+          load[on[e][q]] += take[e][q];
+        }
+      }
+    cuts_.assign(static_cast<std::size_t>(E), {});
+    for (index_t e : hot) {
+      auto& f = cuts_[e];
+      f.push_back(0.0);
+      for (double t : take[e]) f.push_back(f.back() + (rows[e] > 0 ? t / rows[e] : 1.0 / static_cast<double>(take[e].size())));
+      f.back() = 1.0;
+    }
   }
 
   options o_;
   std::vector<std::int32_t> holds_;
+  std::vector<std::vector<double>> cuts_;     // per replicated expert: cumulative shares of its copies
   std::vector<std::vector<index_t>> copies_;  // per expert: its slots, rank-major (scratch of assign)
+  std::vector<std::vector<index_t>> bounds_;  // per expert: its copies' parts of this step's rows
   std::uint64_t steps_ = 0, changes_ = 0;
 };
 

@@ -172,7 +172,7 @@ TEST_CASE("replicate_hot moves replica blocks through an SSD-tiered store and st
 
 TEST_CASE("replicate_hot makes no copy when the load is even") {
   // Counted loads fed to the placement directly: 8 experts on 2 ranks.
-  auto decide = [](std::vector<std::int32_t> sent) {
+  auto decide = [](std::vector<std::int32_t> sent, double min_gain = 0.1) {
     std::vector<std::int32_t> out;
     std::mutex m;
     comm::local::run(2, [&](comm::local& c) {
@@ -181,7 +181,7 @@ TEST_CASE("replicate_hot makes no copy when the load is even") {
       layer::load_monitor mon;
       mon.record_sent(std::span<const std::int32_t>(sent));
       mon.end_step();
-      placement::replicate_hot<1> p({.interval = 1});
+      placement::replicate_hot<1> p({.interval = 1, .min_gain = min_gain});
       p.end_step<float>(store, id, c, 4, mon);
       std::lock_guard lk(m);
       if (c.rank() == 0) out.assign(p.replicas().begin(), p.replicas().end());
@@ -191,7 +191,10 @@ TEST_CASE("replicate_hot makes no copy when the load is even") {
   CHECK(decide({10, 10, 10, 10, 10, 10, 10, 10}) == std::vector<std::int32_t>{-1, -1});
   // Expert 2 draws most: a copy on rank 1, the least loaded.
   CHECK(decide({10, 10, 60, 10, 10, 10, 10, 10}) == std::vector<std::int32_t>{-1, 2});
-  // Slightly uneven: a copy would not lower the busiest rank's rows by 5 %.
+  // Slightly uneven: a copy would not lower the busiest rank's rows by 10 %.
   CHECK(decide({11, 10, 10, 10, 10, 10, 10, 10}) == std::vector<std::int32_t>{-1, -1});
+  // A copy of expert 0 would take the busiest rank from 60 to 55 rows: worth it at min_gain 5 %, not at 10 %.
+  CHECK(decide({30, 10, 10, 10, 10, 10, 10, 10}) == std::vector<std::int32_t>{-1, -1});
+  CHECK(decide({30, 10, 10, 10, 10, 10, 10, 10}, 0.05) == std::vector<std::int32_t>{-1, 0});
   CHECK_THROWS_WITH_AS(placement::replicate_hot<1>({.interval = 0}), doctest::Contains("interval = 0"), semoe::error);
 }
