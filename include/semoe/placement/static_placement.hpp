@@ -5,6 +5,8 @@
 // experts extra copies on the least-loaded ranks.
 #pragma once
 
+#include <concepts>
+
 #include "semoe/core/config.hpp"
 
 namespace semoe::placement {
