@@ -381,6 +381,37 @@ inline void write_all(int fd, const void* src, std::size_t n, const std::string&
   }
 }
 
+/// Writes a file atomically: fill(fd) writes "<path>.tmp", which is fsynced
+/// and renamed over `path`, then the directory is fsynced. A crash or an
+/// error leaves the old file or the new one, never part of one (the
+/// temporary is removed on error). `who` starts every error message.
+template <class F>
+void write_atomically(const std::filesystem::path& path, const std::string& who, F&& fill) {
+  const std::filesystem::path tmp = path.string() + ".tmp";
+  const std::string at = who + ": '" + tmp.string() + "': ";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  SEMOE_CHECK(fd >= 0, at, "cannot create: ", std::strerror(errno));
+  try {
+    fill(fd, at);
+    SEMOE_CHECK(::fsync(fd) == 0, at, "fsync failed: ", std::strerror(errno));
+    const int rc = ::close(std::exchange(fd, -1));
+    SEMOE_CHECK(rc == 0, at, "close failed: ", std::strerror(errno));
+    SEMOE_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, at, "rename to '", path.string(), "' failed: ",
+                std::strerror(errno));
+  } catch (...) {
+    if (fd >= 0) ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  const std::filesystem::path dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  SEMOE_CHECK(dfd >= 0, who, ": cannot open directory '", dir.string(), "': ", std::strerror(errno));
+  const int rc = ::fsync(dfd);
+  const int e = errno;
+  ::close(dfd);
+  SEMOE_CHECK(rc == 0, who, ": fsync of directory '", dir.string(), "' failed: ", std::strerror(e));
+}
+
 /// Throws unless s can be written as a JSON string (valid UTF-8).
 inline void check_utf8(const std::string& s, const std::string& who, const char* what) {
   try {
@@ -620,35 +651,13 @@ class safetensors_writer {
   /// `path`, fsync the directory. A crash leaves the old file or the new one.
   void write(const std::filesystem::path& path) const {
     const std::string h = header();
-    const std::filesystem::path tmp = path.string() + ".tmp";
-    const std::string who = "semoe::io::safetensors_writer::write: '" + tmp.string() + "': ";
-    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    SEMOE_CHECK(fd >= 0, who, "cannot create: ", std::strerror(errno));
-    try {
+    detail::write_atomically(path, "semoe::io::safetensors_writer::write", [&](int fd, const std::string& who) {
       unsigned char len[8];
       for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(std::uint64_t{h.size()} >> (8 * i));
       detail::write_all(fd, len, 8, who);
       detail::write_all(fd, h.data(), h.size(), who);
       for (const auto* e : layout()) detail::write_all(fd, e->second.data.data(), e->second.data.size(), who);
-      SEMOE_CHECK(::fsync(fd) == 0, who, "fsync failed: ", std::strerror(errno));
-      const int rc = ::close(std::exchange(fd, -1));
-      SEMOE_CHECK(rc == 0, who, "close failed: ", std::strerror(errno));
-      SEMOE_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, who, "rename to '", path.string(),
-                  "' failed: ", std::strerror(errno));
-    } catch (...) {
-      if (fd >= 0) ::close(fd);
-      ::unlink(tmp.c_str());
-      throw;
-    }
-    const std::filesystem::path dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    SEMOE_CHECK(dfd >= 0, "semoe::io::safetensors_writer::write: cannot open directory '", dir.string(),
-                "': ", std::strerror(errno));
-    const int rc = ::fsync(dfd);
-    const int e = errno;
-    ::close(dfd);
-    SEMOE_CHECK(rc == 0, "semoe::io::safetensors_writer::write: fsync of directory '", dir.string(),
-                "' failed: ", std::strerror(e));
+    });
   }
 
  private:

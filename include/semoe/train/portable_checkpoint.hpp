@@ -29,11 +29,9 @@
 #pragma once
 
 #include <algorithm>
-#include <cerrno>
 #include <charconv>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -42,16 +40,12 @@
 #include <string>
 #include <vector>
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <nlohmann/json.hpp>
 #include <xxhash.h>
 
 #include "semoe/core/error.hpp"
 #include "semoe/io/model_file.hpp"
 #include "semoe/io/safetensors.hpp"
-#include "semoe/train/checkpoint.hpp"
 #include "semoe/train/optimizer.hpp"
 #include "semoe/train/trainer.hpp"
 
@@ -162,23 +156,17 @@ void for_each_module(M& m, F&& f) {
 
 inline void write_manifest(const std::filesystem::path& dir, const nlohmann::json& m) {
   const std::string text = m.dump(1) + "\n";
-  const std::filesystem::path tmp = dir / "manifest.json.tmp", path = dir / "manifest.json";
-  const std::string who = "semoe::train::save_portable_checkpoint: '" + tmp.string() + "'";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  SEMOE_CHECK(fd >= 0, who, ": cannot create: ", std::strerror(errno));
-  try {
-    io::detail::write_all(fd, text.data(), text.size(), who + ": ");
-    SEMOE_CHECK(::fsync(fd) == 0, who, ": fsync failed: ", std::strerror(errno));
-    const int rc = ::close(std::exchange(fd, -1));
-    SEMOE_CHECK(rc == 0, who, ": close failed: ", std::strerror(errno));
-    SEMOE_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, who, ": rename to '", path.string(),
-                "' failed: ", std::strerror(errno));
-  } catch (...) {
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  fsync_path(dir, O_RDONLY | O_DIRECTORY);
+  io::detail::write_atomically(dir / "manifest.json", "semoe::train::save_portable_checkpoint",
+                               [&](int fd, const std::string& who) { io::detail::write_all(fd, text.data(), text.size(), who); });
+}
+
+/// The step of a directory named "step-N", or nullopt.
+inline std::optional<std::uint64_t> step_of(const std::string& name) {
+  std::uint64_t step = 0;
+  if (name.size() <= 5 || name.compare(0, 5, "step-") != 0) return std::nullopt;
+  const auto [end, err] = std::from_chars(name.data() + 5, name.data() + name.size(), step);
+  if (err != std::errc() || end != name.data() + name.size()) return std::nullopt;
+  return step;
 }
 
 /// The manifest of `dir`, parsed, or an error naming what is wrong with it.
@@ -216,13 +204,9 @@ inline std::optional<std::filesystem::path> latest_checkpoint(const std::filesys
   std::optional<std::filesystem::path> best;
   std::uint64_t best_step = 0;
   for (const auto& e : std::filesystem::directory_iterator(root, ec)) {
-    const std::string name = e.path().filename().string();
-    if (name.size() <= 5 || name.compare(0, 5, "step-") != 0) continue;
-    std::uint64_t step = 0;
-    const auto [end, err] = std::from_chars(name.data() + 5, name.data() + name.size(), step);
-    if (err != std::errc() || end != name.data() + name.size()) continue;
-    if (!std::filesystem::is_regular_file(e.path() / "manifest.json", ec)) continue;
-    if (!best || step > best_step) best = e.path(), best_step = step;
+    const auto step = detail::step_of(e.path().filename().string());
+    if (!step || !std::filesystem::is_regular_file(e.path() / "manifest.json", ec)) continue;
+    if (!best || *step > best_step) best = e.path(), best_step = *step;
   }
   return best;
 }
@@ -234,14 +218,9 @@ inline void prune_checkpoints(const std::filesystem::path& root, std::size_t kee
   SEMOE_CHECK(keep >= 1, "semoe::train::prune_checkpoints: keep = 0 would remove the checkpoint just saved");
   std::vector<std::pair<std::uint64_t, std::filesystem::path>> complete, partial;
   std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(root, ec)) {
-    const std::string name = e.path().filename().string();
-    std::uint64_t step = 0;
-    if (name.size() <= 5 || name.compare(0, 5, "step-") != 0) continue;
-    const auto [end, err] = std::from_chars(name.data() + 5, name.data() + name.size(), step);
-    if (err != std::errc() || end != name.data() + name.size()) continue;
-    (std::filesystem::is_regular_file(e.path() / "manifest.json", ec) ? complete : partial).emplace_back(step, e.path());
-  }
+  for (const auto& e : std::filesystem::directory_iterator(root, ec))
+    if (const auto step = detail::step_of(e.path().filename().string()))
+      (std::filesystem::is_regular_file(e.path() / "manifest.json", ec) ? complete : partial).emplace_back(*step, e.path());
   std::sort(complete.rbegin(), complete.rend());
   if (complete.empty()) return;
   for (std::size_t i = keep; i < complete.size(); ++i) {  // the manifest first: never a complete-looking remnant
