@@ -107,6 +107,13 @@ double median(std::vector<double> v) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
+    std::printf("usage: bench_ring [ssd-dir] [rounds, default 7]\n"
+                "Ring-memory inference of a model 4x the fast-memory budget, K = 2, 3, 4 slots fed from DRAM and\n"
+                "from an SSD file in ssd-dir (default: the temporary directory), against compute alone and\n"
+                "loading alone, in interleaved rounds.\n");
+    return 0;
+  }
   const std::filesystem::path dir =
       argc > 1 ? std::filesystem::path(argv[1])
                : std::filesystem::temp_directory_path() / ("semoe-bench-ring-" + std::to_string(::getpid()));

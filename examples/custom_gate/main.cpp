@@ -6,6 +6,7 @@
 // compiler says which requirement is missing.
 #include <cmath>
 #include <cstdio>
+#include <string>
 
 #include "semoe/layer/moe_layer.hpp"
 
@@ -64,8 +65,14 @@ struct tempered_top1 {
 
 static_assert(semoe::gate::Gate<tempered_top1>);
 
-int main() {
+int main(int argc, char** argv) {
   using namespace semoe;
+  if (argc > 1) {
+    const bool asked = std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h";
+    std::fprintf(asked ? stdout : stderr, "usage: custom_gate\nRuns one forward and backward of a layer with the "
+                 "user-written gate tempered_top1 and prints its routing.\n");
+    return asked ? 0 : 2;
+  }
   cpu_executor ex({.threads = 2});
   auto comms = comm::local::make_world(1);
   moe_layer<cpu, tempered_top1> moe(ex, comms[0], {.hidden = 64, .ffn = 128, .experts = 4, .gate = {.temperature = 0.5}});

@@ -114,8 +114,8 @@ corpus load_fortunes(const std::string& dir) {
   return c;
 }
 
-[[noreturn]] void usage(const char* why) {
-  std::fprintf(stderr,
+[[noreturn]] void usage(const char* why, bool asked = false) {
+  std::fprintf(asked ? stdout : stderr,
                "%s\nusage: fortune_lm [--steps N] [--batch B] [--lr X] [--ranks P] [--threads T] [--experts E]\n"
                "                  [--time-limit S] [--eval-every N] [--eval-bytes N] [--print-loss] [--seed S] [--data DIR]\n"
                "                  [--device-budget BYTES] [--host-budget BYTES] [--ssd-dir DIR]   (e.g. 40M, 1G)\n"
@@ -125,7 +125,7 @@ corpus load_fortunes(const std::string& dir) {
                "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n"
                "A budget or --ssd-dir offloads the experts of both MoE blocks into one tiered store.\n",
                why);
-  std::exit(2);
+  std::exit(asked ? 0 : 2);
 }
 
 config parse(int argc, char** argv) {
@@ -169,7 +169,7 @@ config parse(int argc, char** argv) {
         if (v != "dram" && v != "ssd") usage("--ring-source is dram or ssd");
         c.ring_from_ssd = v == "ssd";
       }
-      else if (a == "--help" || a == "-h") usage("Train a byte-level MoE language model on fortunes.");
+      else if (a == "--help" || a == "-h") usage("Train a byte-level MoE language model on fortunes.", true);
       else usage(("unknown argument " + a).c_str());
     } catch (const std::logic_error&) {
       usage(("bad value for " + a).c_str());

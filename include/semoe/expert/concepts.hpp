@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "semoe/core/backend.hpp"
+#include "semoe/core/error.hpp"
 #include "semoe/core/random.hpp"
 #include "semoe/core/tensor.hpp"
 
@@ -46,6 +47,28 @@ concept Expert = std::same_as<typename E::policy_kind, expert_tag> && requires(
   { e.forward(ex, batch, out) };
   { e.backward(ex, batch, in, out) };
 };
+
+/// The layer's sizes written into an expert's options: `hidden` and `ffn`
+/// each where the options have a field of that name (an expert with other
+/// widths, a low-rank one say, keeps them as its own fields). A field the
+/// user already set to another value is an error naming both, never
+/// silently replaced; options with neither field are refused, since the
+/// expert could not learn the model width.
+template <class O>
+O with_layer_sizes(O o, index_t hidden, index_t ffn) {
+  constexpr bool has_hidden = requires { o.hidden = hidden; }, has_ffn = requires { o.ffn = ffn; };
+  static_assert(has_hidden, "semoe::moe_layer: an Expert's options need a `hidden` field (index_t): the layer "
+                "writes the model width into it");
+  SEMOE_CHECK(o.hidden == 0 || o.hidden == hidden, "semoe::moe_layer: options.expert.hidden = ", o.hidden,
+              " but the layer's hidden = ", hidden, ": leave it 0, the layer fills it in");
+  o.hidden = hidden;
+  if constexpr (has_ffn) {
+    SEMOE_CHECK(o.ffn == 0 || o.ffn == ffn, "semoe::moe_layer: options.expert.ffn = ", o.ffn,
+                " but the layer's ffn = ", ffn, ": leave it 0, the layer fills it in");
+    o.ffn = ffn;
+  }
+  return o;
+}
 
 /// Fix-it messages, one per missing piece of the contract.
 template <class E, class Exec = cpu::executor>

@@ -110,9 +110,9 @@ void add_column_sums(Exec& ex, const T* d, index_t rows, index_t ld, index_t col
 
 }  // namespace detail
 
-/// The FFN expert. Parameter block layout: W1 [hidden, f1], b1 [f1],
-/// W2 [ffn, hidden], b2 [hidden], with f1 = ffn (2 * ffn when gated); the
-/// biases are present only when options.bias is set.
+/// The FFN expert. Parameter block layout, in this order: W1 [hidden, f1],
+/// W2 [ffn, hidden], then b1 [f1] and b2 [hidden] only when options.bias is
+/// set; f1 = ffn, or 2 * ffn when gated (columns [a | b], hidden act(a) * b).
 template <class Act = act::gelu>
 class ffn {
  public:

@@ -12,6 +12,8 @@
 #include <numeric>
 #include <type_traits>
 #include <span>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "semoe/core/algorithm.hpp"
@@ -255,6 +257,61 @@ template <class T>
 void limit_by_capacity(routing_plan<T>& plan, const route_context& ctx, drop_policy policy) {
   sequential_executor seq;
   limit_by_capacity(seq, plan, ctx, policy);
+}
+
+/// The name a gate's errors use: its `name` member where it has one.
+template <class G>
+constexpr std::string_view gate_name() {
+  if constexpr (requires { std::string_view(G::name); })
+    return G::name;
+  else
+    return "the gate (give it `static constexpr const char* name` to see its name here)";
+}
+
+/// What the layer relies on in the plan a gate's route() just filled:
+/// arrays of tokens x k entries, counts for every expert with offsets their
+/// running sum, each kept assignment's expert in [0, experts) and its slot in
+/// [0, counts[expert]), each slot of an expert taken once, and no expert over
+/// capacity. A gate that fills expert and weight itself must still call
+/// gate::limit_by_capacity (or set counts, offsets and slot the same way).
+/// The per-assignment checks run where the plan is in host memory.
+template <class T, class Space>
+void check_plan(const routing_plan<T, Space>& plan, index_t experts, index_t tokens, std::string_view gate) {
+  const std::string who = "semoe::moe_layer: the plan " + std::string(gate) + " routed: ";
+  const auto fix = " (call gate::limit_by_capacity after filling plan.expert and plan.weight)";
+  SEMOE_CHECK(plan.experts == experts && plan.tokens == tokens && plan.k >= 1, who, "plan.experts = ", plan.experts,
+              ", plan.tokens = ", plan.tokens, ", plan.k = ", plan.k, "; expected ", experts, " experts, ", tokens,
+              " tokens and k >= 1 (call plan.reset(tokens, experts, k) first)");
+  const index_t A = plan.assignments();
+  SEMOE_CHECK(plan.expert.size() == A && plan.weight.size() == A && plan.slot.size() == A, who, "plan.expert, "
+              "plan.weight and plan.slot hold ", plan.expert.size(), ", ", plan.weight.size(), " and ",
+              plan.slot.size(), " entries; expected tokens x k = ", A);
+  SEMOE_CHECK(plan.counts.size() == experts && plan.offsets.size() == experts + 1, who, "plan.counts has ",
+              plan.counts.size(), " entries and plan.offsets ", plan.offsets.size(), "; expected ", experts, " and ",
+              experts + 1, fix);
+  SEMOE_CHECK(plan.offsets[0] == 0, who, "plan.offsets[0] = ", plan.offsets[0], "; expected 0", fix);
+  for (index_t e = 0; e < experts; ++e) {
+    SEMOE_CHECK(plan.counts[e] >= 0 && plan.offsets[e + 1] - plan.offsets[e] == plan.counts[e], who, "plan.counts[",
+                e, "] = ", plan.counts[e], " but plan.offsets[", e + 1, "] - plan.offsets[", e, "] = ",
+                plan.offsets[e + 1] - plan.offsets[e], fix);
+    SEMOE_CHECK(plan.capacity == 0 || plan.counts[e] <= plan.capacity, who, "plan.counts[", e, "] = ", plan.counts[e],
+                " is over plan.capacity = ", plan.capacity);
+  }
+  SEMOE_CHECK(plan.offsets[experts] <= A, who, "plan.offsets[", experts, "] = ", plan.offsets[experts],
+              " kept assignments, more than tokens x k = ", A);
+  if constexpr (Space::host_accessible) {
+    std::vector<std::uint8_t> taken(static_cast<std::size_t>(plan.offsets[experts]), 0);
+    for (index_t a = 0; a < A; ++a) {
+      const index_t e = plan.expert[a], j = plan.slot[a];
+      if (j < 0) continue;  // dropped
+      SEMOE_CHECK(e >= 0 && e < experts, who, "plan.expert[", a, "] = ", e, " is outside [0, ", experts, ")");
+      SEMOE_CHECK(j < plan.counts[e], who, "plan.slot[", a, "] = ", j, " but expert ", e, " keeps ", plan.counts[e],
+                  " assignments", fix);
+      auto& t = taken[static_cast<std::size_t>(plan.offsets[e] + j)];
+      SEMOE_CHECK(!t, who, "plan.slot[", a, "] = ", j, " of expert ", e, " is taken twice", fix);
+      t = 1;
+    }
+  }
 }
 
 }  // namespace semoe::gate

@@ -211,6 +211,11 @@ class basic_moe_layer {
         }
       }
     }
+#ifdef NDEBUG
+    if (!plan_checked_)  // a gate's plan is checked on the first call (every call in debug builds)
+#endif
+      gate::check_plan(plan_, E, tokens, gate::gate_name<Gate>());
+    plan_checked_ = true;
     const index_t R = plan_.kept();
     if (training_) load_.record_sent(plan_.counts.span());  // eval forwards are not steps
     x_disp_.resize_discard(R * H);
@@ -410,10 +415,7 @@ class basic_moe_layer {
   };
 
   static options fill(options o) {
-    if constexpr (requires { o.expert.hidden = o.hidden; o.expert.ffn = o.ffn; }) {
-      o.expert.hidden = o.hidden;
-      o.expert.ffn = o.ffn;
-    }
+    o.expert = expert::with_layer_sizes(o.expert, o.hidden, o.ffn);
     return o;
   }
 
@@ -660,7 +662,7 @@ class basic_moe_layer {
   std::shared_ptr<store_type> store_;
   Prefetch prefetch_{};
   index_t layer_id_ = 0, local_experts_ = 0, first_expert_ = 0, global_tokens_ = 0, token_offset_ = 0;
-  bool training_ = true, has_forward_ = false;
+  bool training_ = true, has_forward_ = false, plan_checked_ = false;
   std::uint64_t step_ = 0;
 
   template <class U>
