@@ -19,6 +19,7 @@ struct switch_options {
   double capacity_factor = 1.25;
   double eval_capacity_factor = 2.0;  ///< used when not training (GShard's evaluation capacity)
   bool dropless = false;
+  index_t min_capacity = 0;           ///< no expert's capacity below this (DeepSpeed's min_capacity; 0: none)
   drop_policy drop = drop_policy::position;
   balance_mode balance = balance_mode::aux_loss;
   double aux_loss_coef = 1e-2;  ///< used when balance == aux_loss

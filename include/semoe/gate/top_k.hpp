@@ -20,12 +20,19 @@ struct top_k_options {
   double capacity_factor = 1.25;
   double eval_capacity_factor = 2.0;  ///< used when not training (GShard's evaluation capacity)
   bool dropless = false;
+  index_t min_capacity = 0;           ///< no expert's capacity below this (DeepSpeed's min_capacity; 0: none)
   drop_policy drop = drop_policy::position;
   balance_mode balance = balance_mode::aux_loss;
   double aux_loss_coef = 1e-2;  ///< used when balance == aux_loss
   double z_loss_coef = 1e-3;
   double bias_rate = 1e-3;      ///< used when balance == aux_free
-  bool normalize = K > 1;       ///< weights / sum over the K picked; with K = 1 it would make every weight 1
+  /// Weights / sum over the K picked (Mixtral, Qwen3-MoE, DeepSpeed); false
+  /// keeps the raw softmax probabilities (OLMoE, Qwen2-MoE's
+  /// norm_topk_prob = false). With K = 1 it would make every weight 1.
+  bool normalize = K > 1;
+  /// After capacity drops, divide each token's kept weights by their sum
+  /// (DeepSpeed's top-2 gating), whatever `normalize` says.
+  bool renormalize_after_drops = false;
 };
 
 template <int K>
@@ -60,7 +67,7 @@ class top_k : public detail::balanced_gate<top_k_options<K>> {
   template <Executor Exec, class T, class Space>
   void backward(Exec& ex, const route_context&, matrix_view<const T> logits, const routing_plan<T, Space>& plan,
                 std::span<const T> dweight, matrix_view<T> dlogits) const {
-    detail::backward_top_k(ex, name, logits, plan, dweight, o_.normalize, dlogits);
+    detail::backward_top_k(ex, name, logits, plan, dweight, o_.normalize, dlogits, o_.renormalize_after_drops);
   }
   template <class T>
   void backward(const route_context& ctx, matrix_view<const T> logits, const routing_plan<T>& plan,

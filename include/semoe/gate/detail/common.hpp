@@ -1,6 +1,7 @@
 // semoe/gate/detail/common.hpp: checks and steps every gate's route() shares.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -32,6 +33,8 @@ void validate_common(const char* gate, const O& o) {
     SEMOE_CHECK(o.dropless || (o.eval_capacity_factor > 0 && std::isfinite(o.eval_capacity_factor)), gate,
                 ": options.eval_capacity_factor = ", o.eval_capacity_factor,
                 ": expected a finite value > 0 (or dropless = true)");
+  if constexpr (requires { o.min_capacity; })
+    SEMOE_CHECK(o.min_capacity >= 0, gate, ": options.min_capacity = ", o.min_capacity, ": expected a value >= 0");
   SEMOE_CHECK(o.drop == drop_policy::position || o.drop == drop_policy::probability, gate, ": options.drop = ",
               static_cast<int>(o.drop), ": expected drop_policy::position or drop_policy::probability");
   validate_balance(gate, o.balance, o.aux_loss_coef, o.z_loss_coef, o.bias_rate);
@@ -128,13 +131,17 @@ void begin_backward(const char* gate, matrix_view<const T> logits, const routing
 /// Capacity of the plan (0: dropless), then the group-wide capacity limit.
 /// Outside training, gates that have one use eval_capacity_factor (GShard
 /// evaluates with a larger capacity: dropping a token costs accuracy there,
-/// and no gradient step needs the compute bound).
+/// and no gradient step needs the compute bound). Options with min_capacity
+/// (DeepSpeed's) never let an expert's capacity fall below it: small batches
+/// would otherwise drop most of what they route.
 template <class Exec, class T, class Space, class O>
 void apply_capacity(Exec& ex, const route_context& ctx, routing_plan<T, Space>& plan, const O& o) {
   double factor = o.capacity_factor;
   if constexpr (requires { o.eval_capacity_factor; })
     if (!ctx.training) factor = o.eval_capacity_factor;
   plan.capacity = o.dropless ? 0 : expert_capacity(factor, ctx.global_tokens, plan.k, plan.experts);
+  if constexpr (requires { o.min_capacity; })
+    if (plan.capacity > 0) plan.capacity = std::max<index_t>(plan.capacity, o.min_capacity);
   limit_by_capacity(ex, plan, ctx, o.drop);
 }
 template <class T, class O>

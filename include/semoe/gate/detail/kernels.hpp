@@ -244,10 +244,11 @@ struct top_k_backward_kernel {
   SEMOE_HD void operator()(index_t t) const {
     const T* p = probs + t * experts;
     double sum = 0, gw = 0;
-    if (normalize) {  // w_c = p_c / S  =>  dL/dp_c = (g_c - sum_j g_j w_j) / S
-      for (index_t c = 0; c < k; ++c) sum += static_cast<double>(p[selected(t * k + c)]);
+    if (normalize) {  // w_c = p_c / S  =>  dL/dp_c = (g_c - sum_j g_j w_j) / S; S over the selected (>= 0)
       for (index_t c = 0; c < k; ++c)
-        gw += g(t * k + c) * static_cast<double>(p[selected(t * k + c)]) / sum;
+        if (selected(t * k + c) >= 0) sum += static_cast<double>(p[selected(t * k + c)]);
+      for (index_t c = 0; c < k; ++c)
+        if (selected(t * k + c) >= 0) gw += g(t * k + c) * static_cast<double>(p[selected(t * k + c)]) / sum;
     }
     double dot = 0;
     for (index_t e = 0; e < experts; ++e) dot += static_cast<double>(p[e]) * static_cast<double>(dp(t, e, sum, gw));
@@ -262,6 +263,36 @@ struct top_k_backward_kernel {
 struct selected_expert {
   const std::int32_t* expert;
   SEMOE_HD std::int32_t operator()(index_t a) const { return expert[a]; }
+};
+
+/// The selection after re-normalizing over kept choices: the expert of a
+/// choice capacity kept, -1 for one it dropped.
+struct kept_expert {
+  const std::int32_t* expert;
+  const std::int32_t* slot;
+  SEMOE_HD std::int32_t operator()(index_t a) const { return slot[a] >= 0 ? expert[a] : -1; }
+};
+
+/// DeepSpeed's re-normalization after drops: each token's kept weights
+/// become p / (sum of p over its kept choices); weights of dropped choices
+/// are left as they are (nothing combines them). A token with nothing kept
+/// keeps its weights too.
+template <class T>
+struct renormalize_kept_kernel {
+  const T* probs;
+  const std::int32_t* expert;
+  const std::int32_t* slot;
+  index_t experts, k;
+  T* weight;
+  SEMOE_HD void operator()(index_t t) const {
+    double sum = 0;
+    for (index_t c = 0; c < k; ++c)
+      if (slot[t * k + c] >= 0) sum += static_cast<double>(probs[t * experts + expert[t * k + c]]);
+    if (sum <= 0) return;
+    for (index_t c = 0; c < k; ++c)
+      if (slot[t * k + c] >= 0)
+        weight[t * k + c] = static_cast<T>(static_cast<double>(probs[t * experts + expert[t * k + c]]) / sum);
+  }
 };
 
 }  // namespace semoe::gate::detail

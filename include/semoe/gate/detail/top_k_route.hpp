@@ -59,9 +59,19 @@ void top_k_backward(const routing_plan<T>& plan, std::span<const T> dweight, boo
   top_k_backward(seq, plan, dweight.data(), normalize, selected, dlogits);
 }
 
+/// Whether options ask for DeepSpeed's re-normalization over kept choices.
+template <class O>
+constexpr bool renormalizes(const O& o) {
+  if constexpr (requires { o.renormalize_after_drops; })
+    return o.renormalize_after_drops;
+  else
+    return false;
+}
+
 /// The whole route of the softmax top-k gates (top_k, switch_gate) on
 /// executor `ex`: softmax and top-k fused per token, capacity, then the loss
-/// sums. The same bits on every executor.
+/// sums (and, where the options ask, weights re-normalized over the choices
+/// capacity kept). The same bits on every executor.
 template <Executor Exec, class T, class Space, class O>
 void route_top_k(Exec& ex, const char* gate, const route_context& ctx, matrix_view<const T> logits,
                  routing_plan<T, Space>& plan, index_t k, bool normalize, const O& o, aux_free_bias& bias) {
@@ -69,15 +79,24 @@ void route_top_k(Exec& ex, const char* gate, const route_context& ctx, matrix_vi
   router_probs(ex, logits, plan);
   select_top_k(ex, plan, normalize, o.balance == balance_mode::aux_free ? &bias : nullptr);
   apply_capacity(ex, g, plan, o);
+  if (renormalizes(o))
+    ex.parallel_for(plan.tokens,
+                    renormalize_kept_kernel<T>{plan.probs.data(), plan.expert.data(), plan.slot.data(), plan.experts,
+                                               plan.k, plan.weight.data()},
+                    64);
   router_losses(ex, g, plan, o.balance, o.aux_loss_coef, o.z_loss_coef, k, &bias);
 }
 
 /// Their backward: writes every element of dlogits (in the executor's memory).
+/// Re-normalized weights are normalized over the kept choices only.
 template <Executor Exec, class T, class Space>
 void backward_top_k(Exec& ex, const char* gate, matrix_view<const T> logits, const routing_plan<T, Space>& plan,
-                    std::span<const T> dweight, bool normalize, matrix_view<T> dlogits) {
+                    std::span<const T> dweight, bool normalize, matrix_view<T> dlogits, bool renormalized = false) {
   check_backward(gate, logits, plan, dweight, dlogits);
-  top_k_backward(ex, plan, dweight.data(), normalize, selected_expert{plan.expert.data()}, dlogits);
+  if (renormalized)
+    top_k_backward(ex, plan, dweight.data(), true, kept_expert{plan.expert.data(), plan.slot.data()}, dlogits);
+  else
+    top_k_backward(ex, plan, dweight.data(), normalize, selected_expert{plan.expert.data()}, dlogits);
 }
 
 }  // namespace semoe::gate::detail
