@@ -11,6 +11,7 @@
 #include "compare.hpp"
 #include "gpu_main.cuh"
 #include "semoe/cuda/backend.cuh"
+#include "semoe/gate/sigmoid_top_k.hpp"
 #include "semoe/gate/switch.hpp"
 #include "semoe/gate/top_k.hpp"
 #include "semoe/layer/dispatch.hpp"
@@ -99,6 +100,24 @@ TEST_CASE("cuda routing: top_k<8> dropless over 64 experts, aux-free bias") {
   o.balance = gate::balance_mode::aux_free;
   o.bias_rate = 0.01;
   compare_route<gate::top_k<8>>(o, 8192, 64, 3);
+}
+
+TEST_CASE("cuda routing: top_k<2> re-normalized after drops, min_capacity") {
+  gate::top_k<2>::options o;
+  o.capacity_factor = 0.3;
+  o.min_capacity = 700;
+  o.renormalize_after_drops = true;
+  compare_route<gate::top_k<2>>(o, 8192, 16, 6);
+}
+
+TEST_CASE("cuda routing: sigmoid_top_k<4> over 4 of 8 groups, aux-free bias, scaled") {
+  gate::sigmoid_top_k<4>::options o;
+  o.capacity_factor = 1.0;
+  o.bias_rate = 0.01;
+  o.scaling = 2.5;
+  o.groups = 8;
+  o.top_groups = 4;
+  compare_route<gate::sigmoid_top_k<4>>(o, 8192, 64, 7);
 }
 
 TEST_CASE("cuda routing: switch_gate") {

@@ -27,11 +27,14 @@ struct probe_layer_visitor {
 };
 }  // namespace detail
 
-/// f(layer) for every MoE layer inside model (sequential and residual nest).
+/// f(layer) for every MoE layer inside model (sequential and residual nest;
+/// a module that wraps one, as layer::with_shared_experts does, shows it as moe()).
 template <class Model, class F>
 void for_each_moe_layer(Model& m, F&& f) {
   if constexpr (requires { m.store(); m.layer_id(); m.local_experts(); }) {
     f(m);
+  } else if constexpr (requires { m.moe(); }) {
+    for_each_moe_layer(m.moe(), f);
   } else if constexpr (requires { m.for_each_layer(detail::probe_layer_visitor{}); }) {
     m.for_each_layer([&](auto& l) { for_each_moe_layer(l, f); });
   }

@@ -150,6 +150,7 @@ std::exception_ptr attempt(F&& f) {
 template <class M, class F>
 void for_each_module(M& m, F&& f) {
   f(m);
+  if constexpr (requires { m.moe(); }) for_each_module(m.moe(), f);
   if constexpr (requires { m.for_each_layer(detail::probe_layer_visitor{}); })
     m.for_each_layer([&](auto& l) { for_each_module(l, f); });
 }
