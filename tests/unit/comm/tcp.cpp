@@ -30,6 +30,13 @@
 
 #include "collective_checks.hpp"
 
+using semoe::test::a2a;
+using semoe::test::bytes;
+using semoe::test::everything;
+using semoe::test::local_reference;
+using semoe::test::put;
+using semoe::test::reduce_input;
+
 using semoe::index_t;
 using semoe::comm::local;
 using semoe::comm::reduce_op;
@@ -44,7 +51,6 @@ static_assert(comm::Communicator<tcp>);
 namespace {
 
 constexpr const char* test_secret = "semoe-test-secret";
-using bytes = std::vector<unsigned char>;
 
 /// A port nobody listens on right now (the kernel's pick for port 0).
 int free_port() {
@@ -94,121 +100,6 @@ void run_tcp(int P, F&& f, tcp_options base = {}) {
     if (e) std::rethrow_exception(e);
 }
 
-std::vector<std::vector<index_t>> random_counts(int P, unsigned seed, int scale = 1) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int> d(-3, 6);
-  std::vector<std::vector<index_t>> c(P, std::vector<index_t>(P));
-  for (auto& row : c)
-    for (auto& x : row) x = std::max(0, d(rng)) * scale;
-  return c;
-}
-
-template <class T>
-std::vector<T> reduce_input(int r, std::size_t n, unsigned seed) {
-  std::mt19937_64 rng(1000 + r + 7919 * seed);
-  std::vector<T> v(n);
-  for (auto& x : v) {
-    if constexpr (std::is_floating_point_v<T>)
-      x = static_cast<T>(std::uniform_real_distribution<double>(-1, 1)(rng) * std::pow(10.0, int(rng() % 7) - 3));
-    else if constexpr (std::is_signed_v<T>)
-      x = static_cast<T>(rng() % (std::uint64_t{1} << 58)) - (T{1} << 57);
-    else
-      x = static_cast<T>(rng() >> 4);
-  }
-  return v;
-}
-
-template <class T>
-void put(bytes& out, const std::vector<T>& v) {
-  const auto* p = reinterpret_cast<const unsigned char*>(v.data());
-  out.insert(out.end(), p, p + v.size() * sizeof(T));
-}
-
-template <class C, class T>
-void a2a(C& c, bytes& out, unsigned seed, int scale = 1) {
-  const int P = c.size(), me = c.rank();
-  const auto counts = random_counts(P, seed, scale);
-  std::vector<index_t> sc = counts[me], rc(P);
-  std::vector<T> send;
-  for (int dst = 0; dst < P; ++dst)
-    for (index_t i = 0; i < counts[me][dst]; ++i) send.push_back(static_cast<T>(me * 10000 + dst * 1000 + i % 997));
-  index_t total = 0;
-  for (int src = 0; src < P; ++src) total += rc[src] = counts[src][me];
-  std::vector<T> recv(static_cast<std::size_t>(total) + 2, T(-1));
-  comm::all_to_all_v(c, std::span<const T>(send), std::span<const index_t>(sc), std::span<T>(recv),
-                     std::span<const index_t>(rc));
-  put(out, recv);
-}
-
-template <class C, class T>
-void reductions(C& c, bytes& out, unsigned seed) {
-  for (reduce_op op : {reduce_op::sum, reduce_op::max, reduce_op::min})
-    for (std::size_t n : {0, 1, 3, 37, 1000}) {
-      auto x = reduce_input<T>(c.rank(), n, seed);
-      comm::all_reduce(c, std::span<T>(x), op);
-      put(out, x);
-      const std::size_t m = n / 2 + 1;
-      const auto in = reduce_input<T>(c.rank(), m * c.size(), seed + 1);
-      std::vector<T> o(m);
-      comm::reduce_scatter(c, std::span<const T>(in), std::span<T>(o), op);
-      put(out, o);
-    }
-}
-
-/// Every collective of the concept, in a fixed order; the bytes each rank ends up with.
-template <class C>
-bytes everything(C& c, unsigned seed) {
-  bytes out;
-  const int P = c.size(), me = c.rank();
-  a2a<C, float>(c, out, seed);
-  a2a<C, double>(c, out, seed + 1);
-  a2a<C, std::int64_t>(c, out, seed + 2);
-  reductions<C, float>(c, out, seed);
-  reductions<C, double>(c, out, seed);
-  reductions<C, std::int64_t>(c, out, seed);
-  reductions<C, std::uint64_t>(c, out, seed);
-  for (std::size_t m : {0, 1, 5}) {
-    std::vector<int> mine(m), all(m * P, -1);
-    for (std::size_t i = 0; i < m; ++i) mine[i] = me * 100 + int(i);
-    comm::all_gather(c, std::span<const int>(mine), std::span<int>(all));
-    put(out, all);
-  }
-  for (int root = 0; root < P; ++root) {
-    std::vector<double> d(9, me == root ? root + 0.5 : -1.0);
-    comm::broadcast(c, std::span<double>(d), root);
-    put(out, d);
-  }
-  c.barrier();
-  // A split group ordered by descending world rank, and collectives inside it.
-  C g = c.split(me % 2, -me);
-  out.push_back(static_cast<unsigned char>(g.rank()));
-  out.push_back(static_cast<unsigned char>(g.size()));
-  reductions<C, float>(g, out, seed + 5);
-  a2a<C, double>(g, out, seed + 6);
-  std::vector<int> mine{me}, order(g.size());
-  comm::all_gather(g, std::span<const int>(mine), std::span<int>(order));
-  put(out, order);
-  // Async: several in flight at once, waited newest first.
-  std::vector<double> s = reduce_input<double>(me, 100, seed + 9);
-  std::vector<int> all(P, -1);
-  std::vector<float> b(5, me == P - 1 ? 7.5f : 0.f);
-  auto r1 = c.all_reduce_async(std::span<double>(s), reduce_op::sum);
-  auto r2 = c.all_gather_async(std::span<const int>(mine), std::span<int>(all));
-  auto r3 = c.broadcast_async(std::span<float>(b), P - 1);
-  r3.wait(), r2.wait(), r1.wait();
-  put(out, s);
-  put(out, all);
-  put(out, b);
-  return out;
-}
-
-/// Each rank's `everything` bytes under comm::local.
-std::vector<bytes> local_reference(int P, unsigned seed) {
-  std::vector<bytes> ref(P);
-  local::run(P, [&](local& c) { ref[c.rank()] = everything(c, seed); });
-  return ref;
-}
-
 }  // namespace
 
 TEST_CASE("tcp: every collective gives exactly comm::local's bytes (P = 1..4 thread-ranks)") {
@@ -231,17 +122,8 @@ TEST_CASE("tcp: multi-MiB exchanges are chunked and land intact") {
   o.chunk_bytes = 64 << 10;
   const int P = 3;
   std::vector<bytes> got(P), ref(P);
-  auto job = [](auto& c, bytes& out) {
-    a2a<std::remove_reference_t<decltype(c)>, float>(c, out, 5, 1 << 17);  // up to 6 x 128 Ki floats per pair
-    std::vector<double> x = reduce_input<double>(c.rank(), 1 << 20, 3);      // 8 MiB all_reduce
-    comm::all_reduce(c, std::span<double>(x));
-    put(out, x);
-    std::vector<std::int64_t> all((1 << 18) * c.size()), mine(1 << 18, c.rank() + 1);
-    comm::all_gather(c, std::span<const std::int64_t>(mine), std::span<std::int64_t>(all));
-    put(out, all);
-  };
-  local::run(P, [&](local& c) { job(c, ref[c.rank()]); });
-  run_tcp(P, [&](tcp& c) { job(c, got[c.rank()]); }, o);
+  local::run(P, [&](local& c) { ref[c.rank()] = semoe::test::large_exchanges(c); });
+  run_tcp(P, [&](tcp& c) { got[c.rank()] = semoe::test::large_exchanges(c); }, o);
   for (int r = 0; r < P; ++r) {
     CAPTURE(r);
     CHECK(got[r].size() > (std::size_t{8} << 20));
