@@ -135,10 +135,11 @@ result run(const hf::checkpoint& ck, const args& a, typename Storage::template s
   std::vector<moe_t> blocks;
   blocks.reserve(c.moe_layers.size());
   for (index_t l : c.moe_layers) {
-    blocks.emplace_back(ex, comms[0],
-                        typename moe_t::options{.hidden = c.hidden, .ffn = c.ffn, .experts = c.experts,
-                                                .gate = hf::gate_options<gate::top_k<K>>(c)},
-                        store);
+    blocks.emplace_back(
+        ex, comms[0],
+        typename moe_t::options{
+            .hidden = c.hidden, .ffn = c.ffn, .experts = c.experts, .gate = hf::gate_options<gate::top_k<K>>(c)},
+        store);
     hf::load_moe_block(ck, l, blocks.back());
     blocks.back().train(false);
   }
@@ -164,11 +165,11 @@ template <int K>
 int main_k(const hf::checkpoint& ck, const args& a) {
   const auto& c = ck.config();
   const double layer_mib = static_cast<double>(c.experts * 3 * c.hidden * c.ffn * 4) / (1 << 20);
-  std::printf("%s checkpoint %s: %zu MoE blocks, hidden %lld, %lld experts of width %lld, top-%d (%.1f MiB of experts "
-              "per block); %lld tokens a batch\n",
-              hf::family_name(c.family), a.dir.c_str(), c.moe_layers.size(), static_cast<long long>(c.hidden),
-              static_cast<long long>(c.experts), static_cast<long long>(c.ffn), K, layer_mib,
-              static_cast<long long>(a.tokens));
+  std::printf(
+      "%s checkpoint %s: %zu MoE blocks, hidden %lld, %lld experts of width %lld, top-%d (%.1f MiB of experts "
+      "per block); %lld tokens a batch\n",
+      hf::family_name(c.family), a.dir.c_str(), c.moe_layers.size(), static_cast<long long>(c.hidden),
+      static_cast<long long>(c.experts), static_cast<long long>(c.ffn), K, layer_mib, static_cast<long long>(a.tokens));
   nlohmann::json rows = nlohmann::json::array();
   std::vector<float> resident;
   bool equal = true;
@@ -176,8 +177,9 @@ int main_k(const hf::checkpoint& ck, const args& a) {
     const bool same = resident.empty() || r.output == resident;
     if (resident.empty()) resident = r.output;
     equal = equal && same;
-    std::printf("  %-9s %10.0f tokens/s%s\n", name, r.tokens_per_s,
-                a.storage == "all" ? (same ? "   output = resident, bit for bit" : "   output DIFFERS from resident") : "");
+    std::printf(
+        "  %-9s %10.0f tokens/s%s\n", name, r.tokens_per_s,
+        a.storage == "all" ? (same ? "   output = resident, bit for bit" : "   output DIFFERS from resident") : "");
     rows.push_back({{"storage", name}, {"tokens_per_s", r.tokens_per_s}});
   };
   if (a.storage == "resident" || a.storage == "all")
@@ -213,9 +215,10 @@ int main(int argc, char** argv) {
     const auto ck = hf::checkpoint::open(a.dir);
     const auto& c = ck.config();
     if (c.sigmoid || c.shared_ffn > 0) {
-      std::fprintf(stderr, "hf_moe_block: %s blocks have %s; this program runs softmax top-k blocks without shared "
-                   "experts (Mixtral, OLMoE, Qwen3-MoE)\n", hf::family_name(c.family),
-                   c.sigmoid ? "sigmoid routing" : "shared experts");
+      std::fprintf(stderr,
+                   "hf_moe_block: %s blocks have %s; this program runs softmax top-k blocks without shared "
+                   "experts (Mixtral, OLMoE, Qwen3-MoE)\n",
+                   hf::family_name(c.family), c.sigmoid ? "sigmoid routing" : "shared experts");
       return 2;
     }
     switch (c.top_k) {

@@ -103,8 +103,8 @@ TEST_CASE("mpi: the node split comes from shared memory, or from options") {
   CHECK(world.local_rank() == world.rank());
   auto g = world.split(world.rank() % 2, world.rank());
   CHECK(g.size() == (world.size() + 1 - world.rank() % 2) / 2);
-  CHECK_THROWS_WITH_AS(comm::mpi(world.native(), {.local_size = world.size() + 1}), doctest::Contains("does not divide"),
-                       semoe::error);
+  CHECK_THROWS_WITH_AS(comm::mpi(world.native(), {.local_size = world.size() + 1}),
+                       doctest::Contains("does not divide"), semoe::error);
 }
 
 TEST_CASE("mpi: MPI errors come back as semoe::errors naming the call and MPI's reason") {

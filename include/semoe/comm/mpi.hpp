@@ -56,8 +56,8 @@ inline void mpi_check(int rc, const char* call) {
   char text[MPI_MAX_ERROR_STRING];
   int len = 0;
   if (MPI_Error_string(rc, text, &len) != MPI_SUCCESS) len = 0;
-  ::semoe::detail::fail("semoe::comm::mpi: ", call, " failed: ", len ? std::string(text, static_cast<std::size_t>(len))
-                                                                     : "error code " + std::to_string(rc));
+  ::semoe::detail::fail("semoe::comm::mpi: ", call, " failed: ",
+                        len ? std::string(text, static_cast<std::size_t>(len)) : "error code " + std::to_string(rc));
 }
 
 /// The MPI datatype of T: the matching builtin for arithmetic types, else
@@ -288,8 +288,10 @@ class mpi {
 
   template <class T>
   request all_gather_async(std::span<const T> mine, std::span<T> all) {
-    SEMOE_CHECK(all.size() == mine.size() * static_cast<std::size_t>(size()), "semoe::comm::mpi::all_gather: output "
-                "holds ", all.size(), " elements, expected ", size(), " x ", mine.size());
+    SEMOE_CHECK(all.size() == mine.size() * static_cast<std::size_t>(size()),
+                "semoe::comm::mpi::all_gather: output "
+                "holds ",
+                all.size(), " elements, expected ", size(), " x ", mine.size());
     auto op = std::make_shared<detail::mpi_op_state>();
     op->call = "MPI_Iallgather";
     const MPI_Datatype t = detail::mpi_type<T>();
@@ -413,7 +415,8 @@ class mpi {
   /// [begin, end) of chunk q of n elements over size() ranks.
   std::pair<int, int> chunk(int n, int q) const {
     const long long P = size();
-    return {static_cast<int>(n * static_cast<long long>(q) / P), static_cast<int>(n * static_cast<long long>(q + 1) / P)};
+    return {static_cast<int>(n * static_cast<long long>(q) / P),
+            static_cast<int>(n * static_cast<long long>(q + 1) / P)};
   }
 
   void fill_counts(std::vector<int>& counts, std::vector<int>& displs, std::span<const index_t> c, std::size_t have,
@@ -427,7 +430,8 @@ class mpi {
       displs[q] = detail::mpi_count(off, what);
       off += static_cast<std::uint64_t>(c[q]);
     }
-    SEMOE_CHECK(off <= have, "semoe::comm::mpi: ", what, " counts add up to ", off, " elements; the buffer holds ", have);
+    SEMOE_CHECK(off <= have, "semoe::comm::mpi: ", what, " counts add up to ", off, " elements; the buffer holds ",
+                have);
   }
 
   std::shared_ptr<state> s_;

@@ -31,18 +31,18 @@ struct sigmoid_top_k_options {
   double capacity_factor = 1.25;
   double eval_capacity_factor = 2.0;  ///< used when not training
   bool dropless = false;
-  index_t min_capacity = 0;           ///< no expert's capacity below this (0: none)
+  index_t min_capacity = 0;  ///< no expert's capacity below this (0: none)
   drop_policy drop = drop_policy::position;
   /// aux_free (DeepSeek-V3) or none. The softmax balance loss and the z-loss
   /// are defined on a softmax over experts and are refused here.
   balance_mode balance = balance_mode::aux_free;
   double aux_loss_coef = 0;
   double z_loss_coef = 0;
-  double bias_rate = 1e-3;   ///< the bias's step per update (DeepSeek-V3's gamma)
-  bool normalize = K > 1;    ///< weights / sum of the K chosen scores (norm_topk_prob)
-  double scaling = 1.0;      ///< weights times this (routed_scaling_factor)
-  index_t groups = 1;        ///< experts form this many equal groups (n_group)
-  index_t top_groups = 1;    ///< choices come from the best this many groups (topk_group)
+  double bias_rate = 1e-3;  ///< the bias's step per update (DeepSeek-V3's gamma)
+  bool normalize = K > 1;   ///< weights / sum of the K chosen scores (norm_topk_prob)
+  double scaling = 1.0;     ///< weights times this (routed_scaling_factor)
+  index_t groups = 1;       ///< experts form this many equal groups (n_group)
+  index_t top_groups = 1;   ///< choices come from the best this many groups (topk_group)
 };
 
 namespace detail {
@@ -170,7 +170,8 @@ class sigmoid_top_k : public detail::balanced_gate<sigmoid_top_k_options<K>> {
 
   static void validate(const options& o) {
     detail::validate_common(name, o);
-    SEMOE_CHECK(o.balance != balance_mode::aux_loss, name, ": options.balance = aux_loss: the auxiliary loss is "
+    SEMOE_CHECK(o.balance != balance_mode::aux_loss, name,
+                ": options.balance = aux_loss: the auxiliary loss is "
                 "defined on softmax probabilities; use balance_mode::aux_free (DeepSeek-V3) or none");
     SEMOE_CHECK(o.z_loss_coef == 0, name, ": options.z_loss_coef = ", o.z_loss_coef,
                 ": the router z-loss is defined on a softmax over experts; expected 0");
@@ -184,11 +185,10 @@ class sigmoid_top_k : public detail::balanced_gate<sigmoid_top_k_options<K>> {
 
   index_t choices(index_t experts) const {
     detail::check_choices(name, K, experts);
-    SEMOE_CHECK(experts % o_.groups == 0, name, ": experts = ", experts, " do not split into options.groups = ",
-                o_.groups, " equal groups");
+    SEMOE_CHECK(experts % o_.groups == 0, name, ": experts = ", experts,
+                " do not split into options.groups = ", o_.groups, " equal groups");
     SEMOE_CHECK(K <= o_.top_groups * (experts / o_.groups), name, ": k = ", K, " exceeds the ",
-                o_.top_groups * (experts / o_.groups), " experts of options.top_groups = ", o_.top_groups,
-                " groups");
+                o_.top_groups * (experts / o_.groups), " experts of options.top_groups = ", o_.top_groups, " groups");
     return K;
   }
 
@@ -229,8 +229,8 @@ class sigmoid_top_k : public detail::balanced_gate<sigmoid_top_k_options<K>> {
                 std::span<const T> dweight, matrix_view<T> dlogits) const {
     detail::check_backward(name, logits, plan, dweight, dlogits);
     ex.parallel_for(plan.tokens,
-                    detail::sigmoid_backward_kernel<T>{plan.probs.data(), plan.expert.data(), plan.slot.data(), dweight.data(),
-                                                       plan.experts, plan.k, o_.normalize, o_.scaling,
+                    detail::sigmoid_backward_kernel<T>{plan.probs.data(), plan.expert.data(), plan.slot.data(),
+                                                       dweight.data(), plan.experts, plan.k, o_.normalize, o_.scaling,
                                                        dlogits.data(), dlogits.ld()},
                     64);
   }

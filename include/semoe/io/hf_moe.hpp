@@ -70,16 +70,16 @@ inline const char* family_name(moe_family f) {
 struct moe_config {
   moe_family family = moe_family::mixtral;
   index_t hidden = 0;
-  index_t ffn = 0;      ///< one routed expert's width
+  index_t ffn = 0;  ///< one routed expert's width
   index_t experts = 0;
   index_t top_k = 0;
-  index_t layers = 0;   ///< decoder layers (dense ones included)
-  bool normalize = true;   ///< routed weights / their sum
-  bool sigmoid = false;    ///< sigmoid scores with a selection bias (DeepSeek-V3); else softmax
-  double scaling = 1.0;    ///< routed weights times this
+  index_t layers = 0;     ///< decoder layers (dense ones included)
+  bool normalize = true;  ///< routed weights / their sum
+  bool sigmoid = false;   ///< sigmoid scores with a selection bias (DeepSeek-V3); else softmax
+  double scaling = 1.0;   ///< routed weights times this
   index_t groups = 1, top_groups = 1;
-  index_t shared_ffn = 0;    ///< width of all shared experts together; 0: none
-  bool shared_gated = false; ///< shared output scaled by sigmoid(x . w) (Qwen2-MoE)
+  index_t shared_ffn = 0;           ///< width of all shared experts together; 0: none
+  bool shared_gated = false;        ///< shared output scaled by sigmoid(x . w) (Qwen2-MoE)
   std::vector<index_t> moe_layers;  ///< decoder layers that have a MoE block
   nlohmann::json raw;               ///< config.json as read (written back by save)
 
@@ -177,7 +177,8 @@ inline moe_config parse_config(const nlohmann::json& j, const std::string& sourc
   else if (type == "olmoe") c.family = moe_family::olmoe;
   else if (type == "deepseek_v3") c.family = moe_family::deepseek_v3;
   else
-    ::semoe::detail::fail(detail::who(source), "model_type \"", type, "\" is not a MoE family semoe maps; expected "
+    ::semoe::detail::fail(detail::who(source), "model_type \"", type,
+                          "\" is not a MoE family semoe maps; expected "
                           "mixtral, qwen2_moe, qwen3_moe, olmoe or deepseek_v3");
   const auto act = field_or<std::string>(j, "hidden_act", "silu", source);
   SEMOE_CHECK(act == "silu", detail::who(source), "hidden_act \"", act, "\": semoe maps SwiGLU (silu) experts only");
@@ -227,8 +228,8 @@ inline moe_config parse_config(const nlohmann::json& j, const std::string& sourc
       break;
     }
   }
-  SEMOE_CHECK(c.top_k <= c.experts, detail::who(source), "num_experts_per_tok = ", c.top_k, " exceeds the ",
-              c.experts, " experts");
+  SEMOE_CHECK(c.top_k <= c.experts, detail::who(source), "num_experts_per_tok = ", c.top_k, " exceeds the ", c.experts,
+              " experts");
   SEMOE_CHECK(c.shared_ffn >= 0 && std::isfinite(c.scaling) && c.scaling > 0, detail::who(source),
               "shared expert width ", c.shared_ffn, " or routed_scaling_factor ", c.scaling, " is out of range");
   return c;
@@ -244,7 +245,10 @@ typename Gate::options gate_options(const moe_config& c) {
   o.aux_loss_coef = 0;
   o.z_loss_coef = 0;
   o.normalize = c.normalize;
-  if constexpr (requires { o.groups; o.scaling; }) {
+  if constexpr (requires {
+                  o.groups;
+                  o.scaling;
+                }) {
     o.balance = gate::balance_mode::aux_free;
     o.scaling = c.scaling;
     o.groups = c.groups;
@@ -305,7 +309,8 @@ class checkpoint {
   const tensor_info& info(const std::string& name) const { return file(name).at(name); }
   const safetensors_file& file(const std::string& name) const {
     const auto it = where_.find(name);
-    SEMOE_CHECK(it != where_.end(), "semoe::io::hf: the checkpoint in '", dir_.string(), "' has no tensor '", name, "'");
+    SEMOE_CHECK(it != where_.end(), "semoe::io::hf: the checkpoint in '", dir_.string(), "' has no tensor '", name,
+                "'");
     return files_[it->second];
   }
 
@@ -391,10 +396,8 @@ void projections_of(std::span<const T> block, index_t H, index_t F, std::vector<
 /// The routed MoE layer of a block: itself, or the one a wrapper holds.
 template <class L>
 auto& routed(L& l) {
-  if constexpr (requires { l.moe(); })
-    return l.moe();
-  else
-    return l;
+  if constexpr (requires { l.moe(); }) return l.moe();
+  else return l;
 }
 
 /// The checks every load and save makes: SwiGLU experts without bias, and
@@ -409,14 +412,17 @@ void check_layer(const moe_config& c, L& l, index_t layer, const std::string& wh
               " model has no MoE block");
   const auto& o = m.opts();
   SEMOE_CHECK(!o.expert.bias, who, "the layer's experts have biases; Hugging Face MoE experts have none");
-  SEMOE_CHECK(o.hidden == c.hidden && o.ffn == c.ffn && o.experts == c.experts, who, "the layer has hidden ",
-              o.hidden, ", ffn ", o.ffn, ", ", o.experts, " experts; the checkpoint's block has ", c.hidden, ", ",
-              c.ffn, ", ", c.experts);
+  SEMOE_CHECK(o.hidden == c.hidden && o.ffn == c.ffn && o.experts == c.experts, who, "the layer has hidden ", o.hidden,
+              ", ffn ", o.ffn, ", ", o.experts, " experts; the checkpoint's block has ", c.hidden, ", ", c.ffn, ", ",
+              c.experts);
   const auto& g = m.gate();
   SEMOE_CHECK(g.choices(c.experts) == c.top_k, who, "the layer's gate picks ", g.choices(c.experts),
               " experts per token; the config says num_experts_per_tok = ", c.top_k);
   const auto& go = g.opts();
-  constexpr bool sigmoid = requires { go.groups; go.scaling; };
+  constexpr bool sigmoid = requires {
+    go.groups;
+    go.scaling;
+  };
   SEMOE_CHECK(sigmoid == c.sigmoid, who, "the layer's gate is ", std::remove_cvref_t<decltype(g)>::name, "; ",
               family_name(c.family), " routes with ", c.sigmoid ? "gate::sigmoid_top_k" : "gate::top_k");
   SEMOE_CHECK(go.normalize == c.normalize, who, "the gate's options.normalize = ", go.normalize,
@@ -424,13 +430,13 @@ void check_layer(const moe_config& c, L& l, index_t layer, const std::string& wh
   if constexpr (sigmoid)
     SEMOE_CHECK(go.scaling == c.scaling && go.groups == c.groups && go.top_groups == c.top_groups &&
                     go.balance == gate::balance_mode::aux_free,
-                who, "the gate's scaling, groups, top_groups or balance differ from the config's "
+                who,
+                "the gate's scaling, groups, top_groups or balance differ from the config's "
                 "routed_scaling_factor, n_group, topk_group (and the selection bias needs balance_mode::aux_free); "
                 "use io::hf::gate_options");
   constexpr bool wrapped = requires { l.moe(); };
   if constexpr (wrapped) {
-    SEMOE_CHECK(c.shared_ffn > 0, who, "the layer has shared experts; this ", family_name(c.family),
-                " block has none");
+    SEMOE_CHECK(c.shared_ffn > 0, who, "the layer has shared experts; this ", family_name(c.family), " block has none");
     SEMOE_CHECK(l.shared_expert().opts().ffn == c.shared_ffn && l.gated() == c.shared_gated, who,
                 "the shared expert has width ", l.shared_expert().opts().ffn, (l.gated() ? ", gated" : ", ungated"),
                 "; the checkpoint's has width ", c.shared_ffn, (c.shared_gated ? ", gated" : ", ungated"));
@@ -449,8 +455,8 @@ void check_layer(const moe_config& c, L& l, index_t layer, const std::string& wh
 template <class Layer>
 void load_moe_block(const checkpoint& ck, index_t layer, Layer& l) {
   const moe_config& c = ck.config();
-  const std::string who = "semoe::io::hf::load_moe_block: '" + ck.dir().string() + "' layer " + std::to_string(layer) +
-                          ": ";
+  const std::string who =
+      "semoe::io::hf::load_moe_block: '" + ck.dir().string() + "' layer " + std::to_string(layer) + ": ";
   detail::check_layer(c, l, layer, who);
   auto& m = detail::routed(l);
   using M = std::remove_reference_t<decltype(m)>;
@@ -465,7 +471,8 @@ void load_moe_block(const checkpoint& ck, index_t layer, Layer& l) {
   auto params = m.parameters();
   std::span<T> wg = params[0].value;  // [H, E]
   for (index_t e = 0; e < E; ++e)
-    for (index_t i = 0; i < H; ++i) wg[static_cast<std::size_t>(i * E + e)] = router[static_cast<std::size_t>(e * H + i)];
+    for (index_t i = 0; i < H; ++i)
+      wg[static_cast<std::size_t>(i * E + e)] = router[static_cast<std::size_t>(e * H + i)];
   if (c.sigmoid) {
     const auto bias = ck.read<double>(prefix + "gate.e_score_correction_bias", {E});
     m.gate().bias().assign(bias);
@@ -473,7 +480,8 @@ void load_moe_block(const checkpoint& ck, index_t layer, Layer& l) {
   for (index_t i = 0; i < m.local_experts(); ++i) {
     const index_t e = m.first_expert() + i;
     const auto names = detail::expert_names(c.family, prefix + "experts." + std::to_string(e) + ".");
-    m.store().visit(m.layer_id(), i, [&](storage::block_ref<T> b) { detail::expert_block_from(ck, names, H, F, b.params); });
+    m.store().visit(m.layer_id(), i,
+                    [&](storage::block_ref<T> b) { detail::expert_block_from(ck, names, H, F, b.params); });
   }
   if constexpr (requires { l.moe(); }) {
     const auto base = detail::shared_base(c.family, layer);
@@ -512,7 +520,8 @@ class writer {
     auto params = m.parameters();
     std::vector<float> router(static_cast<std::size_t>(E * H));
     for (index_t e = 0; e < E; ++e)
-      for (index_t i = 0; i < H; ++i) router[static_cast<std::size_t>(e * H + i)] = static_cast<float>(params[0].value[i * E + e]);
+      for (index_t i = 0; i < H; ++i)
+        router[static_cast<std::size_t>(e * H + i)] = static_cast<float>(params[0].value[i * E + e]);
     add(prefix + "gate.weight", {E, H}, std::move(router));
     if (c_.sigmoid) {
       const auto b = m.gate().bias().values();
@@ -542,7 +551,8 @@ class writer {
   }
 
   /// Writes the directory (created if missing). Returns the files written.
-  std::vector<std::string> write(const std::filesystem::path& dir, std::uint64_t max_shard_bytes = std::uint64_t{5} << 30) const {
+  std::vector<std::string> write(const std::filesystem::path& dir,
+                                 std::uint64_t max_shard_bytes = std::uint64_t{5} << 30) const {
     SEMOE_CHECK(!tensors_.empty(), "semoe::io::hf::writer::write: no block was added");
     SEMOE_CHECK(max_shard_bytes > 0, "semoe::io::hf::writer::write: max_shard_bytes = 0");
     std::filesystem::create_directories(dir);

@@ -115,7 +115,8 @@ class with_shared_experts {
       host.resize_discard(H);
       const philox rng(o.moe.seed, 0x5a4e6);  // PyTorch's Linear init: U(+-1/sqrt(in))
       const T bound = T(1) / std::sqrt(static_cast<T>(H));
-      for (index_t j = 0; j < H; ++j) host[j] = bound * (T(2) * static_cast<T>(rng.uniform(static_cast<std::uint64_t>(j))) - T(1));
+      for (index_t j = 0; j < H; ++j)
+        host[j] = bound * (T(2) * static_cast<T>(rng.uniform(static_cast<std::uint64_t>(j))) - T(1));
       gate_w_.resize_discard(H);
       ex.copy(gate_w_.data(), host.data(), host.bytes());
       gate_grad_.resize_discard(H);
@@ -143,8 +144,8 @@ class with_shared_experts {
     const index_t offsets[2] = {0, n};
     T* params[1] = {block_.data()};
     T* grads[1] = {block_grad_.data()};
-    const expert::expert_batch<T> b{offsets, params, grads, x, saved_.matrix(n, expert_.saved_cols()),
-                                    work_.matrix(n, expert_.work_cols())};
+    const expert::expert_batch<T> b{
+        offsets, params, grads, x, saved_.matrix(n, expert_.saved_cols()), work_.matrix(n, expert_.work_cols())};
     expert_.forward(*ex_, b, out_.matrix(n, H));
     const T* g = nullptr;
     if (gated_) {
@@ -176,8 +177,8 @@ class with_shared_experts {
     const index_t offsets[2] = {0, n};
     T* params[1] = {block_.data()};
     T* grads[1] = {block_grad_.data()};
-    const expert::expert_batch<T> b{offsets, params, grads, x_, saved_.matrix(n, expert_.saved_cols()),
-                                    work_.matrix(n, expert_.work_cols())};
+    const expert::expert_batch<T> b{
+        offsets, params, grads, x_, saved_.matrix(n, expert_.saved_cols()), work_.matrix(n, expert_.work_cols())};
     expert_.backward(*ex_, b, ds, out_.matrix(n, H));  // out_ is free now: the shared dx
     if (dx.rows() != 0)
       ex_->parallel_rows(n, H, detail::add_shared_kernel<T>{dx, matrix_view<const T>(out_.matrix(n, H)), nullptr},

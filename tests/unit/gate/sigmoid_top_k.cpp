@@ -63,12 +63,12 @@ TEST_CASE("sigmoid_top_k chooses and weighs as DeepSeek-V3 defines it") {
   const index_t n = 48, E = 8;
   const auto x = random_logits(n, E, 5);
   std::vector<double> bias{0.3, -0.2, 0.05, 0.0, -0.4, 0.25, 0.1, -0.1};
-  for (const auto& [groups, top_groups, normalize, scaling] :
-       std::vector<std::tuple<index_t, index_t, bool, double>>{{1, 1, true, 1.0}, {4, 2, true, 2.5}, {2, 1, false, 1.0}}) {
+  for (const auto& [groups, top_groups, normalize, scaling] : std::vector<std::tuple<index_t, index_t, bool, double>>{
+           {1, 1, true, 1.0}, {4, 2, true, 2.5}, {2, 1, false, 1.0}}) {
     CAPTURE(groups);
     CAPTURE(top_groups);
-    sg::sigmoid_top_k<3> g({.dropless = true, .normalize = normalize, .scaling = scaling, .groups = groups,
-                            .top_groups = top_groups});
+    sg::sigmoid_top_k<3> g(
+        {.dropless = true, .normalize = normalize, .scaling = scaling, .groups = groups, .top_groups = top_groups});
     g.bias().assign(bias);
     routing_plan<double> plan;
     g.route(one_rank(n), view(x, E), plan);
@@ -79,8 +79,8 @@ TEST_CASE("sigmoid_top_k chooses and weighs as DeepSeek-V3 defines it") {
       CHECK(plan.weight[a] == doctest::Approx(ref.weight[a]).epsilon(1e-12));
     }
     // The bias chooses but never weighs: without it, some choice differs.
-    sg::sigmoid_top_k<3> plain({.dropless = true, .normalize = normalize, .scaling = scaling, .groups = groups,
-                                .top_groups = top_groups});
+    sg::sigmoid_top_k<3> plain(
+        {.dropless = true, .normalize = normalize, .scaling = scaling, .groups = groups, .top_groups = top_groups});
     routing_plan<double> unbiased;
     plain.route(one_rank(n), view(x, E), unbiased);
     index_t differ = 0;
@@ -97,8 +97,12 @@ TEST_CASE("sigmoid_top_k's gradient matches central differences, with and withou
     for (bool normalize : {true, false}) {
       CAPTURE(dropless);
       CAPTURE(normalize);
-      sg::sigmoid_top_k<2> g({.capacity_factor = 0.75, .dropless = dropless, .normalize = normalize, .scaling = 2.5,
-                              .groups = 4, .top_groups = 2});
+      sg::sigmoid_top_k<2> g({.capacity_factor = 0.75,
+                              .dropless = dropless,
+                              .normalize = normalize,
+                              .scaling = 2.5,
+                              .groups = 4,
+                              .top_groups = 2});
       g.bias().assign(bias);
       if (!dropless) {
         routing_plan<double> p;

@@ -39,12 +39,10 @@ struct block_of {
   using moe = moe_t<Gate>;
   using type = std::conditional_t<Shared, layer::with_shared_experts<moe>, moe>;
   static type make(cpu_executor& ex, comm::local& comm, const hf::moe_config& c) {
-    typename moe::options o{.hidden = c.hidden, .ffn = c.ffn, .experts = c.experts,
-                            .gate = hf::gate_options<Gate>(c), .seed = 1};
-    if constexpr (Shared)
-      return type(ex, comm, {.moe = o, .shared_ffn = c.shared_ffn, .gated = c.shared_gated});
-    else
-      return type(ex, comm, o);
+    typename moe::options o{
+        .hidden = c.hidden, .ffn = c.ffn, .experts = c.experts, .gate = hf::gate_options<Gate>(c), .seed = 1};
+    if constexpr (Shared) return type(ex, comm, {.moe = o, .shared_ffn = c.shared_ffn, .gated = c.shared_gated});
+    else return type(ex, comm, o);
   }
 };
 
@@ -82,7 +80,8 @@ std::vector<std::vector<float>> run_blocks(const fs::path& dir, const fs::path& 
         m.train(false);
         const index_t rows = n / ranks, first = r * rows;  // each rank its share of the tokens
         std::vector<float> out(static_cast<std::size_t>(rows * c.hidden));
-        m.forward(as_matrix<const float>(x.data() + first * c.hidden, rows, c.hidden), as_matrix(out.data(), rows, c.hidden));
+        m.forward(as_matrix<const float>(x.data() + first * c.hidden, rows, c.hidden),
+                  as_matrix(out.data(), rows, c.hidden));
         std::copy(out.begin(), out.end(), y.begin() + first * c.hidden);
       });
     threads.clear();
@@ -132,9 +131,7 @@ void check_family(const std::string& family) {
   CHECK(run_blocks<Gate, Shared>(tmp.path, dir) == ours);
 }
 
-void write_file(const fs::path& p, const std::string& text) {
-  std::ofstream(p) << text;
-}
+void write_file(const fs::path& p, const std::string& text) { std::ofstream(p) << text; }
 
 }  // namespace
 
@@ -185,7 +182,10 @@ TEST_CASE("a layer that does not fit the checkpoint is refused by name") {
   auto o = hf::gate_options<gate::top_k<2>>(c);
   o.normalize = true;
   layer::with_shared_experts<moe_t<gate::top_k<2>>> m(
-      ex, comms[0], {.moe = {.hidden = c.hidden, .ffn = c.ffn, .experts = c.experts, .gate = o}, .shared_ffn = c.shared_ffn, .gated = true});
+      ex, comms[0],
+      {.moe = {.hidden = c.hidden, .ffn = c.ffn, .experts = c.experts, .gate = o},
+       .shared_ffn = c.shared_ffn,
+       .gated = true});
   CHECK_THROWS_WITH_AS(hf::load_moe_block(ck, 0, m), doctest::Contains("norm_topk_prob"), semoe::error);
   // The wrong width, the wrong k, a layer with no block.
   moe_t<gate::top_k<2>> narrow(ex, comms[0], {.hidden = c.hidden, .ffn = c.ffn + 1, .experts = c.experts});
@@ -194,7 +194,8 @@ TEST_CASE("a layer that does not fit the checkpoint is refused by name") {
   auto m4 = block_of<gate::top_k<4>, true>::make(ex, comms[0], c);
   CHECK_THROWS_WITH_AS(hf::load_moe_block(ck, 0, m4), doctest::Contains("num_experts_per_tok = 2"), semoe::error);
   const auto mx = hf::checkpoint::open(fixtures / "mixtral");
-  moe_t<gate::top_k<2>> wide(ex, comms[0], {.hidden = 32, .ffn = 47, .experts = 8, .gate = hf::gate_options<gate::top_k<2>>(mx.config())});
+  moe_t<gate::top_k<2>> wide(
+      ex, comms[0], {.hidden = 32, .ffn = 47, .experts = 8, .gate = hf::gate_options<gate::top_k<2>>(mx.config())});
   CHECK_THROWS_WITH_AS(hf::load_moe_block(mx, 0, wide), doctest::Contains("ffn 47"), semoe::error);
 }
 

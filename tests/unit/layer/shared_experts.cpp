@@ -26,8 +26,8 @@ using shared_t = layer::with_shared_experts<moe_t>;
 constexpr index_t n = 7, H = 5, F = 4, E = 4, S = 6;
 
 moe_t::options moe_options() {
-  return {.hidden = H, .ffn = F, .experts = E, .gate = {.dropless = true, .aux_loss_coef = 0, .z_loss_coef = 0},
-          .seed = 5};
+  return {
+      .hidden = H, .ffn = F, .experts = E, .gate = {.dropless = true, .aux_loss_coef = 0, .z_loss_coef = 0}, .seed = 5};
 }
 
 /// The shared SwiGLU expert and its gate, as loops over the block's layout
@@ -71,7 +71,8 @@ TEST_CASE("with_shared_experts adds the (gated) shared expert to the routed outp
     auto comms = comm::local::make_world(1);
     shared_t m(ex, comms[0], {.moe = moe_options(), .shared_ffn = S, .gated = gated});
     moe_t alone(ex, comms[0], moe_options());
-    CHECK(static_cast<index_t>(m.shared_block().size()) == expert::ffn<act::swiglu>::block_elems({.hidden = H, .ffn = S}));
+    CHECK(static_cast<index_t>(m.shared_block().size()) ==
+          expert::ffn<act::swiglu>::block_elems({.hidden = H, .ffn = S}));
     CHECK(m.shared_gate().size() == (gated ? std::size_t{H} : 0));
     matrix<double> x(n, H), y(n, H), y0(n, H);
     fill_uniform(x.span(), 1);
