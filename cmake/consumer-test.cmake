@@ -1,9 +1,15 @@
-# cmake -DBUILD_DIR=.. -DSOURCE_DIR=.. -DGENERATOR=.. -DCXX=.. -DCONFIG=.. -P consumer-test.cmake
-# Installs the build tree into a private prefix, then configures, builds and
-# runs a separate project that uses it through find_package(semoe).
+# The installed package, used the way a separate project uses it.
+#   cmake -DSTEP=install -DBUILD_DIR=.. -DCONFIG=.. -P consumer-test.cmake
+#     installs the build tree into BUILD_DIR/consumer-prefix;
+#   cmake -DSTEP=core|tcp|all -DBUILD_DIR=.. -DSOURCE_DIR=.. -DGENERATOR=.. -DCXX=.. -DCONFIG=.. -P consumer-test.cmake
+#     configures, builds and runs SOURCE_DIR/<STEP> (tests/consumer) against
+#     that prefix, then checks that it found, included and linked nothing of
+#     the components it did not ask for.
+cmake_policy(VERSION 3.25)
 set(prefix "${BUILD_DIR}/consumer-prefix")
-set(build "${BUILD_DIR}/consumer-build")
-file(REMOVE_RECURSE "${prefix}" "${build}")
+if(NOT CONFIG)
+  set(CONFIG Release)
+endif()
 
 function(step)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
@@ -13,12 +19,123 @@ function(step)
   endif()
 endfunction()
 
-if(NOT CONFIG)
-  set(CONFIG Release)
+if(STEP STREQUAL "install")
+  file(REMOVE_RECURSE "${prefix}")
+  step("${CMAKE_COMMAND}" --install "${BUILD_DIR}" --prefix "${prefix}" --config "${CONFIG}")
+  return()
 endif()
-step("${CMAKE_COMMAND}" --install "${BUILD_DIR}" --prefix "${prefix}" --config "${CONFIG}")
-step("${CMAKE_COMMAND}" -S "${SOURCE_DIR}" -B "${build}" -G "${GENERATOR}"
-     "-DCMAKE_CXX_COMPILER=${CXX}" "-DCMAKE_BUILD_TYPE=${CONFIG}" "-DCMAKE_PREFIX_PATH=${prefix}")
+
+# What each consumer must not have found (its CMakeCache), included (the
+# headers main.cpp pulls in) or linked (the program's NEEDED libraries).
+set(components_not_asked_for_core Boost OpenSSL ZLIB LibUring xxHash)
+set(components_not_asked_for_tcp LibUring xxHash)
+set(components_not_asked_for_all "")
+set(cache_regex_Boost "^Boost_DIR:")
+set(cache_regex_OpenSSL "^OPENSSL_")
+set(cache_regex_ZLIB "^ZLIB_")
+set(cache_regex_LibUring "^LibUring_")
+set(cache_regex_xxHash "^xxHash_")
+set(header_regex_Boost "(^|/)boost/")
+set(header_regex_OpenSSL "(^|/)openssl/")
+set(header_regex_ZLIB "(^|/)zlib\\.h$")
+set(header_regex_LibUring "(^|/)liburing(\\.h$|/)")
+set(header_regex_xxHash "(^|/)xxhash\\.h$")
+set(library_regex_Boost "^libboost_")
+set(library_regex_OpenSSL "^lib(crypto|ssl)\\.")
+set(library_regex_ZLIB "^libz\\.")
+set(library_regex_LibUring "^liburing\\.")
+set(library_regex_xxHash "^libxxhash\\.")
+if(NOT DEFINED components_not_asked_for_${STEP})
+  message(FATAL_ERROR "consumer test: STEP=${STEP}: expected install, core, tcp or all")
+endif()
+if(NOT EXISTS "${prefix}/share/cmake/semoe/semoeConfig.cmake")
+  message(FATAL_ERROR "consumer test: no package in ${prefix}; the package.install test puts it there")
+endif()
+
+set(build "${BUILD_DIR}/consumer-${STEP}")
+file(REMOVE_RECURSE "${build}")
+step("${CMAKE_COMMAND}" -S "${SOURCE_DIR}/${STEP}" -B "${build}" -G "${GENERATOR}"
+     "-DCMAKE_CXX_COMPILER=${CXX}" "-DCMAKE_BUILD_TYPE=${CONFIG}" "-DCMAKE_PREFIX_PATH=${prefix}"
+     -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
 step("${CMAKE_COMMAND}" --build "${build}" --config "${CONFIG}")
-file(GLOB exe "${build}/semoe_consumer" "${build}/${CONFIG}/semoe_consumer*")
+file(GLOB exe "${build}/semoe_consumer" "${build}/${CONFIG}/semoe_consumer")
 step(${exe})
+
+# The package came from the prefix, not from the build tree or the system.
+file(STRINGS "${build}/CMakeCache.txt" cache)
+list(FILTER cache INCLUDE REGEX "^semoe_DIR:")
+if(NOT cache MATCHES "^semoe_DIR:PATH=${prefix}/")
+  message(FATAL_ERROR "consumer test: ${STEP} found semoe at '${cache}', not in ${prefix}")
+endif()
+
+# Found: find_package leaves its results in the consumer's cache.
+file(STRINGS "${build}/CMakeCache.txt" cache)
+# Included: every header main.cpp reaches through semoe's (-MG: one that is
+# not installed still counts).
+execute_process(COMMAND "${CXX}" -std=c++20 -M -MG -isystem "${prefix}/include" "${SOURCE_DIR}/${STEP}/main.cpp"
+                OUTPUT_VARIABLE deps RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "consumer test: listing the headers of ${SOURCE_DIR}/${STEP}/main.cpp failed")
+endif()
+string(REGEX REPLACE "\\\\\n" " " deps "${deps}")
+string(REGEX REPLACE "[ \t\n]+" ";" headers "${deps}")
+# Linked: the libraries the program records as NEEDED.
+execute_process(COMMAND readelf -d "${exe}" OUTPUT_VARIABLE dynamic RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "consumer test: readelf -d ${exe} failed")
+endif()
+string(REGEX MATCHALL "Shared library: \\[[^]]+\\]" needed "${dynamic}")
+list(TRANSFORM needed REPLACE "Shared library: \\[([^]]+)\\]" "\\1")
+# ... and the libraries on its link line (a linker with --as-needed drops an
+# unused one from NEEDED): Ninja's build.ninja, or a Makefile build's link.txt.
+file(GLOB_RECURSE link_files "${build}/build.ninja" "${build}/CMakeFiles/semoe_consumer.dir/link.txt")
+set(linked)
+foreach(f IN LISTS link_files)
+  file(READ "${f}" text)
+  string(REPLACE ";" " " text "${text}")
+  string(REGEX REPLACE "[ \t\n\"]+" ";" libs "${text}")
+  list(FILTER libs INCLUDE REGEX "(/lib[^/]+\\.(so|a)[0-9.]*|^-l[^/]+)$")
+  list(TRANSFORM libs REPLACE "^.*/" "")
+  list(TRANSFORM libs REPLACE "^-l(.*)$" "lib\\1.so")
+  list(APPEND linked ${libs})
+endforeach()
+list(REMOVE_DUPLICATES linked)
+
+set(errors)
+foreach(dep IN LISTS components_not_asked_for_${STEP})
+  foreach(kind IN ITEMS cache header needed linked)
+    if(kind STREQUAL "cache")
+      set(hits ${cache})
+      set(regex "${cache_regex_${dep}}")
+    elseif(kind STREQUAL "header")
+      set(hits ${headers})
+      set(regex "${header_regex_${dep}}")
+    else()
+      set(hits ${${kind}})
+      set(regex "${library_regex_${dep}}")
+    endif()
+    list(FILTER hits INCLUDE REGEX "${regex}")
+    if(hits)
+      list(GET hits 0 first)
+      list(APPEND errors "${dep} is not asked for, yet ${kind}: ${first}")
+    endif()
+  endforeach()
+endforeach()
+# The umbrella header reaches every public header of the layer.
+if(STEP STREQUAL "core")
+  string(REPLACE "|" ";" umbrella_wanted "${UMBRELLA}")
+  foreach(h IN LISTS umbrella_wanted)
+    cmake_path(RELATIVE_PATH h BASE_DIRECTORY include)
+    if(NOT "${prefix}/include/${h}" IN_LIST headers)
+      list(APPEND errors "semoe/semoe.hpp does not include ${h}")
+    endif()
+  endforeach()
+endif()
+if(errors)
+  list(JOIN errors "\n  " errors)
+  message(FATAL_ERROR "consumer test: ${STEP}:\n  ${errors}")
+endif()
+list(LENGTH headers n_headers)
+list(JOIN needed " " needed)
+list(JOIN linked " " linked)
+message(STATUS "consumer ${STEP}: ${n_headers} files compiled; linked: ${linked}; NEEDED: ${needed}")
