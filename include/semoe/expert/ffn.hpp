@@ -118,6 +118,10 @@ class ffn {
  public:
   using policy_kind = expert_tag;
   using activation = Act;
+  /// backward may get dx in dy's memory: it reads all of dy (da = dy W2^T,
+  /// dW2, db2) before it writes any dx (the last GEMM), which saves the layer
+  /// a copy of the rows.
+  static constexpr bool backward_in_place = true;
 
   struct options {
     index_t hidden = 0;
@@ -210,8 +214,9 @@ class ffn {
                          16);
   }
 
-  /// Accumulates parameter gradients into b.grads and writes dx. dx may alias
-  /// dy: dy's last use comes before dx is written. Destroys b.saved.
+  /// Accumulates parameter gradients into b.grads and writes dx. dx may be dy's
+  /// memory (backward_in_place): dy's last use comes before dx is written.
+  /// Destroys b.saved.
   template <class T, Executor Exec>
   void backward(Exec& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1(), E = b.experts();

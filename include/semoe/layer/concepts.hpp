@@ -68,9 +68,61 @@ concept has_parameters = has_value_type<M> && requires(M& m) {
 template <class M>
 concept has_zero_grad = requires(M& m) { m.zero_grad(); };
 
+/// The Module contract, one requirement per entry: its sub-concept and its
+/// fix-it. T (void: any) is the value_type a container needs. Diagnose =
+/// false answers the concept; Diagnose = true stops compilation with the
+/// sentence of every broken requirement.
+template <class M, class T, bool Diagnose>
+constexpr bool module_contract() {
+  bool ok = true;
+  if constexpr (!tagged_module<M>) {
+    static_assert(!Diagnose, "semoe::sequential: every layer must declare `using policy_kind = "
+                  "semoe::layer::module_tag;`; see layer/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (!has_value_type<M>) {
+    static_assert(!Diagnose, "semoe::sequential: every layer must declare `using value_type = T;`; see "
+                  "layer/concepts.hpp");
+    ok = false;
+  } else if constexpr (!value_type_is<M, T>) {
+    static_assert(!Diagnose, "semoe::sequential: every layer must have the value_type of the container; see "
+                  "layer/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (!has_output_cols<M>) {
+    static_assert(!Diagnose, "semoe::sequential: every layer must provide `index_t output_cols(index_t) const`; "
+                  "see layer/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (has_value_type<M> && !has_forward<M>) {
+    static_assert(!Diagnose, "semoe::sequential: every layer must provide forward(x, y); see layer/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (has_value_type<M> && !has_backward<M>) {
+    static_assert(!Diagnose, "semoe::sequential: every layer must provide backward(dy, dx); see "
+                  "layer/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (has_value_type<M> && !has_parameters<M>) {
+    static_assert(!Diagnose, "semoe::sequential: every layer must provide parameters() returning "
+                  "param_list<value_type>; see layer/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (!has_zero_grad<M>) {
+    static_assert(!Diagnose, "semoe::sequential: every layer must provide zero_grad(); see layer/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (!std::movable<M>) {
+    static_assert(!Diagnose, "semoe::sequential: every layer must be movable; see layer/concepts.hpp");
+    ok = false;
+  }
+  return ok || Diagnose;
+}
+
 }  // namespace detail
 
-/// A layer of a network over rows of T:
+/// A layer of a network over rows of T: `using policy_kind = module_tag;`,
+/// `using value_type = T;`, movable, and
 ///   output_cols(c)    the output width for input width c; throws semoe::error if c is wrong
 ///   forward(x, y)     x [n, in] stays valid (the caller keeps it) until backward
 ///   backward(dy, dx)  accumulates (+=) parameter gradients and overwrites dx;
@@ -78,37 +130,16 @@ concept has_zero_grad = requires(M& m) { m.zero_grad(); };
 ///   parameters()      param_refs to values and gradients
 ///   zero_grad()
 /// Optional, found with `requires`: train(bool), aux_loss(), end_step().
+/// `static_assert(check_module<M>())` names every requirement a type breaks.
 template <class M>
-concept Module = detail::tagged_module<M> && detail::has_value_type<M> && detail::has_output_cols<M> &&
-                 detail::has_forward<M> && detail::has_backward<M> && detail::has_parameters<M> &&
-                 detail::has_zero_grad<M> && std::movable<M>;
+concept Module = detail::module_contract<M, void, false>();
 
-/// Fix-it diagnostics: one sentence per missing piece of Module (and, when T is
-/// given, a value_type mismatch). Returns true so it can sit in a
-/// static_assert; the sentences come from the asserts inside.
+/// Fix-it diagnostics: one sentence per broken requirement of Module (and,
+/// when T is given, a value_type other than T). Returns true so it can sit in
+/// a static_assert; the sentences come from inside.
 template <class M, class T = void>
 consteval bool check_module() {
-  static_assert(detail::tagged_module<M>,
-                "semoe::sequential: every layer must declare `using policy_kind = semoe::layer::module_tag;`; "
-                "see layer/concepts.hpp");
-  static_assert(detail::has_value_type<M>,
-                "semoe::sequential: every layer must declare `using value_type = T;`; see layer/concepts.hpp");
-  static_assert(!detail::has_value_type<M> || detail::value_type_is<M, T>,
-                "semoe::sequential: every layer must have the value_type of the container; see layer/concepts.hpp");
-  static_assert(detail::has_output_cols<M>,
-                "semoe::sequential: every layer must provide `index_t output_cols(index_t) const`; "
-                "see layer/concepts.hpp");
-  static_assert(detail::has_forward<M>,
-                "semoe::sequential: every layer must provide forward(x, y); see layer/concepts.hpp");
-  static_assert(detail::has_backward<M>,
-                "semoe::sequential: every layer must provide backward(dy, dx); see layer/concepts.hpp");
-  static_assert(detail::has_parameters<M>,
-                "semoe::sequential: every layer must provide parameters() returning param_list<value_type>; "
-                "see layer/concepts.hpp");
-  static_assert(detail::has_zero_grad<M>,
-                "semoe::sequential: every layer must provide zero_grad(); see layer/concepts.hpp");
-  static_assert(std::movable<M>, "semoe::sequential: every layer must be movable; see layer/concepts.hpp");
-  return true;
+  return detail::module_contract<M, T, true>();
 }
 
 /// m.aux_loss() if the module has one (MoE balance losses), else 0.

@@ -36,6 +36,7 @@
 #include "semoe/gate/routing.hpp"
 #include "semoe/layer/concepts.hpp"
 #include "semoe/layer/dispatch.hpp"
+#include "semoe/layer/expert_backward.hpp"
 #include "semoe/layer/expert_exchange.hpp"
 #include "semoe/layer/load_monitor.hpp"
 #include "semoe/placement/static_placement.hpp"
@@ -74,18 +75,13 @@ template <class T, Backend B, class Gate, class Expert = expert::ffn<act::gelu>,
           class Storage = storage::resident, class Prefetch = prefetch::on_demand,
           class Placement = placement::static_placement>
 class basic_moe_layer {
-  static_assert(gate::check_gate<Gate>());
-  static_assert(expert::check_expert<Expert, typename B::executor>());
-  static_assert(comm::Communicator<Comm>,
-                "semoe::moe_layer: Comm must satisfy semoe::comm::Communicator; see comm/concepts.hpp");
-  static_assert(storage::Storage<Storage>,
-                "semoe::moe_layer: Storage must be a storage policy (policy_kind = storage_tag, store<T> with "
-                "add_layer/acquire/release); see storage/concepts.hpp");
-  static_assert(prefetch::Prefetcher<Prefetch>,
-                "semoe::moe_layer: Prefetch must provide before/after/end_step hooks; see prefetch/concepts.hpp");
+  static_assert(gate::check_gate<Gate, T>());  // each check names what a policy lacks
+  static_assert(expert::check_expert<Expert, typename B::executor, T>());
+  static_assert(comm::check_communicator<Comm>());
+  static_assert(storage::check_storage<Storage, T>());
+  static_assert(prefetch::check_prefetcher<Prefetch>());
   static_assert(prefetch::check_pairing<Storage, Prefetch>());  // a policy that needs a partner names it
-  static_assert(placement::Placement<Placement>, "semoe::moe_layer: Placement must be a placement policy "
-                "(placement::static_placement, placement::replicate_hot); see placement/static_placement.hpp");
+  static_assert(placement::check_placement<Placement>());
   /// Experts with copies on other ranks (placement::replicate_hot).
   static constexpr bool replicates = Placement::replica_slots > 0;
   static_assert(!replicates || !B::executor::on_device, "semoe::moe_layer: placement::replicate_hot runs on host "
@@ -634,13 +630,15 @@ class basic_moe_layer {
     }
   }
 
+  /// dx goes into dy's rows; dy moves to a buffer of its own first unless the
+  /// expert allows in-place backward (layer/expert_backward.hpp).
   void run_experts_backward(std::span<const index_t> offsets, matrix_view<const T> x, matrix_view<T> dy_dx) {
     phase ts("experts_backward", *this);
     const auto timed = load_.time();
+    const matrix_view<const T> dy = layer::expert_dy<Expert>(*ex_, dy_dx, dy_own_);
     if constexpr (streams_experts) {
-      stream_blocks(offsets, prefetch::phase::backward, [&](index_t e) {
-        expert_.backward(*ex_, one_expert(offsets, e, x), matrix_view<const T>(dy_dx), dy_dx);
-      });
+      stream_blocks(offsets, prefetch::phase::backward,
+                    [&](index_t e) { expert_.backward(*ex_, one_expert(offsets, e, x), dy, dy_dx); });
       return;
     }
     with_blocks(offsets, prefetch::phase::backward, [&] {
@@ -648,7 +646,7 @@ class basic_moe_layer {
       const index_t R = offsets.back();
       expert::expert_batch<T> b{offsets, std::span<T* const>(params_), std::span<T* const>(grads_), x,
                                 saved_.matrix(R, expert_.saved_cols()), work_.matrix(R, expert_.work_cols())};
-      expert_.backward(*ex_, b, matrix_view<const T>(dy_dx), dy_dx);
+      expert_.backward(*ex_, b, dy, dy_dx);
     });
     if (expert_done_)  // once the blocks are released
       for (index_t i = 0; i < local_experts_; ++i) expert_done_(i);
@@ -674,7 +672,7 @@ class basic_moe_layer {
   buffer<index_t> row_;  // dispatch rows of a host-routed plan
   matrix_view<const T> x_;
   dbuffer<T> xj_, logits_, dlogits_, dweight_;
-  dbuffer<T> x_disp_, y_disp_, saved_, work_;
+  dbuffer<T> x_disp_, y_disp_, saved_, work_, dy_own_;  // dy_own_: dy apart from dx (expert_dy)
   // Dispatch rows where the kernels read them (routed on the executor, or
   // uploaded); on a device, a host-routed plan's weights and the gate's
   // inputs and outputs on the host.

@@ -45,27 +45,107 @@ template <class T>
 struct probe_visitor {
   void operator()(block_ref<T>) const {}
 };
-}  // namespace detail
 
-/// What a store of scalar T provides. `Storage::store<T>` is the store type a
-/// storage policy makes for a layer of scalar T.
-///  * acquire/release: the block in fast memory for compute (params, grads;
-///    `state` may be empty where the optimizer state does not live there);
-///  * visit(layer, expert, f): f(block_ref) on the whole block where its
-///    optimizer state lives (host DRAM for offloaded blocks);
-///  * zero_grads(layer): every gradient of the layer's blocks reads as zero.
-template <class S, class T>
-concept Store = requires(S& s, index_t i) {
+// One sub-concept per requirement of Store; store_contract below gives each
+// its fix-it sentence.
+
+template <class S>
+concept store_has_layers = requires(S& s, index_t i) {
   { s.add_layer(i, i) } -> std::convertible_to<index_t>;
   { s.layers() } -> std::convertible_to<index_t>;
   { s.experts(i) } -> std::convertible_to<index_t>;
   { s.block_elems(i) } -> std::convertible_to<index_t>;
-  { s.acquire(i, i) } -> std::same_as<block_ref<T>>;
-  { s.release(i, i) };
-  { s.reserve_state(i) };
-  { s.zero_grads(i) };
-  { s.visit(i, i, detail::probe_visitor<T>{}) };
 };
+
+template <class S, class T>
+concept store_has_acquire_release = requires(S& s, index_t i) {
+  { s.acquire(i, i) } -> std::same_as<block_ref<T>>;
+  s.release(i, i);
+};
+
+template <class S>
+concept store_has_reserve_state = requires(S& s, index_t i) { s.reserve_state(i); };
+
+template <class S>
+concept store_has_zero_grads = requires(S& s, index_t i) { s.zero_grads(i); };
+
+template <class S, class T>
+concept store_has_visit = requires(S& s, index_t i) { s.visit(i, i, probe_visitor<T>{}); };
+
+/// The Store contract, one requirement per entry: its sub-concept and its
+/// fix-it. Diagnose = false answers the concept; Diagnose = true stops
+/// compilation with the sentence of every broken requirement.
+template <class S, class T, bool Diagnose>
+constexpr bool store_contract() {
+  bool ok = true;
+  if constexpr (!store_has_layers<S>) {
+    static_assert(!Diagnose, "semoe::storage: a store must provide add_layer(experts, block_elems), layers(), "
+                  "experts(layer) and block_elems(layer) returning index_t; see storage/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (!store_has_acquire_release<S, T>) {
+    static_assert(!Diagnose, "semoe::storage: a store must provide acquire(layer, expert) returning "
+                  "block_ref<T>, and release(layer, expert); see storage/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (!store_has_reserve_state<S>) {
+    static_assert(!Diagnose, "semoe::storage: a store must provide reserve_state(slots); see "
+                  "storage/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (!store_has_zero_grads<S>) {
+    static_assert(!Diagnose, "semoe::storage: a store must provide zero_grads(layer); see storage/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (!store_has_visit<S, T>) {
+    static_assert(!Diagnose, "semoe::storage: a store must provide visit(layer, expert, f) calling "
+                  "f(block_ref<T>); see storage/concepts.hpp");
+    ok = false;
+  }
+  return ok || Diagnose;
+}
+
+template <class P>
+concept storage_opted_in = requires { requires std::same_as<typename P::policy_kind, storage_tag>; };
+
+template <class P, class T>
+concept storage_makes_store = requires { typename P::template store<T>; };
+
+/// The Storage contract for scalar T: the tag, a store<T>, and that store's
+/// own contract (the sentences above).
+template <class P, class T, bool Diagnose>
+constexpr bool storage_contract() {
+  bool ok = true;
+  if constexpr (!storage_opted_in<P>) {
+    static_assert(!Diagnose, "semoe::moe_layer: Storage must opt in with `using policy_kind = "
+                  "semoe::storage::storage_tag;`; see storage/concepts.hpp");
+    ok = false;
+  }
+  if constexpr (!storage_makes_store<P, T>) {
+    static_assert(!Diagnose, "semoe::moe_layer: Storage must provide `template <class T> using store` (or "
+                  "class), the store it makes for a layer of scalar T; see storage/concepts.hpp");
+    ok = false;
+  } else {
+    ok = store_contract<typename P::template store<T>, T, Diagnose>() && ok;
+  }
+  return ok || Diagnose;
+}
+
+}  // namespace detail
+
+/// What a store of scalar T provides. `Storage::store<T>` is the store type a
+/// storage policy makes for a layer of scalar T.
+///  * add_layer(experts, block_elems) -> layer id; layers(), experts(layer),
+///    block_elems(layer);
+///  * acquire/release: the block in fast memory for compute (params, grads;
+///    `state` may be empty where the optimizer state does not live there);
+///    the layer holds the spans only between the two;
+///  * reserve_state(slots): room for the optimizer's state arrays;
+///  * visit(layer, expert, f): f(block_ref) on the whole block where its
+///    optimizer state lives (host DRAM for offloaded blocks);
+///  * zero_grads(layer): every gradient of the layer's blocks reads as zero.
+template <class S, class T>
+concept Store = detail::store_contract<S, T, false>();
 
 /// Whether a store moves or reuses a block's fast memory after release()
 /// (tiered stores evict, the ring reloads its slots): a store says
@@ -129,8 +209,17 @@ struct store_for<Storage, T, Space> {
   using type = typename Storage::template store<T, Space>;
 };
 
+/// A storage policy: `using policy_kind = storage_tag;` and a store<T> that is
+/// a Store, for float and double. A policy for device backends also provides
+/// store<T, Space> (see store_for).
 template <class P>
-concept Storage = std::same_as<typename P::policy_kind, storage_tag> &&
-                  Store<typename P::template store<float>, float> && Store<typename P::template store<double>, double>;
+concept Storage = detail::storage_contract<P, float, false>() && detail::storage_contract<P, double, false>();
+
+/// Fix-it diagnostics: one sentence per broken requirement of Storage for the
+/// layer's scalar T.
+template <class P, class T = float>
+constexpr bool check_storage() {
+  return detail::storage_contract<P, T, true>();
+}
 
 }  // namespace semoe::storage

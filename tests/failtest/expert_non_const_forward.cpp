@@ -1,0 +1,5 @@
+// expect: an Expert.s forward\(\.\.\.\) must be const: make forward const
+// An expert whose forward is not const: the fix-it says to make it const. One sentence, and nothing before it.
+#include "broken_policies.hpp"
+
+int main() { return failtest::build_layer<semoe::gate::top_k<2>, failtest::expert<failtest::missing::const_forward>>(); }
