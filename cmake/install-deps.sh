@@ -5,6 +5,7 @@
 set -euo pipefail
 
 packages=(libopenblas-dev doctest-dev nlohmann-json3-dev libboost-dev zlib1g-dev libssl-dev
+          libopenmpi-dev openmpi-bin  # comm::mpi (optional: without MPI its tests are skipped)
           libxxhash-dev liburing-dev python3-matplotlib
           libbenchmark-dev dataset-fashion-mnist fortunes
           iproute2 nftables  # the two-host test: network namespaces, packet loss

@@ -5,6 +5,12 @@
 // --backend nccl measures comm::nccl instead, one process per GPU (see
 // all_to_all_nccl.hpp).
 //
+// --backend mpi (builds with MPI) starts itself under mpiexec for P = 2 and
+// 4 and measures, in the same processes and interleaved rounds: comm::mpi's
+// flat all-to-all, a bare MPI_Alltoallv of the same bytes (the floor),
+// comm::tcp over loopback and the socket pair. ratio_vs_bare_mpi divides each
+// by the bare MPI_Alltoallv's GB/s.
+//
 // Run it with no arguments: it starts itself as P worker processes through
 // the launcher. The workers simulate two nodes (SEMOE_LOCAL_SIZE = P / 2), so
 // the hierarchical algorithm's inter-node message count can be compared with
@@ -38,6 +44,9 @@
 #ifdef SEMOE_BENCH_WITH_NCCL
 #include "all_to_all_nccl.hpp"
 #endif
+#ifdef SEMOE_BENCH_WITH_MPI
+#include "semoe/comm/mpi.hpp"
+#endif
 
 using namespace semoe;
 
@@ -52,9 +61,10 @@ double now() {
 
 /// One loopback TCP connection between ranks 0 and 1 of the job, for the
 /// raw baseline; the other ranks only join the barriers.
+template <class World>
 class socket_pair {
  public:
-  explicit socket_pair(comm::tcp& world) : world_(world) {
+  explicit socket_pair(World& world) : world_(world) {
     const int rank = world.rank();
     std::vector<std::int64_t> port{0};
     int listener = -1;
@@ -111,7 +121,7 @@ class socket_pair {
   }
 
  private:
-  comm::tcp& world_;
+  World& world_;
   int fd_ = -1;
 };
 
@@ -128,7 +138,7 @@ int worker() {
   ::setenv("SEMOE_LOCAL_RANK", std::to_string(rank % L).c_str(), 1);
   auto world = comm::tcp::from_env();
   comm::hierarchical<comm::tcp> hier(world.split(0, rank));
-  socket_pair raw(world);
+  socket_pair<comm::tcp> raw(world);
   for (std::size_t bytes : sizes) {
     const auto per = static_cast<index_t>(bytes / sizeof(float));
     std::vector<float> send(static_cast<std::size_t>(per * P), 1.0f), recv(send.size());
@@ -181,6 +191,119 @@ int worker() {
   return 0;
 }
 
+#ifdef SEMOE_BENCH_WITH_MPI
+/// One rank of an mpiexec job: comm::mpi, a bare MPI_Alltoallv, comm::tcp
+/// (a mesh made over MPI: rank 0's port and a fresh secret broadcast) and
+/// the socket pair, in interleaved rounds.
+int mpi_worker() {
+  auto world = comm::mpi::from_env();
+  const int P = world.size(), rank = world.rank();
+  comm::tcp_options to;
+  to.size = P;
+  to.rank = rank;
+  to.master_addr = "127.0.0.1";
+  std::vector<std::int64_t> port{0};
+  std::string secret(64, ' ');
+  if (rank == 0) {
+    port[0] = launch::detail::free_port();
+    secret = launch::detail::random_secret();
+  }
+  comm::broadcast(world, std::span<std::int64_t>(port), 0);
+  comm::broadcast(world, std::span<char>(secret.data(), secret.size()), 0);
+  to.master_port = static_cast<int>(port[0]);
+  to.secret = secret;
+  comm::tcp tcp(to);
+  socket_pair<comm::mpi> raw(world);
+  MPI_Comm bare;
+  MPI_Comm_dup(MPI_COMM_WORLD, &bare);
+  for (std::size_t bytes : sizes) {
+    const auto per = static_cast<index_t>(bytes / sizeof(float));
+    std::vector<float> send(static_cast<std::size_t>(per * P), 1.0f), recv(send.size());
+    const std::vector<index_t> counts(static_cast<std::size_t>(P), per);
+    std::vector<int> icounts(static_cast<std::size_t>(P), static_cast<int>(per)), displs(static_cast<std::size_t>(P));
+    for (int q = 0; q < P; ++q) displs[q] = q * static_cast<int>(per);
+    const int reps = static_cast<int>(std::clamp<std::size_t>((std::size_t{256} << 20) / (bytes * P), 3, 200));
+    const double moved = static_cast<double>(P) * (P - 1) * static_cast<double>(bytes);
+    auto timed = [&](auto&& once) {
+      world.barrier();
+      const double t0 = now();
+      for (int r = 0; r < reps; ++r) once();
+      world.barrier();
+      double t = now() - t0;
+      comm::all_reduce(world, std::span<double>(&t, 1), comm::reduce_op::max);
+      return moved / (t / reps) * 1e-9;
+    };
+    auto through = [&](auto& c) {
+      return timed([&] {
+        c.all_to_all_v_async(std::span<const float>(send), std::span<const index_t>(counts), std::span<float>(recv),
+                             std::span<const index_t>(counts))
+            .wait();
+      });
+    };
+    auto bare_once = [&] {
+      return timed([&] {
+        MPI_Alltoallv(send.data(), icounts.data(), displs.data(), MPI_FLOAT, recv.data(), icounts.data(),
+                      displs.data(), MPI_FLOAT, bare);
+      });
+    };
+    through(world), through(tcp), bare_once();  // warm-up
+    std::vector<double> sock, mpi, tcp_rate, floor, mpi_ratio, tcp_ratio, sock_ratio;
+    for (int round = 0; round < rounds; ++round) {
+      double s = raw.gbps(bytes, std::max<std::size_t>(bytes * 8, std::size_t{256} << 20));
+      comm::broadcast(world, std::span<double>(&s, 1), 0);
+      sock.push_back(s);
+      floor.push_back(bare_once());
+      mpi.push_back(through(world));
+      tcp_rate.push_back(through(tcp));
+      mpi_ratio.push_back(mpi.back() / floor.back());
+      tcp_ratio.push_back(tcp_rate.back() / floor.back());
+      sock_ratio.push_back(sock.back() / floor.back());
+    }
+    if (rank == 0) {
+      auto row = [&](const char* c, const std::vector<double>& rate, const std::vector<double>& ratio) {
+        std::printf("RESULT %s\n", nlohmann::json{{"algo", "flat"},
+                                                  {"comm", c},
+                                                  {"ranks", P},
+                                                  {"bytes_per_dest", bytes},
+                                                  {"gb_per_s", median(rate)},
+                                                  {"ratio_vs_bare_mpi", ratio.empty() ? 1.0 : median(ratio)}}
+                                       .dump()
+                                       .c_str());
+      };
+      row("bare_mpi_alltoallv", floor, {});
+      row("mpi", mpi, mpi_ratio);
+      row("tcp", tcp_rate, tcp_ratio);
+      row("socket_pair", sock, sock_ratio);
+    }
+  }
+  MPI_Comm_free(&bare);
+  std::fflush(stdout);
+  return 0;
+}
+
+/// The P-rank runs under mpiexec; their RESULT lines.
+nlohmann::json run_mpi_jobs(const char* self, const std::vector<int>& worlds) {
+  nlohmann::json results = nlohmann::json::array();
+  for (int P : worlds) {
+    const std::string cmd = std::string(SEMOE_MPIEXEC) + " -n " + std::to_string(P) + " " SEMOE_MPIEXEC_FLAGS " " +
+                            self + " --backend mpi 2>&1";
+    std::FILE* p = ::popen(cmd.c_str(), "r");
+    SEMOE_CHECK(p, "bench_all_to_all: cannot run ", cmd);
+    char line[4096];
+    std::string all;
+    while (std::fgets(line, sizeof line, p)) {
+      if (std::strncmp(line, "RESULT ", 7) == 0)
+        results.push_back(nlohmann::json::parse(line + 7));
+      else
+        all += line;
+    }
+    const int rc = ::pclose(p);
+    SEMOE_CHECK(rc == 0, "bench_all_to_all: `", cmd, "` failed:\n", all);
+  }
+  return results;
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -193,9 +316,11 @@ int main(int argc, char** argv) {
     } else if (a == "--ranks" && i + 1 < argc) {
       ranks = std::atoi(argv[++i]);
     } else if (a == "--help" || a == "-h") {
-      std::printf("usage: bench_all_to_all [--backend tcp|nccl] [--ranks P]\n"
+      std::printf("usage: bench_all_to_all [--backend tcp|nccl|mpi] [--ranks P]\n"
                   "  tcp:  flat and hierarchical all-to-all over comm::tcp on loopback, P = 2 and 4 processes,\n"
                   "        against one TCP socket pair\n"
+                  "  mpi:  comm::mpi, a bare MPI_Alltoallv, comm::tcp and a socket pair in the same mpiexec job,\n"
+                  "        P = 2 and 4 (builds with MPI)\n"
                   "  nccl: comm::nccl, one process per GPU (P: all GPUs), against a copy of the same bytes to\n"
                   "        the next GPU (cudaMemcpyPeer) measured in the same run\n");
       return 0;
@@ -204,10 +329,38 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (backend != "tcp" && backend != "nccl") {
-    std::fprintf(stderr, "bench_all_to_all: --backend %s: expected tcp or nccl\n", backend.c_str());
+  if (backend != "tcp" && backend != "nccl" && backend != "mpi") {
+    std::fprintf(stderr, "bench_all_to_all: --backend %s: expected tcp, nccl or mpi\n", backend.c_str());
     return 2;
   }
+#ifndef SEMOE_BENCH_WITH_MPI
+  if (backend == "mpi") {
+    std::fprintf(stderr, "bench_all_to_all: this build has no MPI (configure with MPI installed)\n");
+    return 2;
+  }
+#else
+  if (backend == "mpi") {
+    try {
+      if (std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK"))
+        return mpi_worker();
+      std::printf("all_to_all over comm::mpi against a bare MPI_Alltoallv, comm::tcp and one socket pair "
+                  "(one host, mpiexec)\n");
+      const auto results = run_mpi_jobs(argv[0], ranks > 0 ? std::vector<int>{ranks} : std::vector<int>{2, 4});
+      std::printf("%-19s %5s %12s %9s %12s\n", "comm", "ranks", "bytes/dest", "GB/s", "vs bare MPI");
+      for (const auto& j : results)
+        std::printf("%-19s %5d %12zu %9.2f %12.2f\n", j["comm"].get<std::string>().c_str(), j["ranks"].get<int>(),
+                    j["bytes_per_dest"].get<std::size_t>(), j["gb_per_s"].get<double>(),
+                    j["ratio_vs_bare_mpi"].get<double>());
+      std::printf("%s\n", nlohmann::json{{"benchmark", "all_to_all"}, {"backend", "mpi"}, {"results", results}}
+                              .dump()
+                              .c_str());
+      return 0;
+    } catch (const semoe::error& e) {
+      std::fprintf(stderr, "bench_all_to_all: %s\n", e.what());
+      return 1;
+    }
+  }
+#endif
 #ifndef SEMOE_BENCH_WITH_NCCL
   if (backend == "nccl") {
     std::fprintf(stderr, "bench_all_to_all: this build has no NCCL (configure with CUDA and NCCL installed)\n");

@@ -6,8 +6,9 @@
 // capacity factor, trained with AdamW and a cosine schedule, data + expert
 // parallel: each rank takes 1/P of every batch and owns 1/P of the experts,
 // and the loss curve matches P = 1. Ranks are processes under the launcher
-// (`semoe-run -n 2 fashion_mnist`, comm::tcp) or, with --ranks P, threads of
-// this process (comm::local).
+// (`semoe-run -n 2 fashion_mnist`, comm::tcp; `mpirun -n 2 fashion_mnist
+// --comm mpi`, comm::mpi) or, with --ranks P, threads of this process
+// (comm::local).
 //
 // Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist).
 #include <chrono>
@@ -18,11 +19,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../common/launched_world.hpp"
 #include "train.hpp"
-#if __has_include("semoe/comm/tcp.hpp")
-#include "semoe/comm/tcp.hpp"
-#define FASHION_MNIST_TCP 1
-#endif
 
 using namespace semoe;
 using namespace fashion_mnist;
@@ -34,15 +32,16 @@ namespace {
                "%s\nusage: %s [--epochs N] [--batch B] [--lr X] [--ranks P] [--threads T] [--experts E]\n"
                "          [--hidden H] [--ffn F] [--limit N] [--steps N] [--print-loss] [--seed S] [--data DIR]\n"
                "          [--device-budget BYTES] [--host-budget BYTES] [--ssd-dir DIR]   (e.g. 40M, 1G)\n"
-               "          [--save MODEL.safetensors] [--backend cpu|cuda]\n"
+               "          [--save MODEL.safetensors] [--backend cpu|cuda] [--comm %s]\n"
                "       %s evaluate MODEL.safetensors [--ring-budget BYTES] [--ring-source dram|ssd] [--data DIR]\n"
                "          (with the --hidden, --ffn and --experts the model was trained with)\n"
-               "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n"
+               "Under semoe-run each process is one rank (comm::tcp; under mpirun or srun with --comm mpi,\n"
+               "comm::mpi); otherwise --ranks P thread-ranks.\n"
                "A budget or --ssd-dir offloads the experts: weights and gradients in a device tier\n"
                "(bounded), whole blocks with AdamW state cached in host DRAM, the rest on SSD.\n"
                "--backend cuda trains on the GPU (one rank, experts resident; builds with CUDA only).\n"
                "Set SEMOE_TRACE=trace.json to record a Chrome trace of the first 50 steps.\n",
-               why.c_str(), argv0, argv0);
+               why.c_str(), argv0, examples::comm_choices(), argv0);
   std::exit(help ? 0 : 2);
 }
 
@@ -84,7 +83,10 @@ config parse(int argc, char** argv) {
         if (v != "dram" && v != "ssd") usage(argv[0], "--ring-source is dram or ssd");
         c.ring_from_ssd = v == "ssd";
       }
-      else if (a == "--backend") {
+      else if (a == "--comm") {
+        c.comm = value();
+        if (c.comm != "tcp" && c.comm != "mpi") usage(argv[0], "--comm is tcp or mpi");
+      } else if (a == "--backend") {
         c.backend = value();
         if (c.backend != "cpu" && c.backend != "cuda") usage(argv[0], "--backend is cpu or cuda");
       }
@@ -203,18 +205,17 @@ int main(int argc, char** argv) {
       SEMOE_CHECK(false, "--backend cuda: this build has no CUDA (configure with SEMOE_CUDA=ON)");
 #endif
     } else
-#ifdef FASHION_MNIST_TCP
-    if (std::getenv("SEMOE_WORLD_SIZE") || std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("SLURM_NTASKS")) {
-      auto world = comm::tcp::from_env();
-      ranks = world.size();
-      rank = world.rank();
-      config per_process = cfg;  // the host's cores are shared by its ranks
-      per_process.threads = std::max(1, cfg.threads / world.local_size());
-      blas::set_num_threads(per_process.threads);
-      result = cfg.offload() ? train_and_test<cpu, comm::tcp, offloaded_experts>(world, per_process, train, test)
-                             : train_and_test<cpu, comm::tcp, resident_experts>(world, per_process, train, test);
+    if (examples::launched()) {
+      result = examples::with_launched_world(cfg.comm, [&]<class World>(World& world) {
+        ranks = world.size();
+        rank = world.rank();
+        config per_process = cfg;  // the host's cores are shared by its ranks
+        per_process.threads = std::max(1, cfg.threads / world.local_size());
+        blas::set_num_threads(per_process.threads);
+        return cfg.offload() ? train_and_test<cpu, World, offloaded_experts>(world, per_process, train, test)
+                             : train_and_test<cpu, World, resident_experts>(world, per_process, train, test);
+      });
     } else
-#endif
     {
       blas::set_num_threads(std::max(1, cfg.threads / cfg.ranks));
       config per_rank = cfg;

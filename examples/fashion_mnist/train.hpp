@@ -62,6 +62,7 @@ struct config {
   std::size_t ring_budget = 0;  // bytes; 0: a quarter of the model
   bool ring_from_ssd = false;
   std::string backend = "cpu";  // cpu or cuda
+  std::string comm = "tcp";     // a launched job's transport: tcp or mpi
   bool offload() const { return device_budget || host_budget || !ssd_dir.empty(); }
 };
 

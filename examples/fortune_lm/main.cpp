@@ -4,7 +4,8 @@
 //   -> 2 x [x + MoE(layernorm x)] (8 experts, ffn 768, top-2) -> layernorm -> 256
 //
 // Run it on P processes with the launcher (`semoe-run -n 2 fortune_lm`): each
-// process is a rank of comm::tcp. Without the launcher, `--ranks P` runs P
+// process is a rank of comm::tcp (under mpirun or srun, `--comm mpi` makes it
+// a rank of comm::mpi). Without a launcher, `--ranks P` runs P
 // thread-ranks of comm::local in one process. Every 20th fortune of each file
 // is held out; the program reports held-out bits per byte.
 #include <algorithm>
@@ -39,10 +40,8 @@
 #include "semoe/prefetch/vertical.hpp"
 #include "semoe/storage/tiered_store.hpp"
 #include "semoe/train/trainer.hpp"
-#if __has_include("semoe/comm/tcp.hpp")
-#include "semoe/comm/tcp.hpp"
-#define FORTUNE_LM_TCP 1
-#endif
+
+#include "../common/launched_world.hpp"
 
 using namespace semoe;
 
@@ -53,6 +52,7 @@ struct config {
   index_t steps = 7000, batch = 1024, context = 16, embed = 32, hidden = 384, ffn = 768, experts = 8;
   double lr = 2e-3;
   int ranks = 1, threads = 2, eval_every = 1000;
+  std::string comm = "tcp";  // a launched job's transport: tcp or mpi
   double time_limit = 0;  // seconds; 0: none
   index_t eval_bytes = 0;  // held-out bytes scored; 0: all
   bool print_loss = false;
@@ -119,12 +119,13 @@ corpus load_fortunes(const std::string& dir) {
                "%s\nusage: fortune_lm [--steps N] [--batch B] [--lr X] [--ranks P] [--threads T] [--experts E]\n"
                "                  [--time-limit S] [--eval-every N] [--eval-bytes N] [--print-loss] [--seed S] [--data DIR]\n"
                "                  [--device-budget BYTES] [--host-budget BYTES] [--ssd-dir DIR]   (e.g. 40M, 1G)\n"
-               "                  [--save MODEL.safetensors]\n"
+               "                  [--save MODEL.safetensors] [--comm %s]\n"
                "       fortune_lm generate MODEL.safetensors [--prompt TEXT] [--bytes N] [--temperature T]\n"
                "                  [--ring-budget BYTES] [--ring-source dram|ssd] [--cache-budget BYTES] [--seed S]\n"
-               "Under semoe-run each process is one rank (comm::tcp); otherwise --ranks P thread-ranks.\n"
+               "Under semoe-run each process is one rank (comm::tcp; under mpirun or srun with --comm mpi,\n"
+               "comm::mpi); otherwise --ranks P thread-ranks.\n"
                "A budget or --ssd-dir offloads the experts of both MoE blocks into one tiered store.\n",
-               why);
+               why, examples::comm_choices());
   std::exit(asked ? 0 : 2);
 }
 
@@ -147,7 +148,10 @@ config parse(int argc, char** argv) {
       else if (a == "--batch") c.batch = std::stol(value());
       else if (a == "--lr") c.lr = std::stod(value());
       else if (a == "--ranks") c.ranks = std::stoi(value());
-      else if (a == "--threads") c.threads = std::stoi(value());
+      else if (a == "--comm") {
+        c.comm = value();
+        if (c.comm != "tcp" && c.comm != "mpi") usage("--comm is tcp or mpi");
+      } else if (a == "--threads") c.threads = std::stoi(value());
       else if (a == "--experts") c.experts = std::stol(value());
       else if (a == "--time-limit") c.time_limit = std::stod(value());
       else if (a == "--eval-every") c.eval_every = std::stoi(value());
@@ -518,20 +522,18 @@ int main(int argc, char** argv) {
   }
   try {
     const corpus text = load_fortunes(cfg.data);
-#ifdef FORTUNE_LM_TCP
-    if (std::getenv("SEMOE_WORLD_SIZE") || std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("SLURM_NTASKS")) {
-      auto world = comm::tcp::from_env();
-      auto& rec = trace::recorder::instance();  // one trace file per process
-      if (rec.enabled() && world.size() > 1) rec.start(rec.path() + ".rank" + std::to_string(world.rank()));
-      config per_process = cfg;  // the host's cores are shared by its ranks
-      per_process.threads = std::max(1, cfg.threads / world.local_size());
-      blas::set_num_threads(per_process.threads);
-      const int rc = cfg.offload() ? train_lm<comm::tcp, offloaded_experts>(world, per_process, text)
-                                   : train_lm<comm::tcp, resident_experts>(world, per_process, text);
-      if (rec.enabled()) rec.write();
-      return rc;
-    }
-#endif
+    if (examples::launched())
+      return examples::with_launched_world(cfg.comm, [&]<class World>(World& world) {
+        auto& rec = trace::recorder::instance();  // one trace file per process
+        if (rec.enabled() && world.size() > 1) rec.start(rec.path() + ".rank" + std::to_string(world.rank()));
+        config per_process = cfg;  // the host's cores are shared by its ranks
+        per_process.threads = std::max(1, cfg.threads / world.local_size());
+        blas::set_num_threads(per_process.threads);
+        const int rc = cfg.offload() ? train_lm<World, offloaded_experts>(world, per_process, text)
+                                     : train_lm<World, resident_experts>(world, per_process, text);
+        if (rec.enabled()) rec.write();
+        return rc;
+      });
     int rc = 0;
     config per_rank = cfg;
     per_rank.threads = std::max(1, cfg.threads / cfg.ranks);

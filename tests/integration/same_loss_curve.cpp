@@ -1,7 +1,9 @@
 // Through the launcher: the Fashion-MNIST model and the fortune language model
 // trained for 50 steps on 2 and 4 tcp processes, and on 2 thread-ranks, follow
-// the loss curve of one process to 1e-4 relative per step. The example
-// programs are named by SEMOE_FASHION_MNIST and SEMOE_FORTUNE_LM (ctest sets them).
+// the loss curve of one process to 1e-4 relative per step; so do 1, 2 and 4
+// MPI ranks (test suite "mpi": mpiexec -n P program --comm mpi). The example
+// programs are named by SEMOE_FASHION_MNIST and SEMOE_FORTUNE_LM, and mpiexec
+// with its flags by SEMOE_MPIEXEC and SEMOE_MPIEXEC_FLAGS (ctest sets them).
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -74,6 +76,12 @@ const char* program(const char* var) {
   return p && *p ? p : nullptr;
 }
 
+/// mpiexec's extra flags (Open MPI: --oversubscribe), space-separated.
+std::string program_flags() {
+  const char* f = std::getenv("SEMOE_MPIEXEC_FLAGS");
+  return f ? f : "";
+}
+
 }  // namespace
 
 TEST_CASE("fashion_mnist: 2 and 4 tcp processes and 2 thread-ranks follow one process's loss curve") {
@@ -109,6 +117,43 @@ TEST_CASE("fortune_lm: 2 and 4 tcp processes follow one process's loss curve") {
   const auto one = curve(lm, args, 1);
   check_same(one, curve(lm, args, 2), "fortune_lm, 2 processes");
   check_same(one, curve(lm, args, 4), "fortune_lm, 4 processes");
+}
+
+namespace {
+
+/// The curve of `program args --comm mpi` on P ranks under mpiexec.
+std::vector<double> mpi_curve(const char* mpiexec, const std::string& program, const std::vector<std::string>& args,
+                              int P) {
+  std::vector<std::string> cmd{"-n", std::to_string(P)};
+  std::istringstream flags(program_flags());
+  for (std::string f; flags >> f;) cmd.push_back(f);
+  cmd.push_back(program);
+  cmd.insert(cmd.end(), args.begin(), args.end());
+  cmd.push_back("--comm");
+  cmd.push_back("mpi");
+  return curve(mpiexec, cmd, 1);
+}
+
+}  // namespace
+
+TEST_SUITE("mpi") {
+TEST_CASE("fashion_mnist and fortune_lm: 1, 2 and 4 MPI ranks follow one process's loss curve") {
+  const char* mpiexec = program("SEMOE_MPIEXEC");
+  const char* fm = program("SEMOE_FASHION_MNIST");
+  const char* lm = program("SEMOE_FORTUNE_LM");
+  REQUIRE_MESSAGE((mpiexec && fm && lm), "SEMOE_MPIEXEC, SEMOE_FASHION_MNIST or SEMOE_FORTUNE_LM is not set; run "
+                                         "this through ctest in a build with MPI");
+  const std::vector<std::string> fm_args = {"--steps", "50", "--limit", "8192", "--batch", "64", "--hidden", "128",
+                                            "--ffn", "256", "--threads", "1", "--print-loss"};
+  const auto fm_one = curve(fm, fm_args, 1);
+  for (int P : {1, 2, 4})
+    check_same(fm_one, mpi_curve(mpiexec, fm, fm_args, P), "fashion_mnist, " + std::to_string(P) + " MPI ranks");
+  const std::vector<std::string> lm_args = {"--steps", "50", "--batch", "64", "--eval-every", "0", "--eval-bytes",
+                                            "1024", "--threads", "1", "--print-loss"};
+  const auto lm_one = curve(lm, lm_args, 1);
+  for (int P : {1, 2, 4})
+    check_same(lm_one, mpi_curve(mpiexec, lm, lm_args, P), "fortune_lm, " + std::to_string(P) + " MPI ranks");
+}
 }
 
 namespace {
