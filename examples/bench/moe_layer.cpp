@@ -4,7 +4,12 @@
 //   hidden 1024, ffn 4096, 8 experts, top-2, 4096 tokens, capacity 1.25, gelu
 //
 // Usage: bench_moe_layer [--backend cpu|cuda] [--reps N]   (or a bare N)
-// --backend cuda runs moe_layer_cuda.cu (builds with CUDA only).
+//        [--hidden H] [--ffn F] [--experts E] [--top-k 1|2|4|8] [--tokens T]
+//        [--capacity C (0: dropless)] [--shared-experts S] [--shared-ffn F]
+// --backend cuda runs moe_layer_cuda.cu (builds with CUDA only, default shape).
+// With --shared-experts S the layer is layer::with_shared_experts: S shared
+// experts of width shared-ffn (default ffn), run as one of width S x shared-ffn
+// on every token; their GEMMs join the baseline.
 //
 // ratio_vs_gemm = layer time / GEMM time: what gating, permute, the
 // activation, combine and their backward add on top of the expert GEMMs.
@@ -27,6 +32,7 @@
 #include "semoe/core/buffer.hpp"
 #include "semoe/gate/top_k.hpp"
 #include "semoe/layer/moe_layer.hpp"
+#include "semoe/layer/shared_experts.hpp"
 #include "routed_gemms.hpp"
 #if defined(SEMOE_BENCH_WITH_CUDA)
 #include "moe_layer_cuda.hpp"
@@ -48,49 +54,28 @@ double seconds(F&& f) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-}  // namespace
+/// The layer's shape (the command line's), printed and in the JSON line.
+struct shape {
+  index_t hidden = 1024, ffn = 4096, experts = 8, top_k = 2, tokens = 4096, shared_experts = 0, shared_ffn = 0;
+  double capacity = 1.25;  // 0: dropless
+  nlohmann::json json() const {
+    return {{"hidden", hidden}, {"ffn", ffn},       {"experts", experts},
+            {"top_k", top_k},   {"tokens", tokens}, {"capacity", capacity},
+            {"shared_experts", shared_experts},     {"shared_ffn", shared_experts ? shared_ffn : 0}};
+  }
+};
 
-int main(int argc, char** argv) {
-  std::string backend = "cpu";
-  int reps = 5;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--help" || a == "-h") {
-      std::printf("usage: bench_moe_layer [--backend cpu|cuda] [--reps N]\n"
-                  "  forward + backward of one MoE layer against the bare GEMMs of the routed shapes;\n"
-                  "  prints ratios and ends with one JSON line\n");
-      return 0;
-    } else if (a == "--backend" && i + 1 < argc) {
-      backend = argv[++i];
-    } else if (a == "--reps" && i + 1 < argc) {
-      reps = std::max(1, std::atoi(argv[++i]));
-    } else if (!a.empty() && a[0] != '-') {
-      reps = std::max(1, std::atoi(a.c_str()));
-    } else {
-      std::fprintf(stderr, "bench_moe_layer: unknown argument '%s' (see --help)\n", a.c_str());
-      return 2;
-    }
-  }
-  if (backend == "cuda") {
-#if defined(SEMOE_BENCH_WITH_CUDA)
-    return bench_moe_layer_cuda(reps);
-#else
-    std::fprintf(stderr, "bench_moe_layer: --backend cuda: this build has no CUDA (configure with SEMOE_CUDA=ON)\n");
-    return 2;
-#endif
-  }
-  if (backend != "cpu") {
-    std::fprintf(stderr, "bench_moe_layer: --backend %s: expected cpu or cuda\n", backend.c_str());
-    return 2;
-  }
-  const index_t tokens = 4096, H = 1024, F = 4096, E = 8;
+template <int K, bool Shared>
+int run(const shape& s, int reps) {
+  const index_t tokens = s.tokens, H = s.hidden, F = s.ffn, E = s.experts, FS = s.shared_experts * s.shared_ffn;
   const int threads = 2;
   blas::set_num_threads(threads);
   std::printf("BLAS kernels: %s\n", blas::kernel_name().c_str());
   if (const auto w = blas::kernel_warning(); !w.empty()) std::printf("warning: %s\n", w.c_str());
   cpu_executor ex({.threads = threads});
   auto comms = comm::local::make_world(1);
-  using layer_t = moe_layer<cpu, gate::top_k<2>, expert::ffn<act::gelu>>;
+  using moe_t = moe_layer<cpu, gate::top_k<K>, expert::ffn<act::gelu>>;
+  using layer_t = std::conditional_t<Shared, layer::with_shared_experts<moe_t>, moe_t>;
 
   auto& ledger = memory_ledger::instance();
   ledger.reset_peak();
@@ -103,26 +88,48 @@ int main(int argc, char** argv) {
     for (auto& v : x.span()) v = d(g);
     for (auto& v : dy.span()) v = d(g) * 1e-3f;
   }
-  layer_t moe(ex, comms[0], {.hidden = H, .ffn = F, .experts = E, .gate = {.capacity_factor = 1.25}, .seed = 1});
+  typename gate::top_k<K>::options go;
+  go.capacity_factor = s.capacity > 0 ? s.capacity : 1.25;
+  go.dropless = s.capacity <= 0;
+  const typename moe_t::options mo{.hidden = H, .ffn = F, .experts = E, .gate = go, .seed = 1};
+  layer_t layer = [&] {
+    if constexpr (Shared)
+      return layer_t(ex, comms[0], {.moe = mo, .shared_ffn = FS});
+    else
+      return layer_t(ex, comms[0], mo);
+  }();
+  moe_t& moe = [&]() -> moe_t& {
+    if constexpr (Shared)
+      return layer.moe();
+    else
+      return layer;
+  }();
 
-  std::printf("moe_layer benchmark: %lld tokens, hidden %lld, ffn %lld, %lld experts, top-2, capacity 1.25, %d threads\n",
+  std::printf("moe_layer benchmark: %lld tokens, hidden %lld, ffn %lld, %lld experts, top-%d, %s",
               static_cast<long long>(tokens), static_cast<long long>(H), static_cast<long long>(F),
-              static_cast<long long>(E), threads);
+              static_cast<long long>(E), K, s.capacity > 0 ? "capacity " : "dropless");
+  if (s.capacity > 0) std::printf("%.2f", s.capacity);
+  if (Shared)
+    std::printf(", %lld shared expert(s) of ffn %lld", static_cast<long long>(s.shared_experts),
+                static_cast<long long>(s.shared_ffn));
+  std::printf(", %d threads\n", threads);
   std::fflush(stdout);
   std::vector<double> layer_times;
   for (int r = 0; r < reps + 1; ++r) {
     const double t = seconds([&] {
-      moe.forward(x.view(), y.view());
-      moe.backward(dy.view(), dx.view());
+      layer.forward(x.view(), y.view());
+      layer.backward(dy.view(), dx.view());
     });
     if (r > 0) layer_times.push_back(t);  // the first step allocates
   }
   const std::size_t peak = ledger.peak() - base;
 
-  // The expert GEMMs of the last step, one by one, with nothing else around them.
+  // The expert GEMMs of the last step, one by one, with nothing else around
+  // them: the routed experts' and, with shared experts, theirs over every token.
   const auto& plan = moe.plan();
   const index_t R = plan.kept();
   bench::routed_gemms<host_space> gemms(moe);
+  if constexpr (Shared) gemms.add(layer.shared_expert().gemm_shapes(tokens));
   const double flops = gemms.flops;
   std::vector<double> gemm_times;
   for (int r = 0; r < reps + 1; ++r) {
@@ -132,20 +139,25 @@ int main(int argc, char** argv) {
 
   const double t_layer = median(layer_times), t_gemm = median(gemm_times);
   const std::size_t fb = sizeof(float);
-  const std::size_t params = static_cast<std::size_t>(E * moe.expert_policy().block_elems() + H * E);
-  const std::size_t min_bytes = fb * (2 * params + 4 * static_cast<std::size_t>(tokens * H) +
-                                      2 * static_cast<std::size_t>(R * H) + 2 * static_cast<std::size_t>(R * F));
+  std::size_t params = static_cast<std::size_t>(E * moe.expert_policy().block_elems() + H * E);
+  std::size_t rows = 2 * static_cast<std::size_t>(R * H) + 2 * static_cast<std::size_t>(R * F);
+  if constexpr (Shared) {  // its block; its output, saved pre-activation and activation gradient over every token
+    params += static_cast<std::size_t>(layer.shared_expert().block_elems());
+    rows += static_cast<std::size_t>(tokens * H) + 2 * static_cast<std::size_t>(tokens * FS);
+  }
+  const std::size_t min_bytes = fb * (2 * params + 4 * static_cast<std::size_t>(tokens * H) + rows);
   std::printf("routed rows %lld of %lld (dropped %lld)\n", static_cast<long long>(R),
-              static_cast<long long>(tokens * 2), static_cast<long long>(plan.dropped));
+              static_cast<long long>(tokens * K), static_cast<long long>(plan.dropped));
   std::printf("layer fwd+bwd   %8.1f ms  %6.1f GFLOP/s (expert GEMM flops / layer time)\n", 1e3 * t_layer,
               flops / t_layer * 1e-9);
-  std::printf("bare GEMMs      %8.1f ms  %6.1f GFLOP/s (the OpenBLAS ceiling of this machine)\n",
-              1e3 * t_gemm, flops / t_gemm * 1e-9);
+  std::printf("bare GEMMs      %8.1f ms  %6.1f GFLOP/s (the OpenBLAS ceiling of this machine)\n", 1e3 * t_gemm,
+              flops / t_gemm * 1e-9);
   std::printf("ratio layer / GEMM = %.3f   tokens/s = %.0f\n", t_layer / t_gemm, tokens / t_layer);
   std::printf("peak bytes %.1f MiB vs analytic minimum %.1f MiB (ratio %.3f)\n", peak / 1048576.0,
               min_bytes / 1048576.0, static_cast<double>(peak) / static_cast<double>(min_bytes));
   std::printf("%s\n", nlohmann::json{{"benchmark", "moe_layer"},
                                      {"backend", "cpu"},
+                                     {"shape", s.json()},
                                      {"tokens_per_s", tokens / t_layer},
                                      {"ratio_vs_gemm", t_layer / t_gemm},
                                      {"layer_ms", 1e3 * t_layer},
@@ -158,4 +170,102 @@ int main(int argc, char** argv) {
                           .dump()
                           .c_str());
   return 0;
+}
+
+template <int K>
+int run_k(const shape& s, int reps) {
+  return s.shared_experts > 0 ? run<K, true>(s, reps) : run<K, false>(s, reps);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string backend = "cpu";
+  int reps = 5;
+  shape s;
+  bool custom = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto number = [&](double lo) {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "bench_moe_layer: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      char* end = nullptr;
+      const double v = std::strtod(argv[++i], &end);
+      if (end == argv[i] || *end || !(v >= lo)) {
+        std::fprintf(stderr, "bench_moe_layer: %s = '%s': expected a number >= %g\n", a.c_str(), argv[i], lo);
+        std::exit(2);
+      }
+      custom = true;
+      return v;
+    };
+    if (a == "--help" || a == "-h") {
+      std::printf("usage: bench_moe_layer [--backend cpu|cuda] [--reps N] [--hidden H] [--ffn F] [--experts E]\n"
+                  "                       [--top-k 1|2|4|8] [--tokens T] [--capacity C] [--shared-experts S]\n"
+                  "                       [--shared-ffn F]\n"
+                  "  forward + backward of one MoE layer against the bare GEMMs of the routed shapes;\n"
+                  "  prints ratios and ends with one JSON line. Default shape: hidden 1024, ffn 4096,\n"
+                  "  8 experts, top-2, 4096 tokens, capacity 1.25 (0: dropless), no shared experts;\n"
+                  "  shared experts are of width --shared-ffn (default: ffn).\n");
+      return 0;
+    } else if (a == "--backend" && i + 1 < argc) {
+      backend = argv[++i];
+    } else if (a == "--reps" && i + 1 < argc) {
+      reps = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--hidden") {
+      s.hidden = static_cast<index_t>(number(1));
+    } else if (a == "--ffn") {
+      s.ffn = static_cast<index_t>(number(1));
+    } else if (a == "--experts") {
+      s.experts = static_cast<index_t>(number(1));
+    } else if (a == "--top-k") {
+      s.top_k = static_cast<index_t>(number(1));
+    } else if (a == "--tokens") {
+      s.tokens = static_cast<index_t>(number(1));
+    } else if (a == "--capacity") {
+      s.capacity = number(0);
+    } else if (a == "--shared-experts") {
+      s.shared_experts = static_cast<index_t>(number(0));
+    } else if (a == "--shared-ffn") {
+      s.shared_ffn = static_cast<index_t>(number(1));
+    } else if (!a.empty() && a[0] != '-') {
+      reps = std::max(1, std::atoi(a.c_str()));
+    } else {
+      std::fprintf(stderr, "bench_moe_layer: unknown argument '%s' (see --help)\n", a.c_str());
+      return 2;
+    }
+  }
+  if (s.shared_ffn == 0) s.shared_ffn = s.ffn;
+  if (backend == "cuda") {
+#if defined(SEMOE_BENCH_WITH_CUDA)
+    if (custom) {
+      std::fprintf(stderr, "bench_moe_layer: --backend cuda runs the default shape only\n");
+      return 2;
+    }
+    return bench_moe_layer_cuda(reps);
+#else
+    std::fprintf(stderr, "bench_moe_layer: --backend cuda: this build has no CUDA (configure with SEMOE_CUDA=ON)\n");
+    return 2;
+#endif
+  }
+  if (backend != "cpu") {
+    std::fprintf(stderr, "bench_moe_layer: --backend %s: expected cpu or cuda\n", backend.c_str());
+    return 2;
+  }
+  try {
+    switch (s.top_k) {
+      case 1: return run_k<1>(s, reps);
+      case 2: return run_k<2>(s, reps);
+      case 4: return run_k<4>(s, reps);
+      case 8: return run_k<8>(s, reps);
+      default:
+        std::fprintf(stderr, "bench_moe_layer: --top-k %lld: this benchmark is built for 1, 2, 4 or 8\n",
+                     static_cast<long long>(s.top_k));
+        return 2;
+    }
+  } catch (const semoe::error& e) {
+    std::fprintf(stderr, "bench_moe_layer: %s\n", e.what());
+    return 1;
+  }
 }

@@ -24,7 +24,19 @@ struct routed_gemms {
     const auto& plan = layer.plan();
     for (index_t e = 0; e < static_cast<index_t>(plan.counts.size()); ++e)
       for (auto p : layer.expert_policy().gemm_shapes(plan.counts[e])) problems.push_back(p);
+    place();
+  }
+
+  /// More GEMMs of the same step (a shared expert's), with the operands re-sized.
+  void add(const std::vector<blas::gemm_problem<float>>& more) {
+    problems.insert(problems.end(), more.begin(), more.end());
+    place();
+  }
+
+ private:
+  void place() {
     std::size_t amax = 0, bmax = 0, cmax = 0;
+    flops = 0;
     for (const auto& p : problems) {
       amax = std::max<std::size_t>(amax, p.m * p.k);
       bmax = std::max<std::size_t>(bmax, p.k * p.n);
@@ -49,7 +61,6 @@ struct routed_gemms {
     }
   }
 
- private:
   static void fill(buffer<float, Space>& d, unsigned seed) {
     std::vector<float> h(static_cast<std::size_t>(d.size()));
     std::mt19937 g(seed);
