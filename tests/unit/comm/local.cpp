@@ -39,21 +39,11 @@ T payload(int src, int dst, index_t i) {
   return static_cast<T>(src * 10000 + dst * 1000 + i);
 }
 
-/// The data rank r contributes to a reduction: mixed signs and magnitudes,
-/// so a float sum depends on its order.
+/// The data rank r contributes to a reduction (collective_checks.hpp): mixed
+/// signs and magnitudes, so a float sum depends on its order.
 template <class T>
 std::vector<T> reduce_input(int r, std::size_t n) {
-  std::mt19937_64 rng(1000 + r);
-  std::vector<T> v(n);
-  for (auto& x : v) {
-    if constexpr (std::is_floating_point_v<T>)
-      x = static_cast<T>(std::uniform_real_distribution<double>(-1, 1)(rng) * std::pow(10.0, int(rng() % 7) - 3));
-    else if constexpr (std::is_signed_v<T>)
-      x = static_cast<T>(rng() % (std::uint64_t{1} << 58)) - (T{1} << 57);
-    else
-      x = static_cast<T>(rng() >> 4);  // large: beyond double's exact integers
-  }
-  return v;
+  return semoe::test::reduce_input<T>(r, n, 0);
 }
 
 template <class T>

@@ -1,0 +1,104 @@
+// The layer's outputs and every gradient are the same bits whatever the
+// executor's thread count (1, 2, 4): routing, permutation, combine and their
+// backward sum in a fixed order. Shapes with many experts and top-8, with
+// capacity drops and dropless, with shared experts. The BLAS runs on one
+// thread here, so only the layer's own work changes with the thread count.
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "semoe/core/blas.hpp"
+#include "semoe/gate/sigmoid_top_k.hpp"
+#include "semoe/gate/top_k.hpp"
+#include "semoe/layer/moe_layer.hpp"
+#include "semoe/layer/shared_experts.hpp"
+
+using namespace semoe;
+
+namespace {
+
+struct result {
+  std::vector<float> y, dx, router;
+  std::vector<std::vector<float>> experts;
+};
+
+template <class Layer, class Options>
+result run(int threads, const Options& opt, index_t T, index_t H) {
+  cpu_executor ex({.threads = threads});
+  auto comms = comm::local::make_world(1);
+  Layer layer(ex, comms[0], opt);
+  matrix<float> x(T, H), y(T, H), dy(T, H), dx(T, H);
+  std::mt19937 g(3);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (auto& v : x.span()) v = d(g);
+  for (auto& v : dy.span()) v = d(g);
+  result r;
+  for (int step = 0; step < 2; ++step) {  // the second step routes with the first's aux-free bias
+    layer.zero_grad();
+    layer.forward(x.view(), y.view());
+    layer.backward(dy.view(), dx.view());
+    layer.end_step();
+  }
+  r.y.assign(y.span().begin(), y.span().end());
+  r.dx.assign(dx.span().begin(), dx.span().end());
+  for (auto& p : layer.parameters()) r.router.insert(r.router.end(), p.grad.begin(), p.grad.end());
+  auto& moe = [&]() -> auto& {
+    if constexpr (requires { layer.moe(); })
+      return layer.moe();
+    else
+      return layer;
+  }();
+  for (index_t e = 0; e < moe.local_experts(); ++e) {
+    auto b = moe.store().acquire(moe.layer_id(), e);
+    r.experts.emplace_back(b.grads.begin(), b.grads.end());
+  }
+  return r;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+template <class Layer, class Options>
+void check_threads(const Options& opt, index_t T, index_t H) {
+  blas::set_num_threads(1);
+  const auto one = run<Layer>(1, opt, T, H);
+  for (int threads : {2, 4}) {
+    CAPTURE(threads);
+    const auto many = run<Layer>(threads, opt, T, H);
+    CHECK(same_bits(one.y, many.y));
+    CHECK(same_bits(one.dx, many.dx));
+    CHECK(same_bits(one.router, many.router));
+    REQUIRE(one.experts.size() == many.experts.size());
+    for (std::size_t e = 0; e < one.experts.size(); ++e) CHECK(same_bits(one.experts[e], many.experts[e]));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("the layer is bitwise the same on 1, 2 and 4 executor threads") {
+  const index_t T = 512, H = 32, F = 16;
+  SUBCASE("64 experts, top-8, dropless, aux-free balancing") {
+    using L = moe_layer<cpu, gate::top_k<8>, expert::ffn<act::swiglu>>;
+    check_threads<L>(L::options{.hidden = H, .ffn = F, .experts = 64,
+                                .gate = {.dropless = true, .balance = gate::balance_mode::aux_free}, .seed = 2},
+                     T, H);
+  }
+  SUBCASE("16 experts, top-2, capacity drops, aux and z losses") {
+    using L = moe_layer<cpu, gate::top_k<2>, expert::ffn<act::gelu>>;
+    check_threads<L>(L::options{.hidden = H, .ffn = F, .experts = 16,
+                                .gate = {.capacity_factor = 0.8, .aux_loss_coef = 0.01, .z_loss_coef = 0.001},
+                                .seed = 3},
+                     T, H);
+  }
+  SUBCASE("DeepSeek-V3 style: sigmoid top-8 of 64 in groups, with a shared expert") {
+    using M = moe_layer<cpu, gate::sigmoid_top_k<8>, expert::ffn<act::swiglu>>;
+    using L = layer::with_shared_experts<M>;
+    check_threads<L>(L::options{.moe = {.hidden = H, .ffn = F, .experts = 64,
+                                        .gate = {.dropless = true, .groups = 8, .top_groups = 4}, .seed = 4},
+                                .shared_ffn = 2 * F},
+                     T, H);
+  }
+}
