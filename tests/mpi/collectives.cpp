@@ -44,12 +44,12 @@ TEST_CASE("mpi: multi-MiB exchanges land intact, bit for bit") {
 TEST_CASE("mpi: async collectives in flight, waited in any order, complete correctly") {
   auto world = comm::mpi::from_env();
   semoe::test::check_async_in_flight(world);
-  // ready() drives MPI's progress: polling alone completes a two-phase reduction.
+  // ready() drives MPI's progress: polling alone completes a two-phase
+  // reduction (if it did not, this loop would run into ctest's timeout).
   std::vector<double> x(1000, 1.0);
   auto r = world.all_reduce_async(std::span<double>(x));
   while (!r.ready()) {
   }
-  CHECK_FALSE(r.ready() == false);
   r.wait();
   CHECK(x[999] == world.size());
 }
