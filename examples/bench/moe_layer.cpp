@@ -6,13 +6,21 @@
 // Usage: bench_moe_layer [--backend cpu|cuda] [--reps N]   (or a bare N)
 //        [--hidden H] [--ffn F] [--experts E] [--top-k 1|2|4|8] [--tokens T]
 //        [--capacity C (0: dropless)] [--shared-experts S] [--shared-ffn F]
+//        [--blas-threads N]
 // --backend cuda runs moe_layer_cuda.cu (builds with CUDA only, default shape).
 // With --shared-experts S the layer is layer::with_shared_experts: S shared
 // experts of width shared-ffn (default ffn), run as one of width S x shared-ffn
-// on every token; their GEMMs join the baseline.
+// on every token; their GEMMs join the baseline. The layer's executor has 2
+// threads; OpenBLAS has --blas-threads (1: the layer's GEMMs run on the
+// executor's threads, blas::gemms_on_executor).
 //
 // ratio_vs_gemm = layer time / GEMM time: what gating, permute, the
 // activation, combine and their backward add on top of the expert GEMMs.
+// The GEMM time is the fastest of three schedules of the bare library on
+// cache-hot operands; ratio_vs_gemm_layer_buffers holds the layer to the
+// same GEMMs on buffers laid out as its own (routed_gemms.hpp). The phase
+// times come from the layer's trace scopes; routing_speedup is the routing
+// path (every phase but the expert and router GEMMs) on 1 thread over 2.
 // peak_bytes is the high-water mark of semoe's buffers over the layer's life
 // (parameters, gradients, inputs and every workspace), against min_bytes: the
 // parameters and gradients, x, y, dy, dx, the dispatched input and output
@@ -22,6 +30,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -30,6 +39,7 @@
 
 #include "semoe/core/blas.hpp"
 #include "semoe/core/buffer.hpp"
+#include "semoe/core/trace.hpp"
 #include "semoe/gate/top_k.hpp"
 #include "semoe/layer/moe_layer.hpp"
 #include "semoe/layer/shared_experts.hpp"
@@ -54,10 +64,39 @@ double seconds(F&& f) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+/// Milliseconds per step in each traced phase of the layer (router, gate,
+/// permute, experts_forward, combine and their backward) over `steps` steps.
+/// Under SEMOE_TRACE the user's trace keeps these events; else they are
+/// recorded in memory and dropped.
+template <class Step>
+std::map<std::string, double> phase_ms(Step&& step, int steps) {
+  auto& rec = trace::recorder::instance();
+  const bool user_trace = rec.enabled();
+  const std::size_t first = user_trace ? rec.events().size() : 0;
+  if (!user_trace) rec.start_in_memory();
+  for (int i = 0; i < steps; ++i) step();
+  std::map<std::string, double> ms;
+  const auto events = rec.events();
+  for (std::size_t i = first; i < events.size(); ++i)
+    if (events[i].category == "compute") ms[events[i].name] += 1e-3 * events[i].duration_us / steps;
+  if (!user_trace) rec.stop();
+  return ms;
+}
+
+/// The routing path: every phase but the expert and router GEMMs.
+double routing_ms(const std::map<std::string, double>& phases) {
+  double sum = 0;
+  for (const auto& [name, ms] : phases)
+    if (name != "experts_forward" && name != "experts_backward" && name != "router" && name != "router_backward")
+      sum += ms;
+  return sum;
+}
+
 /// The layer's shape (the command line's), printed and in the JSON line.
 struct shape {
   index_t hidden = 1024, ffn = 4096, experts = 8, top_k = 2, tokens = 4096, shared_experts = 0, shared_ffn = 0;
   double capacity = 1.25;  // 0: dropless
+  int blas_threads = 1;    // the layer's OpenBLAS threads (1: its GEMMs run on the executor)
   nlohmann::json json() const {
     return {{"hidden", hidden}, {"ffn", ffn},       {"experts", experts},
             {"top_k", top_k},   {"tokens", tokens}, {"capacity", capacity},
@@ -69,7 +108,10 @@ template <int K, bool Shared>
 int run(const shape& s, int reps) {
   const index_t tokens = s.tokens, H = s.hidden, F = s.ffn, E = s.experts, FS = s.shared_experts * s.shared_ffn;
   const int threads = 2;
-  blas::set_num_threads(threads);
+  // By default one pool owns the cores: OpenBLAS on one thread, and the
+  // layer runs its GEMMs on the executor's threads (blas::gemms_on_executor);
+  // --blas-threads 2 lets OpenBLAS thread each GEMM instead.
+  blas::set_num_threads(s.blas_threads);
   std::printf("BLAS kernels: %s\n", blas::kernel_name().c_str());
   if (const auto w = blas::kernel_warning(); !w.empty()) std::printf("warning: %s\n", w.c_str());
   cpu_executor ex({.threads = threads});
@@ -92,12 +134,13 @@ int run(const shape& s, int reps) {
   go.capacity_factor = s.capacity > 0 ? s.capacity : 1.25;
   go.dropless = s.capacity <= 0;
   const typename moe_t::options mo{.hidden = H, .ffn = F, .experts = E, .gate = go, .seed = 1};
-  layer_t layer = [&] {
+  auto make_layer = [&](cpu_executor& on) {
     if constexpr (Shared)
-      return layer_t(ex, comms[0], {.moe = mo, .shared_ffn = FS});
+      return layer_t(on, comms[0], {.moe = mo, .shared_ffn = FS});
     else
-      return layer_t(ex, comms[0], mo);
-  }();
+      return layer_t(on, comms[0], mo);
+  };
+  layer_t layer = make_layer(ex);
   moe_t& moe = [&]() -> moe_t& {
     if constexpr (Shared)
       return layer.moe();
@@ -112,7 +155,7 @@ int run(const shape& s, int reps) {
   if (Shared)
     std::printf(", %lld shared expert(s) of ffn %lld", static_cast<long long>(s.shared_experts),
                 static_cast<long long>(s.shared_ffn));
-  std::printf(", %d threads\n", threads);
+  std::printf(", %d threads, OpenBLAS on %d\n", threads, s.blas_threads);
   std::fflush(stdout);
   std::vector<double> layer_times;
   for (int r = 0; r < reps + 1; ++r) {
@@ -124,20 +167,80 @@ int run(const shape& s, int reps) {
   }
   const std::size_t peak = ledger.peak() - base;
 
-  // The expert GEMMs of the last step, one by one, with nothing else around
-  // them: the routed experts' and, with shared experts, theirs over every token.
+  // The expert GEMMs of the last step with nothing else around them: the
+  // routed experts' and, with shared experts, theirs over every token. Three
+  // schedules of the bare library, in alternating rounds; the fastest is the
+  // floor the layer is held to:
+  //  * one GEMM after another, each on every OpenBLAS thread;
+  //  * whole experts side by side, one per thread, single-threaded OpenBLAS;
+  //  * semoe's cut (blas::grouped_gemm on the executor).
+  // Twice: on operands every GEMM shares (cache-hot: the strict floor), and
+  // on each expert's own buffers laid out as the layer's.
   const auto& plan = moe.plan();
   const index_t R = plan.kept();
-  bench::routed_gemms<host_space> gemms(moe);
-  if constexpr (Shared) gemms.add(layer.shared_expert().gemm_shapes(tokens));
-  const double flops = gemms.flops;
-  std::vector<double> gemm_times;
-  for (int r = 0; r < reps + 1; ++r) {
-    const double t = seconds([&] { expert::grouped_gemm<float>(gemms.problems); });
-    if (r > 0) gemm_times.push_back(t);
+  struct floor_times {
+    double serial, experts, cut;
+    double best() const { return std::min({serial, experts, cut}); }
+  };
+  auto time_floor = [&](bench::routed_gemms<host_space>& gemms) {
+    std::vector<std::size_t> first = gemms.expert_first;
+    first.push_back(gemms.problems.size());
+    const std::vector<blas::gemm_problem<float>>& problems = gemms.problems;
+    auto whole_experts = [&] {
+      ex.parallel_chunks(static_cast<index_t>(first.size() - 1), 1, [&](index_t b, index_t e) {
+        for (index_t x = b; x < e; ++x)
+          for (std::size_t i = first[x]; i < first[x + 1]; ++i) {
+            const auto& p = problems[i];
+            blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+          }
+      });
+    };
+    std::vector<double> serial_times, expert_times, cut_times;
+    for (int r = 0; r < reps + 1; ++r) {
+      blas::set_num_threads(threads);
+      const double t1 = seconds([&] { expert::grouped_gemm<float>(std::span(problems)); });
+      blas::set_num_threads(1);
+      const double t2 = seconds(whole_experts);
+      const double t3 = seconds([&] { expert::grouped_gemm<float>(ex, std::span(problems)); });
+      if (r == 0) continue;
+      serial_times.push_back(t1);
+      expert_times.push_back(t2);
+      cut_times.push_back(t3);
+    }
+    blas::set_num_threads(s.blas_threads);
+    return floor_times{median(serial_times), median(expert_times), median(cut_times)};
+  };
+  double flops = 0;
+  floor_times hot{}, in_layer{};
+  for (auto where : {bench::operands::shared, bench::operands::in_layer_buffers}) {
+    bench::routed_gemms<host_space> gemms(moe, where);
+    if constexpr (Shared) gemms.add(layer.shared_expert().gemm_shapes(tokens));
+    flops = gemms.flops;
+    (where == bench::operands::shared ? hot : in_layer) = time_floor(gemms);
   }
 
-  const double t_layer = median(layer_times), t_gemm = median(gemm_times);
+  // Where the layer's time goes, and the routing path alone on 1 thread
+  // (a layer of the same options on a one-thread executor: the same plan).
+  const auto phases = phase_ms(
+      [&] {
+        layer.forward(x.view(), y.view());
+        layer.backward(dy.view(), dx.view());
+      },
+      reps);
+  std::map<std::string, double> phases_1;
+  {
+    cpu_executor ex1({.threads = 1});
+    layer_t one = make_layer(ex1);
+    auto step = [&] {
+      one.forward(x.view(), y.view());
+      one.backward(dy.view(), dx.view());
+    };
+    step();  // allocates
+    phases_1 = phase_ms(step, reps);
+  }
+  const double route_1 = routing_ms(phases_1), route_n = routing_ms(phases);
+
+  const double t_layer = median(layer_times), t_gemm = hot.best(), t_gemm_layer = in_layer.best();
   const std::size_t fb = sizeof(float);
   std::size_t params = static_cast<std::size_t>(E * moe.expert_policy().block_elems() + H * E);
   std::size_t rows = 2 * static_cast<std::size_t>(R * H) + 2 * static_cast<std::size_t>(R * F);
@@ -150,25 +253,52 @@ int run(const shape& s, int reps) {
               static_cast<long long>(tokens * K), static_cast<long long>(plan.dropped));
   std::printf("layer fwd+bwd   %8.1f ms  %6.1f GFLOP/s (expert GEMM flops / layer time)\n", 1e3 * t_layer,
               flops / t_layer * 1e-9);
-  std::printf("bare GEMMs      %8.1f ms  %6.1f GFLOP/s (the OpenBLAS ceiling of this machine)\n", 1e3 * t_gemm,
-              flops / t_gemm * 1e-9);
+  std::printf("bare GEMMs      %8.1f ms  %6.1f GFLOP/s (the OpenBLAS ceiling of this machine: the fastest of\n"
+              "                one GEMM after another on %d BLAS threads %.1f ms, whole experts per thread %.1f ms,\n"
+              "                semoe's cut %.1f ms; all on cache-hot operands)\n",
+              1e3 * t_gemm, flops / t_gemm * 1e-9, threads, 1e3 * hot.serial, 1e3 * hot.experts, 1e3 * hot.cut);
   std::printf("ratio layer / GEMM = %.3f   tokens/s = %.0f\n", t_layer / t_gemm, tokens / t_layer);
+  std::printf("the same GEMMs in buffers laid out as the layer's: %.1f ms (serial %.1f, whole experts %.1f,\n"
+              "                cut %.1f); ratio layer / these = %.3f\n",
+              1e3 * t_gemm_layer, 1e3 * in_layer.serial, 1e3 * in_layer.experts, 1e3 * in_layer.cut,
+              t_layer / t_gemm_layer);
+  std::printf("phase              ms/step  share of the step\n");
+  nlohmann::json phase_json = nlohmann::json::object();
+  for (const auto& [name, ms] : phases) {
+    std::printf("  %-16s %8.2f  %5.1f %%\n", name.c_str(), ms, 100.0 * ms / (1e3 * t_layer));
+    phase_json[name] = ms;
+  }
+  std::printf("routing path (gate, permute, combine and their backward): 1 thread %.2f ms, %d threads %.2f ms "
+              "(%.2fx)\n",
+              route_1, threads, route_n, route_1 / route_n);
   std::printf("peak bytes %.1f MiB vs analytic minimum %.1f MiB (ratio %.3f)\n", peak / 1048576.0,
               min_bytes / 1048576.0, static_cast<double>(peak) / static_cast<double>(min_bytes));
   std::printf("%s\n", nlohmann::json{{"benchmark", "moe_layer"},
                                      {"backend", "cpu"},
                                      {"shape", s.json()},
+                                     {"blas_threads", s.blas_threads},
                                      {"tokens_per_s", tokens / t_layer},
                                      {"ratio_vs_gemm", t_layer / t_gemm},
                                      {"layer_ms", 1e3 * t_layer},
                                      {"gemm_ms", 1e3 * t_gemm},
+                                     {"gemm_ms_by_schedule",
+                                      {{"serial_blas_threads", 1e3 * hot.serial},
+                                       {"whole_experts", 1e3 * hot.experts},
+                                       {"semoe_cut", 1e3 * hot.cut}}},
+                                     {"gemm_ms_layer_buffers", 1e3 * t_gemm_layer},
+                                     {"ratio_vs_gemm_layer_buffers", t_layer / t_gemm_layer},
                                      {"gflops_layer", flops / t_layer * 1e-9},
                                      {"gflops_gemm", flops / t_gemm * 1e-9},
                                      {"peak_bytes", peak},
                                      {"min_bytes", min_bytes},
-                                     {"peak_ratio", static_cast<double>(peak) / static_cast<double>(min_bytes)}}
+                                     {"peak_ratio", static_cast<double>(peak) / static_cast<double>(min_bytes)},
+                                     {"phases_ms", phase_json},
+                                     {"routing_ms_1_thread", route_1},
+                                     {"routing_ms", route_n},
+                                     {"routing_speedup", route_1 / route_n}}
                           .dump()
                           .c_str());
+  trace::recorder::instance().write();  // under SEMOE_TRACE=path: the Chrome trace of every step
   return 0;
 }
 
@@ -203,11 +333,14 @@ int main(int argc, char** argv) {
     if (a == "--help" || a == "-h") {
       std::printf("usage: bench_moe_layer [--backend cpu|cuda] [--reps N] [--hidden H] [--ffn F] [--experts E]\n"
                   "                       [--top-k 1|2|4|8] [--tokens T] [--capacity C] [--shared-experts S]\n"
-                  "                       [--shared-ffn F]\n"
+                  "                       [--shared-ffn F] [--blas-threads N]\n"
                   "  forward + backward of one MoE layer against the bare GEMMs of the routed shapes;\n"
                   "  prints ratios and ends with one JSON line. Default shape: hidden 1024, ffn 4096,\n"
                   "  8 experts, top-2, 4096 tokens, capacity 1.25 (0: dropless), no shared experts;\n"
-                  "  shared experts are of width --shared-ffn (default: ffn).\n");
+                  "  shared experts are of width --shared-ffn (default: ffn). The layer runs on 2 threads;\n"
+                  "  --blas-threads 1 (default) runs its GEMMs on them, more lets OpenBLAS thread each GEMM.\n"
+                  "  Prints the time of each phase, the routing path on 1 and 2 threads, and the bare GEMMs\n"
+                  "  on cache-hot operands (the floor) and in buffers laid out as the layer's.\n");
       return 0;
     } else if (a == "--backend" && i + 1 < argc) {
       backend = argv[++i];
@@ -229,6 +362,8 @@ int main(int argc, char** argv) {
       s.shared_experts = static_cast<index_t>(number(0));
     } else if (a == "--shared-ffn") {
       s.shared_ffn = static_cast<index_t>(number(1));
+    } else if (a == "--blas-threads") {
+      s.blas_threads = static_cast<int>(number(1));
     } else if (!a.empty() && a[0] != '-') {
       reps = std::max(1, std::atoi(a.c_str()));
     } else {

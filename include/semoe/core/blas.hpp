@@ -7,6 +7,7 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <span>
@@ -140,28 +141,100 @@ void round_copy(const T* src, index_t rows, index_t cols, index_t ld, std::vecto
 }
 }  // namespace detail
 
+/// Number of threads OpenBLAS uses for one call.
+inline void set_num_threads(int n) { openblas_set_num_threads(n); }
+inline int num_threads() { return openblas_get_num_threads(); }
+
+namespace detail {
+/// How a host GEMM is cut into pieces for executor threads: the larger of
+/// C's dimensions in `count` blocks of `block` rows (or columns). The cut
+/// depends on the shape alone, never on the thread count, so every thread
+/// count computes the same pieces and the same bits. A piece keeps at least
+/// 256 rows or columns and 2^26 multiply-adds (about half a millisecond on
+/// one core; each piece packs the other operand again, and small pieces
+/// would take OpenBLAS's small-matrix kernels, which round differently),
+/// and a GEMM has at most 8: a grouped call spreads the pieces of all its
+/// problems over the threads.
+struct gemm_cut {
+  bool by_rows = true;
+  index_t block = 0, count = 1;
+};
+inline gemm_cut cut_of(index_t m, index_t n, index_t k) {
+  const bool rows = m >= n;
+  const index_t dim = rows ? m : n;
+  const double macs = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  const auto by_work = static_cast<index_t>(macs / double(1 << 26));
+  const index_t want = std::max<index_t>(1, std::min<index_t>({8, dim / 256, by_work}));
+  const index_t block = ((dim + want - 1) / want + 15) / 16 * 16;
+  return {rows, block, (dim + block - 1) / block};
+}
+/// Piece i of problem p under cut c: a GEMM over a block of C's rows (A's
+/// rows) or columns (B's columns).
+template <class T>
+gemm_problem<T> piece(gemm_problem<T> p, const gemm_cut& c, index_t i) {
+  const index_t first = i * c.block;
+  if (c.by_rows) {
+    p.m = std::min(p.m - first, c.block);
+    p.a += p.ta == op::n ? first * p.lda : first;
+    p.c += first * p.ldc;
+  } else {
+    p.n = std::min(p.n - first, c.block);
+    p.b += p.tb == op::n ? first : first * p.ldb;
+    p.c += first;
+  }
+  return p;
+}
+template <class T>
+void run_native(const gemm_problem<T>& p) {
+  blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+}
+}  // namespace detail
+
+/// Whether host executor ex runs GEMMs on its own threads: when OpenBLAS has
+/// one thread (set_num_threads(1)) and ex can run chunks of work. Then one
+/// pool, ex's, owns the cores: OpenBLAS's threads do not spin beside it, and
+/// many small GEMMs run side by side instead of one after another.
+template <class Exec>
+bool gemms_on_executor(Exec&) {
+  if constexpr (ChunkedExecutor<Exec> && !Exec::on_device)
+    return num_threads() == 1;
+  else
+    return false;
+}
+
 /// The BLAS of an executor's memory. This primary engine serves host
-/// executors with CBLAS, each call using every OpenBLAS thread; a device
-/// backend specializes it (cuda/blas.cuh: cuBLAS on the executor's stream).
+/// executors with CBLAS: each call uses every OpenBLAS thread, or, where
+/// gemms_on_executor(ex), the GEMMs are cut into pieces (detail::cut_of) run
+/// on the executor's threads with single-threaded OpenBLAS. A device backend
+/// specializes it (cuda/blas.cuh: cuBLAS on the executor's stream).
 template <class Exec>
 struct engine {
   static_assert(!Exec::on_device,
                 "semoe::blas::engine: this device executor has no BLAS engine; include its backend's BLAS header "
                 "(cuda/blas.cuh for the cuda executor)");
   template <class T>
-  static void gemm(Exec&, op ta, op tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
+  static void gemm(Exec& ex, op ta, op tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
                    const T* b, index_t ldb, T beta, T* c, index_t ldc) {
-    blas::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    const gemm_problem<T> p{ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc};
+    if (gemms_on_executor(ex))
+      run_pieces(ex, std::span<const gemm_problem<T>>(&p, 1));
+    else
+      detail::run_native(p);
   }
-  /// Problems run back to back, each with every BLAS thread. bf16 inputs:
-  /// rounded copies of A and B (packed, leading dimension = columns) go to
-  /// sgemm, so the products are those of the bf16 values, summed in fp32.
+  /// bf16 inputs: rounded copies of A and B (packed, leading dimension =
+  /// columns) go to sgemm, so the products are those of the bf16 values,
+  /// summed in fp32.
   template <class T>
-  static void grouped_gemm(Exec&, std::span<const gemm_problem<T>> problems) {
+  static void grouped_gemm(Exec& ex, std::span<const gemm_problem<T>> problems) {
+    const bool pieces = gemms_on_executor(ex);
+    std::vector<gemm_problem<T>> native;
     std::vector<T> ra, rb;
     for (const auto& p : problems) {
       if (p.inputs == precision::native) {
-        blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+        if (pieces)
+          native.push_back(p);
+        else
+          detail::run_native(p);
         continue;
       }
       static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
@@ -169,9 +242,46 @@ struct engine {
       if (p.m == 0 || p.n == 0) continue;
       detail::round_copy(p.a, p.a_rows(), p.a_cols(), p.lda, ra);
       detail::round_copy(p.b, p.b_rows(), p.b_cols(), p.ldb, rb);
-      blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, ra.data(), p.a_cols(), rb.data(), p.b_cols(), p.beta, p.c,
-                 p.ldc);
+      gemm_problem<T> r = p;
+      r.a = ra.data();
+      r.lda = p.a_cols();
+      r.b = rb.data();
+      r.ldb = p.b_cols();
+      r.inputs = precision::native;
+      if (pieces)
+        run_pieces(ex, std::span<const gemm_problem<T>>(&r, 1));
+      else
+        detail::run_native(r);
     }
+    if (!native.empty()) run_pieces(ex, std::span<const gemm_problem<T>>(native));
+  }
+
+ private:
+  /// Every piece of every problem, largest first, handed to the executor's
+  /// threads as they come free. Pieces write disjoint blocks of C.
+  template <class T>
+  static void run_pieces(Exec& ex, std::span<const gemm_problem<T>> problems) {
+    struct task {
+      std::size_t problem;
+      index_t piece;
+      double flops;
+    };
+    std::vector<detail::gemm_cut> cuts(problems.size());
+    std::vector<task> tasks;
+    for (std::size_t i = 0; i < problems.size(); ++i) {
+      const auto& p = problems[i];
+      if (p.m == 0 || p.n == 0) continue;
+      cuts[i] = detail::cut_of(p.m, p.n, p.k);
+      for (index_t j = 0; j < cuts[i].count; ++j)
+        tasks.push_back({i, j, detail::piece(p, cuts[i], j).flops()});
+    }
+    std::stable_sort(tasks.begin(), tasks.end(), [](const task& x, const task& y) { return x.flops > y.flops; });
+    ex.parallel_chunks(static_cast<index_t>(tasks.size()), 1, [&](index_t b, index_t e) {
+      for (index_t t = b; t < e; ++t) {
+        const auto& tk = tasks[static_cast<std::size_t>(t)];
+        detail::run_native(detail::piece(problems[tk.problem], cuts[tk.problem], tk.piece));
+      }
+    });
   }
 };
 
@@ -196,10 +306,6 @@ template <Executor Exec, class T>
 void grouped_gemm(Exec& ex, std::span<const gemm_problem<T>> problems) {
   engine<Exec>::template grouped_gemm<T>(ex, problems);
 }
-
-/// Number of threads OpenBLAS uses for one call.
-inline void set_num_threads(int n) { openblas_set_num_threads(n); }
-inline int num_threads() { return openblas_get_num_threads(); }
 
 /// The kernels OpenBLAS chose for this CPU ("SkylakeX", "Zen", "Haswell").
 inline std::string kernel_name() { return openblas_get_corename(); }

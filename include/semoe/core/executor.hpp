@@ -272,8 +272,9 @@ class sequential_executor {
     for (index_t r = 0; r < rows; ++r) body(r, index_t{0}, cols);
   }
   template <class F>
-  void parallel_chunks(index_t n, index_t, const F& f) {
-    if (n > 0) f(index_t{0}, n);
+  void parallel_chunks(index_t n, index_t chunk, const F& f) {
+    chunk = std::max<index_t>(chunk, 1);
+    for (index_t b = 0; b < n; b += chunk) f(b, std::min(n, b + chunk));
   }
 };
 

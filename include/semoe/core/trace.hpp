@@ -51,6 +51,14 @@ class recorder {
     enabled_ = !path_.empty();
     events_.clear();
   }
+  /// Record without a file (a benchmark that sums its phases): write()
+  /// without a path then does nothing.
+  void start_in_memory() {
+    std::lock_guard lock(mutex_);
+    path_.clear();
+    enabled_ = true;
+    events_.clear();
+  }
   void stop() { enabled_ = false; }
 
   double now_us() const {

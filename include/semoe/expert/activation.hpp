@@ -19,7 +19,11 @@ namespace detail {
 /// polynomial; ~2 ulp over [-87, 88], clamps outside.
 SEMOE_HD inline float exp_f32(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
+  // Round to nearest even by adding and subtracting 1.5 * 2^23 (exact for
+  // |value| < 2^22): std::nearbyint's bits, without a libm call that stops
+  // the loop from vectorizing where the target lacks a rounding instruction.
+  constexpr float shifter = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
   const float r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -43,10 +47,8 @@ SEMOE_HD inline T exp(T x) {
 /// tanh through exp: exact to a few ulp, vectorizable for float.
 template <class T>
 SEMOE_HD inline T tanh(T x) {
-  const T ax = x < T(0) ? -x : x;
-  const T e = exp<T>(T(-2) * ax);
-  const T t = (T(1) - e) / (T(1) + e);
-  return x < T(0) ? -t : t;
+  const T e = exp<T>(T(-2) * std::fabs(x));
+  return std::copysign((T(1) - e) / (T(1) + e), x);  // sign by bit operations, no branch
 }
 
 }  // namespace detail
@@ -72,10 +74,18 @@ struct gelu {
   }
   template <class T>
   SEMOE_HD static T df(T x) {
+    T v, d;
+    f_df(x, v, d);
+    return d;
+  }
+  /// f and df together, sharing one tanh (backward needs both).
+  template <class T>
+  SEMOE_HD static void f_df(T x, T& v, T& d) {
     const T u = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
     const T t = detail::tanh(u);
     const T du = T(0.7978845608028654) * (T(1) + T(3 * 0.044715) * x * x);
-    return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du;
+    v = T(0.5) * x * (T(1) + t);
+    d = T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du;
   }
 };
 
@@ -92,6 +102,12 @@ struct silu {
     const T s = sigmoid(x);
     return s * (T(1) + x * (T(1) - s));
   }
+  template <class T>
+  SEMOE_HD static void f_df(T x, T& v, T& d) {
+    const T s = sigmoid(x);
+    v = x * s;
+    d = s * (T(1) + x * (T(1) - s));
+  }
 };
 
 /// SwiGLU (Shazeer 2020): the first projection is twice as wide, [a | b], and
@@ -103,7 +119,21 @@ struct swiglu {
   SEMOE_HD static T f(T a) { return silu::f(a); }
   template <class T>
   SEMOE_HD static T df(T a) { return silu::df(a); }
+  template <class T>
+  SEMOE_HD static void f_df(T a, T& v, T& d) { silu::f_df(a, v, d); }
 };
+
+/// v = A::f(x) and d = A::df(x), through A::f_df when A has it (one
+/// exp or tanh for both), else through f and df.
+template <class A, class T>
+SEMOE_HD inline void value_and_slope(T x, T& v, T& d) {
+  if constexpr (requires { A::template f_df<T>(x, v, d); }) {
+    A::template f_df<T>(x, v, d);
+  } else {
+    v = A::template f<T>(x);
+    d = A::template df<T>(x);
+  }
+}
 
 template <class A>
 concept Activation = requires {

@@ -1,6 +1,8 @@
 // semoe/expert/ffn.hpp: the feed-forward expert, y = act(x W1 + b1) W2 + b2,
 // with relu, gelu or swiglu. Forward and backward run over all local experts
-// as grouped GEMMs with one elementwise pass between them.
+// as grouped GEMMs with one elementwise pass between them; on a host executor
+// that runs the GEMMs itself (OpenBLAS on one thread), as tasks of row tiles
+// and gradient pieces spread over its threads (see "On a host executor ...").
 #pragma once
 
 #include <algorithm>
@@ -46,16 +48,18 @@ struct activation_backward_kernel {
     if constexpr (Act::gated) {
       for (index_t j = j0; j < j1; ++j) {
         const T g = p[j], u = p[cols + j], da = w[j];
-        const T fg = Act::template f<T>(g);
+        T fg, dfg;
+        act::value_and_slope<Act>(g, fg, dfg);
         p[j] = fg * u;
-        w[j] = da * u * Act::template df<T>(g);
+        w[j] = da * u * dfg;
         w[cols + j] = da * fg;
       }
     } else {
       for (index_t j = j0; j < j1; ++j) {
-        const T x = p[j];
-        p[j] = Act::template f<T>(x);
-        w[j] = w[j] * Act::template df<T>(x);
+        T fx, dfx;
+        act::value_and_slope<Act>(p[j], fx, dfx);
+        p[j] = fx;
+        w[j] = w[j] * dfx;
       }
     }
   }
@@ -180,38 +184,10 @@ class ffn {
   /// y = act(x W1 + b1) W2 + b2 for every local expert; saves x W1 + b1.
   template <class T, Executor Exec>
   void forward(Exec& ex, const expert_batch<T>& b, matrix_view<T> y) const {
-    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1(), E = b.experts();
     check(b, y, "forward");
-    std::vector<gemm_problem<T>> probs;
-    probs.reserve(static_cast<std::size_t>(E));
-    for (index_t e = 0; e < E; ++e) {
-      const index_t r0 = b.offsets[e], n = b.rows(e);
-      if (n == 0) continue;
-      auto [w1, b1, w2, b2] = split(b.params[e]);
-      probs.push_back({blas::op::n, blas::op::n, n, F1, H, T(1), b.x.row(r0), b.x.ld(), w1, F1, T(0),
-                       b.saved.row(r0), b.saved.ld()});
-    }
-    run(ex, probs);
-    if (opt_.bias)
-      for (index_t e = 0; e < E; ++e)
-        ex.parallel_rows(b.rows(e), F1, detail::add_bias_kernel<T>{b.saved.row(b.offsets[e]), b.saved.ld(), F1,
-                                                                    split(b.params[e]).b1}, 16);
-    const index_t R = b.offsets[E] - b.offsets[0];
-    ex.parallel_rows(R, F, detail::activation_forward_kernel<T, Act>{b.saved.row(b.offsets[0]), b.saved.ld(),
-                                                                      b.work.row(b.offsets[0]), b.work.ld(), F}, 16);
-    probs.clear();
-    for (index_t e = 0; e < E; ++e) {
-      const index_t r0 = b.offsets[e], n = b.rows(e);
-      if (n == 0) continue;
-      auto [w1, b1, w2, b2] = split(b.params[e]);
-      probs.push_back({blas::op::n, blas::op::n, n, H, F, T(1), b.work.row(r0), b.work.ld(), w2, H, T(0),
-                       y.row(r0), y.ld()});
-    }
-    run(ex, probs);
-    if (opt_.bias)
-      for (index_t e = 0; e < E; ++e)
-        ex.parallel_rows(b.rows(e), H, detail::add_bias_kernel<T>{y.row(b.offsets[e]), y.ld(), H, split(b.params[e]).b2},
-                         16);
+    if constexpr (on_host_threads<Exec>)
+      if (blas::gemms_on_executor(ex)) return forward_tiles(ex, b, y);
+    forward_range(ex, b, 0, b.experts(), y);
   }
 
   /// Accumulates parameter gradients into b.grads and writes dx. dx may be dy's
@@ -219,49 +195,10 @@ class ffn {
   /// Destroys b.saved.
   template <class T, Executor Exec>
   void backward(Exec& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
-    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1(), E = b.experts();
     check(b, dx, "backward");
-    std::vector<gemm_problem<T>> probs;
-    probs.reserve(static_cast<std::size_t>(2 * E));
-    // da = dy W2^T into work.
-    for (index_t e = 0; e < E; ++e) {
-      const index_t r0 = b.offsets[e], n = b.rows(e);
-      if (n == 0) continue;
-      auto [w1, b1, w2, b2] = split(b.params[e]);
-      probs.push_back({blas::op::n, blas::op::t, n, F, H, T(1), dy.row(r0), dy.ld(), w2, H, T(0), b.work.row(r0),
-                       b.work.ld()});
-    }
-    run(ex, probs);
-    // saved <- a, work <- dpre, in one pass.
-    const index_t R = b.offsets[E] - b.offsets[0];
-    ex.parallel_rows(R, F, detail::activation_backward_kernel<T, Act>{b.saved.row(b.offsets[0]),
-                                                                       b.work.row(b.offsets[0]), b.work.ld(), F}, 16);
-    // dW2 += a^T dy, dW1 += x^T dpre.
-    probs.clear();
-    for (index_t e = 0; e < E; ++e) {
-      const index_t r0 = b.offsets[e], n = b.rows(e);
-      if (n == 0) continue;
-      auto [gw1, gb1, gw2, gb2] = split(b.grads[e]);
-      probs.push_back({blas::op::t, blas::op::n, F, H, n, T(1), b.saved.row(r0), b.saved.ld(), dy.row(r0), dy.ld(),
-                       T(1), gw2, H});
-      probs.push_back({blas::op::t, blas::op::n, H, F1, n, T(1), b.x.row(r0), b.x.ld(), b.work.row(r0), b.work.ld(),
-                       T(1), gw1, F1});
-      if (opt_.bias) {
-        detail::add_column_sums(ex, dy.row(r0), n, dy.ld(), H, gb2);
-        detail::add_column_sums(ex, b.work.row(r0), n, b.work.ld(), F1, gb1);
-      }
-    }
-    run(ex, probs);
-    // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
-    probs.clear();
-    for (index_t e = 0; e < E; ++e) {
-      const index_t r0 = b.offsets[e], n = b.rows(e);
-      if (n == 0) continue;
-      auto [w1, b1, w2, b2] = split(b.params[e]);
-      probs.push_back({blas::op::n, blas::op::t, n, H, F1, T(1), b.work.row(r0), b.work.ld(), w1, F1, T(0),
-                       dx.row(r0), dx.ld()});
-    }
-    run(ex, probs);
+    if constexpr (on_host_threads<Exec>)
+      if (blas::gemms_on_executor(ex)) return backward_tiles(ex, b, dy, dx);
+    backward_range(ex, b, 0, b.experts(), dy, dx);
   }
 
   /// GEMM shapes of one forward + backward of an expert with n rows, for
@@ -277,6 +214,225 @@ class ffn {
   }
 
  private:
+  // -- On a host executor that runs GEMMs on its own threads -------------
+  //
+  // (blas::gemms_on_executor: OpenBLAS on one thread.) The work is cut into
+  // tasks that each run on one thread with single-threaded BLAS, handed out
+  // largest first as threads come free:
+  //  * row tiles: an expert's rows in tiles of 512 to 1023 rows (fewer rows:
+  //    one tile); forward runs x W1, bias, activation and W2 on a tile back
+  //    to back, while its rows are still in cache; backward runs dy W2^T with
+  //    the activation's backward, and later dpre W1^T, tile by tile;
+  //  * weight gradients: dW1 and dW2 sum over all of an expert's rows, so
+  //    each is one GEMM over them, cut into blocks of its output
+  //    (blas::detail::cut_of), with the bias sums as one more task.
+  // Tiles and cuts depend on the row counts and sizes alone, never on the
+  // thread count: every thread count computes the same pieces, the same
+  // bits (OpenBLAS's kernels give each element of C the same bits whichever
+  // block of C a call computes, for blocks this large).
+  template <class Exec>
+  static constexpr bool on_host_threads = ChunkedExecutor<Exec> && !Exec::on_device;
+
+  struct tile {
+    index_t expert, first, rows;
+  };
+  template <class T>
+  static std::vector<tile> row_tiles(const expert_batch<T>& b) {
+    constexpr index_t rows_per_tile = 512;
+    std::vector<tile> tiles;
+    for (index_t e = 0; e < b.experts(); ++e) {
+      const index_t n = b.rows(e), count = std::max<index_t>(1, n / rows_per_tile);
+      for (index_t i = 0; i < count; ++i) {
+        const index_t first = n * i / count, last = n * (i + 1) / count;
+        if (last > first) tiles.push_back({e, b.offsets[e] + first, last - first});
+      }
+    }
+    std::stable_sort(tiles.begin(), tiles.end(), [](const tile& u, const tile& v) { return u.rows > v.rows; });
+    return tiles;
+  }
+
+  /// f(item) for every item, each on one of ex's threads, in list order as
+  /// threads come free.
+  template <class Exec, class Item, class F>
+  static void run_tasks(Exec& ex, const std::vector<Item>& items, const F& f) {
+    ex.parallel_chunks(static_cast<index_t>(items.size()), 1, [&](index_t first, index_t last) {
+      for (index_t i = first; i < last; ++i) f(items[static_cast<std::size_t>(i)]);
+    });
+  }
+
+  template <class T>
+  static void gemm1(blas::op ta, blas::op tb, index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b,
+                    index_t ldb, T beta, T* c, index_t ldc, blas::precision p) {
+    const gemm_problem<T> g{ta, tb, m, n, k, T(1), a, lda, b, ldb, beta, c, ldc, p};
+    sequential_executor seq;  // this thread, and its single-threaded BLAS
+    if (p == blas::precision::native)
+      blas::detail::run_native(g);
+    else
+      blas::grouped_gemm<sequential_executor, T>(seq, std::span<const gemm_problem<T>>(&g, 1));
+  }
+
+  template <class T, class Exec>
+  void forward_tiles(Exec& ex, const expert_batch<T>& b, matrix_view<T> y) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
+    const auto p = opt_.gemm_inputs;
+    run_tasks(ex, row_tiles(b), [&](const tile& t) {
+      sequential_executor seq;
+      auto [w1, b1, w2, b2] = split(b.params[t.expert]);
+      T* pre = b.saved.row(t.first);
+      T* a = b.work.row(t.first);
+      gemm1(blas::op::n, blas::op::n, t.rows, F1, H, b.x.row(t.first), b.x.ld(), w1, F1, T(0), pre, b.saved.ld(), p);
+      if (opt_.bias) seq.parallel_rows(t.rows, F1, detail::add_bias_kernel<T>{pre, b.saved.ld(), F1, b1});
+      seq.parallel_rows(t.rows, F, detail::activation_forward_kernel<T, Act>{pre, b.saved.ld(), a, b.work.ld(), F});
+      gemm1(blas::op::n, blas::op::n, t.rows, H, F, a, b.work.ld(), w2, H, T(0), y.row(t.first), y.ld(), p);
+      if (opt_.bias) seq.parallel_rows(t.rows, H, detail::add_bias_kernel<T>{y.row(t.first), y.ld(), H, b2});
+    });
+  }
+
+  template <class T, class Exec>
+  void backward_tiles(Exec& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
+    const auto p = opt_.gemm_inputs;
+    const auto tiles = row_tiles(b);
+    // da = dy W2^T into work, then saved <- a and work <- dpre.
+    run_tasks(ex, tiles, [&](const tile& t) {
+      sequential_executor seq;
+      gemm1(blas::op::n, blas::op::t, t.rows, F, H, dy.row(t.first), dy.ld(), split(b.params[t.expert]).w2, H, T(0),
+            b.work.row(t.first), b.work.ld(), p);
+      seq.parallel_rows(t.rows, F, detail::activation_backward_kernel<T, Act>{b.saved.row(t.first),
+                                                                              b.work.row(t.first), b.work.ld(), F});
+    });
+    // dW2 += a^T dy and dW1 += x^T dpre, in blocks of their rows or columns;
+    // piece -1 of an expert is its bias sums.
+    struct grad_task {
+      index_t expert;
+      bool w1;
+      blas::detail::gemm_cut cut;
+      index_t piece;
+      double flops;
+    };
+    std::vector<grad_task> grads;
+    for (index_t e = 0; e < b.experts(); ++e) {
+      const index_t n = b.rows(e);
+      if (n == 0) continue;
+      for (bool w1 : {false, true}) {
+        const index_t m = w1 ? H : F, cols = w1 ? F1 : H;
+        const auto cut = blas::detail::cut_of(m, cols, n);
+        const double per_piece = 2.0 * static_cast<double>(m) * static_cast<double>(cols) * static_cast<double>(n) /
+                                 static_cast<double>(cut.count);
+        for (index_t i = 0; i < cut.count; ++i) grads.push_back({e, w1, cut, i, per_piece});
+      }
+      if (opt_.bias) grads.push_back({e, false, {}, -1, 0.0});
+    }
+    std::stable_sort(grads.begin(), grads.end(),
+                     [](const grad_task& u, const grad_task& v) { return u.flops > v.flops; });
+    run_tasks(ex, grads, [&](const grad_task& g) {
+      const index_t r0 = b.offsets[g.expert], n = b.rows(g.expert);
+      auto [gw1, gb1, gw2, gb2] = split(b.grads[g.expert]);
+      if (g.piece < 0) {
+        sequential_executor seq;
+        detail::add_column_sums(seq, dy.row(r0), n, dy.ld(), H, gb2);
+        detail::add_column_sums(seq, b.work.row(r0), n, b.work.ld(), F1, gb1);
+        return;
+      }
+      const gemm_problem<T> whole =
+          g.w1 ? gemm_problem<T>{blas::op::t, blas::op::n, H, F1, n, T(1), b.x.row(r0), b.x.ld(), b.work.row(r0),
+                                 b.work.ld(), T(1), gw1, F1, p}
+               : gemm_problem<T>{blas::op::t, blas::op::n, F, H, n, T(1), b.saved.row(r0), b.saved.ld(), dy.row(r0),
+                                 dy.ld(), T(1), gw2, H, p};
+      const auto q = blas::detail::piece(whole, g.cut, g.piece);
+      gemm1(q.ta, q.tb, q.m, q.n, q.k, q.a, q.lda, q.b, q.ldb, q.beta, q.c, q.ldc, p);
+    });
+    // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
+    run_tasks(ex, tiles, [&](const tile& t) {
+      gemm1(blas::op::n, blas::op::t, t.rows, H, F1, b.work.row(t.first), b.work.ld(), split(b.params[t.expert]).w1,
+            F1, T(0), dx.row(t.first), dx.ld(), p);
+    });
+  }
+
+  /// Forward of local experts [e0, e1), whose rows are contiguous.
+  template <class T, Executor Exec>
+  void forward_range(Exec& ex, const expert_batch<T>& b, index_t e0, index_t e1, matrix_view<T> y) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
+    std::vector<gemm_problem<T>> probs;
+    probs.reserve(static_cast<std::size_t>(e1 - e0));
+    for (index_t e = e0; e < e1; ++e) {
+      const index_t r0 = b.offsets[e], n = b.rows(e);
+      if (n == 0) continue;
+      auto [w1, b1, w2, b2] = split(b.params[e]);
+      probs.push_back({blas::op::n, blas::op::n, n, F1, H, T(1), b.x.row(r0), b.x.ld(), w1, F1, T(0),
+                       b.saved.row(r0), b.saved.ld()});
+    }
+    run(ex, probs);
+    if (opt_.bias)
+      for (index_t e = e0; e < e1; ++e)
+        ex.parallel_rows(b.rows(e), F1, detail::add_bias_kernel<T>{b.saved.row(b.offsets[e]), b.saved.ld(), F1,
+                                                                    split(b.params[e]).b1}, 16);
+    const index_t first = b.offsets[e0], R = b.offsets[e1] - first;
+    ex.parallel_rows(R, F, detail::activation_forward_kernel<T, Act>{b.saved.row(first), b.saved.ld(),
+                                                                      b.work.row(first), b.work.ld(), F}, 16);
+    probs.clear();
+    for (index_t e = e0; e < e1; ++e) {
+      const index_t r0 = b.offsets[e], n = b.rows(e);
+      if (n == 0) continue;
+      auto [w1, b1, w2, b2] = split(b.params[e]);
+      probs.push_back({blas::op::n, blas::op::n, n, H, F, T(1), b.work.row(r0), b.work.ld(), w2, H, T(0),
+                       y.row(r0), y.ld()});
+    }
+    run(ex, probs);
+    if (opt_.bias)
+      for (index_t e = e0; e < e1; ++e)
+        ex.parallel_rows(b.rows(e), H, detail::add_bias_kernel<T>{y.row(b.offsets[e]), y.ld(), H, split(b.params[e]).b2},
+                         16);
+  }
+
+  /// Backward of local experts [e0, e1).
+  template <class T, Executor Exec>
+  void backward_range(Exec& ex, const expert_batch<T>& b, index_t e0, index_t e1, in_view<T> dy,
+                      matrix_view<T> dx) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
+    std::vector<gemm_problem<T>> probs;
+    probs.reserve(static_cast<std::size_t>(2 * (e1 - e0)));
+    // da = dy W2^T into work.
+    for (index_t e = e0; e < e1; ++e) {
+      const index_t r0 = b.offsets[e], n = b.rows(e);
+      if (n == 0) continue;
+      auto [w1, b1, w2, b2] = split(b.params[e]);
+      probs.push_back({blas::op::n, blas::op::t, n, F, H, T(1), dy.row(r0), dy.ld(), w2, H, T(0), b.work.row(r0),
+                       b.work.ld()});
+    }
+    run(ex, probs);
+    // saved <- a, work <- dpre, in one pass.
+    const index_t first = b.offsets[e0], R = b.offsets[e1] - first;
+    ex.parallel_rows(R, F, detail::activation_backward_kernel<T, Act>{b.saved.row(first), b.work.row(first),
+                                                                       b.work.ld(), F}, 16);
+    // dW2 += a^T dy, dW1 += x^T dpre.
+    probs.clear();
+    for (index_t e = e0; e < e1; ++e) {
+      const index_t r0 = b.offsets[e], n = b.rows(e);
+      if (n == 0) continue;
+      auto [gw1, gb1, gw2, gb2] = split(b.grads[e]);
+      probs.push_back({blas::op::t, blas::op::n, F, H, n, T(1), b.saved.row(r0), b.saved.ld(), dy.row(r0), dy.ld(),
+                       T(1), gw2, H});
+      probs.push_back({blas::op::t, blas::op::n, H, F1, n, T(1), b.x.row(r0), b.x.ld(), b.work.row(r0), b.work.ld(),
+                       T(1), gw1, F1});
+      if (opt_.bias) {
+        detail::add_column_sums(ex, dy.row(r0), n, dy.ld(), H, gb2);
+        detail::add_column_sums(ex, b.work.row(r0), n, b.work.ld(), F1, gb1);
+      }
+    }
+    run(ex, probs);
+    // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
+    probs.clear();
+    for (index_t e = e0; e < e1; ++e) {
+      const index_t r0 = b.offsets[e], n = b.rows(e);
+      if (n == 0) continue;
+      auto [w1, b1, w2, b2] = split(b.params[e]);
+      probs.push_back({blas::op::n, blas::op::t, n, H, F1, T(1), b.work.row(r0), b.work.ld(), w1, F1, T(0),
+                       dx.row(r0), dx.ld()});
+    }
+    run(ex, probs);
+  }
+
   template <class P>
   struct parts {
     P w1, b1, w2, b2;

@@ -9,10 +9,8 @@
 // route on an executor (gate::executor_routed_gate: top_k, switch_gate) build
 // the routing plan there too, the very plan the cpu backend builds; the
 // others get the logits in pinned host memory, route on the host, and their
-// rows and weights go back to the device (gate backward likewise). Over
-// several ranks the host communicators (comm::local, comm::tcp) carry the
-// rows through pinned host memory: correct, not fast; a communicator that
-// moves device memory (NCCL) is not built yet.
+// rows and weights go back to the device (gate backward likewise). Across
+// GPUs comm::nccl moves device rows; host communicators stage them.
 #pragma once
 
 #include <algorithm>
@@ -268,7 +266,7 @@ class basic_moe_layer {
       phase ts("unpermute", *this);
       layer::unpermute_sum(*ex_, map(), matrix_view<const T>(y_disp_.matrix(R, H)), dx);
     }
-    {  // Gate: dlogits from the combine weights and aux losses, then the router GEMMs.
+    {  // Gate: dlogits from the combine weights and aux losses.
       phase ts("gate_backward", *this);
       dlogits_.resize_discard(tokens * E);
       const auto ctx = context();
@@ -293,6 +291,9 @@ class basic_moe_layer {
                        as_matrix(dlogits, tokens, E));
         if constexpr (on_device) ex_->copy(dlogits_.data(), dlogits, dlogits_host_.bytes());
       }
+    }
+    {  // The router GEMMs: dWg += x'^T dlogits, dx += dlogits Wg^T.
+      phase ts("router_backward", *this);
       const bool jit = jitter() > 0;
       matrix_view<const T> xr = jit ? matrix_view<const T>(xj_.matrix(tokens, H)) : x_;
       blas::gemm(*ex_, blas::op::t, blas::op::n, T(1), xr, matrix_view<const T>(dlogits_.matrix(tokens, E)), T(1),

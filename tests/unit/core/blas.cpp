@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <span>
 #include <string>
+#include <tuple>
 #include <vector>
 
 using semoe::index_t;
@@ -139,6 +141,81 @@ TEST_CASE("the executor forms run the executor's engine: the same bits as the ra
                                          semoe::as_matrix<const float>(b.data(), n, k), 0.0f,
                                          semoe::as_matrix(c1.data(), m, n)),
                        doctest::Contains("shapes do not agree"), semoe::error);
+}
+
+/// OpenBLAS's thread count for the scope, restored after.
+struct blas_threads {
+  int before = semoe::blas::num_threads();
+  explicit blas_threads(int n) { semoe::blas::set_num_threads(n); }
+  ~blas_threads() { semoe::blas::set_num_threads(before); }
+};
+
+TEST_CASE("blas::detail::cut_of: blocks that cover C's larger side, sized by the shape alone") {
+  using semoe::blas::detail::cut_of;
+  for (index_t m : {1, 100, 255, 256, 700, 1280, 4096, 10000})
+    for (index_t n : {1, 64, 300, 1024, 4096})
+      for (index_t k : {1, 64, 1024}) {
+        CAPTURE(m);
+        CAPTURE(n);
+        CAPTURE(k);
+        const auto c = cut_of(m, n, k);
+        const index_t dim = c.by_rows ? m : n;
+        CHECK(c.by_rows == (m >= n));
+        CHECK(c.count >= 1);
+        CHECK(c.count <= 8);
+        CHECK((c.count - 1) * c.block < dim);  // no empty piece
+        CHECK(c.count * c.block >= dim);       // every row or column in one
+        if (c.count > 1) {
+          CHECK(c.block >= 256);
+          CHECK(static_cast<double>(c.block) * static_cast<double>(c.by_rows ? n : m) * static_cast<double>(k) >=
+                double(1 << 26) * 0.5);  // pieces keep work enough to be worth a thread
+        }
+      }
+  CHECK(cut_of(4096, 1024, 1024).count == 8);  // a large GEMM is cut ...
+  CHECK(cut_of(256, 1024, 256).count == 1);    // ... a small expert's is not
+}
+
+TEST_CASE("with single-threaded OpenBLAS a cpu_executor runs GEMMs in pieces on its threads: the bits of one call") {
+  using semoe::blas::gemm_problem;
+  const blas_threads one(1);
+  semoe::cpu_executor probe({.threads = 2});
+  CHECK(semoe::blas::gemms_on_executor(probe));
+  for (const op ta : {op::n, op::t})
+    for (const op tb : {op::n, op::t})
+      for (auto [m, n, k] : {std::tuple<index_t, index_t, index_t>{2000, 520, 256}, {300, 1900, 500}, {40, 30, 20}}) {
+        CAPTURE(static_cast<int>(ta));
+        CAPTURE(static_cast<int>(tb));
+        CAPTURE(m);
+        CAPTURE(n);
+        CHECK(semoe::blas::detail::cut_of(m, n, k).count == (m == 40 ? 1 : m == 2000 ? 3 : 4));
+        const index_t lda = (ta == op::n ? k : m) + 1, ldb = (tb == op::n ? n : k) + 3, ldc = n + 2;
+        auto a = random_values<float>(static_cast<std::size_t>((ta == op::n ? m : k) * lda), 4);
+        auto b = random_values<float>(static_cast<std::size_t>((tb == op::n ? k : n) * ldb), 5);
+        const auto c0 = random_values<float>(static_cast<std::size_t>(m * ldc), 6);
+        std::vector<float> want(c0);
+        semoe::blas::gemm(ta, tb, m, n, k, 0.75f, a.data(), lda, b.data(), ldb, 1.0f, want.data(), ldc);
+        for (int threads : {1, 2, 4}) {
+          CAPTURE(threads);
+          semoe::cpu_executor ex({.threads = threads});
+          std::vector<float> got(c0), grouped(c0);
+          semoe::blas::gemm(ex, ta, tb, m, n, k, 0.75f, a.data(), lda, b.data(), ldb, 1.0f, got.data(), ldc);
+          CHECK(got == want);  // every element, the padding between rows included
+          // Two problems in one grouped call: their pieces share the threads.
+          const index_t half = m / 2;
+          const gemm_problem<float> probs[2] = {
+              {ta, tb, half, n, k, 0.75f, a.data(), lda, b.data(), ldb, 1.0f, grouped.data(), ldc},
+              {ta, tb, m - half, n, k, 0.75f, ta == op::n ? a.data() + half * lda : a.data() + half, lda, b.data(),
+               ldb, 1.0f, grouped.data() + half * ldc, ldc}};
+          semoe::blas::grouped_gemm(ex, std::span<const gemm_problem<float>>(probs));
+          std::vector<float> two(c0);
+          for (const auto& p : probs)
+            semoe::blas::gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta,
+                              two.data() + (p.c - grouped.data()), p.ldc);
+          CHECK(grouped == two);
+        }
+      }
+  const blas_threads two(2);
+  CHECK_FALSE(semoe::blas::gemms_on_executor(probe));  // OpenBLAS threads its own calls
 }
 
 TEST_CASE("round_to_bf16: nearest bfloat16, ties to even, NaN kept, overflow to infinity") {

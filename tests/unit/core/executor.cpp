@@ -97,32 +97,46 @@ TEST_CASE("cpu_executor: at most grain indices run on the caller; chunks are nev
   }
 }
 
+namespace {
+/// Chunks of `chunk` indices covering [0, n) exactly (the contract bodies
+/// with per-chunk scratch of that size rely on).
+template <class Exec>
+void check_chunks(Exec& ex) {
+  for (auto nc : {std::pair<index_t, index_t>{1, 1}, {10, 3}, {10, 10}, {10, 100}, {1000, 7}, {1000, 1}, {17, 0}}) {
+    const index_t n = nc.first, chunk = nc.second;
+    CAPTURE(n);
+    CAPTURE(chunk);
+    std::mutex m;
+    std::vector<std::pair<index_t, index_t>> seen;
+    ex.parallel_chunks(n, chunk, [&](index_t b, index_t e) {
+      std::lock_guard lock(m);
+      seen.emplace_back(b, e);
+    });
+    std::sort(seen.begin(), seen.end());
+    const index_t c = std::max<index_t>(chunk, 1);
+    REQUIRE(static_cast<index_t>(seen.size()) == (n + c - 1) / c);
+    for (std::size_t k = 0; k < seen.size(); ++k) {
+      CHECK(seen[k].first == static_cast<index_t>(k) * c);
+      CHECK(seen[k].second == std::min(n, seen[k].first + c));
+    }
+  }
+  bool called = false;
+  ex.parallel_chunks(0, 4, [&](index_t, index_t) { called = true; });
+  CHECK_FALSE(called);
+}
+}  // namespace
+
 TEST_CASE("cpu_executor: parallel_chunks partitions [0, n) into chunks of the given size") {
   for (int threads : {1, 2, 3, 8}) {
+    CAPTURE(threads);
     cpu_executor ex({.threads = threads});
-    for (auto nc : {std::pair<index_t, index_t>{1, 1}, {10, 3}, {10, 10}, {10, 100}, {1000, 7}, {1000, 1}, {17, 0}}) {
-      const index_t n = nc.first, chunk = nc.second;
-      CAPTURE(threads);
-      CAPTURE(n);
-      CAPTURE(chunk);
-      std::mutex m;
-      std::vector<std::pair<index_t, index_t>> seen;
-      ex.parallel_chunks(n, chunk, [&](index_t b, index_t e) {
-        std::lock_guard lock(m);
-        seen.emplace_back(b, e);
-      });
-      std::sort(seen.begin(), seen.end());
-      const index_t c = std::max<index_t>(chunk, 1);
-      REQUIRE(static_cast<index_t>(seen.size()) == (n + c - 1) / c);
-      for (std::size_t k = 0; k < seen.size(); ++k) {
-        CHECK(seen[k].first == static_cast<index_t>(k) * c);
-        CHECK(seen[k].second == std::min(n, seen[k].first + c));
-      }
-    }
-    bool called = false;
-    ex.parallel_chunks(0, 4, [&](index_t, index_t) { called = true; });
-    CHECK_FALSE(called);
+    check_chunks(ex);
   }
+}
+
+TEST_CASE("sequential_executor: parallel_chunks partitions [0, n) into chunks of the given size") {
+  semoe::sequential_executor ex;
+  check_chunks(ex);
 }
 
 TEST_CASE("cpu_executor: every thread takes part") {

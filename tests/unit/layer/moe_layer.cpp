@@ -289,7 +289,7 @@ TEST_CASE("a traced step records every stage of the layer as Chrome trace events
     CHECK(e.duration_us >= 0);
   }
   for (const char* stage : {"router", "gate", "permute", "all_to_all", "experts_forward", "combine",
-                            "combine_backward", "experts_backward", "unpermute", "gate_backward"})
+                            "combine_backward", "experts_backward", "unpermute", "gate_backward", "router_backward"})
     CHECK_MESSAGE(per_name[stage] >= 2, stage);  // on both ranks
   CHECK(per_name["all_to_all"] == 8);              // 2 ranks x (2 forward + 2 backward)
   CHECK(pids == std::set<int>{0, 1});              // one trace row (pid) per rank

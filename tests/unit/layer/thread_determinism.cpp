@@ -1,8 +1,10 @@
 // The layer's outputs and every gradient are the same bits whatever the
 // executor's thread count (1, 2, 4): routing, permutation, combine and their
 // backward sum in a fixed order. Shapes with many experts and top-8, with
-// capacity drops and dropless, with shared experts. The BLAS runs on one
-// thread here, so only the layer's own work changes with the thread count.
+// capacity drops and dropless, with shared experts, and experts large enough
+// to be cut into row tiles and gradient pieces. OpenBLAS runs on one thread
+// here, so the GEMMs run on the executor's threads (blas::gemms_on_executor)
+// and their schedule changes with the thread count; the bits must not.
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -92,6 +94,14 @@ TEST_CASE("the layer is bitwise the same on 1, 2 and 4 executor threads") {
                                 .gate = {.capacity_factor = 0.8, .aux_loss_coef = 0.01, .z_loss_coef = 0.001},
                                 .seed = 3},
                      T, H);
+  }
+  SUBCASE("large experts: several row tiles each, weight gradients in pieces") {
+    // About 1500 rows per expert: two row tiles each; dW1 and dW2 (1024 x 128
+    // over 1500 rows) are cut in two (expert::ffn's host schedule).
+    using L = moe_layer<cpu, gate::top_k<2>, expert::ffn<act::gelu>>;
+    REQUIRE(blas::detail::cut_of(1024, 128, 1400).count >= 2);
+    check_threads<L>(L::options{.hidden = 128, .ffn = 1024, .experts = 4, .gate = {.dropless = true}, .seed = 5},
+                     3000, 128);
   }
   SUBCASE("DeepSeek-V3 style: sigmoid top-8 of 64 in groups, with a shared expert") {
     using M = moe_layer<cpu, gate::sigmoid_top_k<8>, expert::ffn<act::swiglu>>;
