@@ -163,8 +163,8 @@ inline gemm_cut cut_of(index_t m, index_t n, index_t k) {
   const bool rows = m >= n;
   const index_t dim = rows ? m : n;
   const double macs = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-  const auto by_work = static_cast<index_t>(macs / double(1 << 26));
-  const index_t want = std::max<index_t>(1, std::min<index_t>({8, dim / 256, by_work}));
+  const auto by_work = static_cast<index_t>(macs / double(1 << 27));
+  const index_t want = std::max<index_t>(1, std::min<index_t>({4, dim / 256, by_work}));
   const index_t block = ((dim + want - 1) / want + 15) / 16 * 16;
   return {rows, block, (dim + block - 1) / block};
 }

@@ -63,14 +63,16 @@ struct relu {
   SEMOE_HD static T df(T x) { return x > T(0) ? T(1) : T(0); }
 };
 
-/// GELU, tanh form (Hendrycks & Gimpel), as in GPT-2 and most MoE models.
+/// GELU, tanh form (Hendrycks & Gimpel), as in GPT-2 and most MoE models:
+/// 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed as
+/// x * sigmoid(2u) (the same function: 0.5 (1 + tanh(u)) = sigmoid(2u)), one
+/// exp and one division.
 struct gelu {
   static constexpr const char* name = "gelu";
   static constexpr bool gated = false;
   template <class T>
   SEMOE_HD static T f(T x) {
-    const T u = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
-    return T(0.5) * x * (T(1) + detail::tanh(u));
+    return x * (T(1) / (T(1) + detail::exp<T>(T(-2) * u(x))));  // the bits f_df gives
   }
   template <class T>
   SEMOE_HD static T df(T x) {
@@ -78,14 +80,20 @@ struct gelu {
     f_df(x, v, d);
     return d;
   }
-  /// f and df together, sharing one tanh (backward needs both).
+  /// f and df together, sharing one exp (backward needs both):
+  /// df = s + 2 x s (1 - s) du/dx with s = sigmoid(2u).
   template <class T>
   SEMOE_HD static void f_df(T x, T& v, T& d) {
-    const T u = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
-    const T t = detail::tanh(u);
+    const T s = T(1) / (T(1) + detail::exp<T>(T(-2) * u(x)));
     const T du = T(0.7978845608028654) * (T(1) + T(3 * 0.044715) * x * x);
-    v = T(0.5) * x * (T(1) + t);
-    d = T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du;
+    v = x * s;
+    d = s + T(2) * x * s * (T(1) - s) * du;
+  }
+
+ private:
+  template <class T>
+  SEMOE_HD static T u(T x) {
+    return T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
   }
 };
 

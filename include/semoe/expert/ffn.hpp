@@ -238,7 +238,7 @@ class ffn {
   };
   template <class T>
   static std::vector<tile> row_tiles(const expert_batch<T>& b) {
-    constexpr index_t rows_per_tile = 512;
+    constexpr index_t rows_per_tile = 1024;
     std::vector<tile> tiles;
     for (index_t e = 0; e < b.experts(); ++e) {
       const index_t n = b.rows(e), count = std::max<index_t>(1, n / rows_per_tile);

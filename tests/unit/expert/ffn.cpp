@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <numbers>
 #include <random>
 #include <vector>
 
@@ -61,6 +62,25 @@ TEST_CASE_TEMPLATE("activation derivatives match finite differences", Act, act::
     CHECK(Act::template df<double>(x) == doctest::Approx(fd).epsilon(1e-7));
     CHECK(Act::template f<float>(static_cast<float>(x)) ==
           doctest::Approx(Act::template f<double>(x)).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("activations equal their textbook definitions") {
+  for (double x = -12.05; x < 12; x += 0.1) {
+    CAPTURE(x);
+    const double u = std::sqrt(2 / std::numbers::pi) * (x + 0.044715 * x * x * x);
+    const double gelu = 0.5 * x * (1 + std::tanh(u)), silu = x / (1 + std::exp(-x));
+    // (0.5 x (1 + tanh u) cancels to 0 in the far negative tail, where x sigmoid(2u)
+    // keeps its tiny value: compare with an absolute floor.)
+    CHECK(std::abs(act::gelu::f<double>(x) - gelu) <= 1e-13 * std::max(1.0, std::abs(gelu)));
+    CHECK(std::abs(act::silu::f<double>(x) - silu) <= 1e-13 * std::max(1.0, std::abs(silu)));
+    CHECK(std::abs(act::gelu::f<float>(static_cast<float>(x)) - gelu) <= 1e-6 * std::max(1.0, std::abs(gelu)));
+    CHECK(std::abs(act::silu::f<float>(static_cast<float>(x)) - silu) <= 1e-6 * std::max(1.0, std::abs(silu)));
+    // f_df gives the bits of f and df apart.
+    float v, d;
+    act::gelu::f_df(static_cast<float>(x), v, d);
+    CHECK(v == act::gelu::f<float>(static_cast<float>(x)));
+    CHECK(d == act::gelu::df<float>(static_cast<float>(x)));
   }
 }
 
