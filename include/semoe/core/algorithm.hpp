@@ -38,11 +38,29 @@ struct host_engine {
   }
 
   /// (keys_out, values_out) = (keys_in, values_in) ordered by key, equal
-  /// keys in input order. Keys use bits [0, end_bit) only.
+  /// keys in input order. Keys use bits [0, end_bit) only. Up to 16 bits
+  /// (routing sorts by expert: a few bits) it is a counting sort, one pass
+  /// to count and one to place; wider keys go to std::stable_sort.
   template <class Exec>
   static void sort_pairs(Exec& ex, const std::uint32_t* keys_in, std::uint32_t* keys_out,
                          const std::int32_t* values_in, std::int32_t* values_out, index_t n, int end_bit) {
     ex.synchronize();
+    if (end_bit <= 16) {
+      const std::uint32_t mask = (1u << end_bit) - 1u;
+      std::vector<index_t> start((std::size_t{1} << end_bit) + 1, 0);
+      for (index_t i = 0; i < n; ++i) ++start[(keys_in[i] & mask) + 1];
+      for (std::size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
+      std::vector<std::uint32_t> k(static_cast<std::size_t>(n));  // in and out may alias
+      std::vector<std::int32_t> v(static_cast<std::size_t>(n));
+      for (index_t i = 0; i < n; ++i) {
+        const index_t at = start[keys_in[i] & mask]++;
+        k[static_cast<std::size_t>(at)] = keys_in[i];
+        v[static_cast<std::size_t>(at)] = values_in[i];
+      }
+      std::copy(k.begin(), k.end(), keys_out);
+      std::copy(v.begin(), v.end(), values_out);
+      return;
+    }
     std::vector<index_t> order(static_cast<std::size_t>(n));
     std::iota(order.begin(), order.end(), index_t{0});
     const std::uint32_t mask = end_bit >= 32 ? ~0u : (1u << end_bit) - 1u;

@@ -219,8 +219,8 @@ class ffn {
   // (blas::gemms_on_executor: OpenBLAS on one thread.) The work is cut into
   // tasks that each run on one thread with single-threaded BLAS, handed out
   // largest first as threads come free:
-  //  * row tiles: an expert's rows in tiles of 512 to 1023 rows (fewer rows:
-  //    one tile); forward runs x W1, bias, activation and W2 on a tile back
+  //  * row tiles: an expert's rows in tiles of 1024 to 2047 rows (fewer
+  //    rows: one tile); forward runs x W1, bias, activation and W2 on a tile back
   //    to back, while its rows are still in cache; backward runs dy W2^T with
   //    the activation's backward, and later dpre W1^T, tile by tile;
   //  * weight gradients: dW1 and dW2 sum over all of an expert's rows, so

@@ -143,7 +143,7 @@ void router_losses(Exec& ex, const route_context& ctx, routing_plan<T, Space>& p
     buffer<std::uint64_t, Space> count(2 * E);
     buffer<double, Space> sums(E + 1);
     count.zero();
-    ex.parallel_for(n * k, choice_count_kernel{plan.expert.data(), k, E, counted_choices, count.data()});
+    count_choices(ex, plan.expert.data(), n * k, k, E, counted_choices, count.data());
     ex.parallel_for(E + 1, router_sums_kernel<T>{plan.probs.data(), plan.aux_saved.data() + E + 1, n, E, sums.data()},
                     1);
     std::vector<std::uint64_t> c(static_cast<std::size_t>(2 * E));

@@ -180,7 +180,7 @@ void limit_by_capacity(Exec& ex, routing_plan<T, Space>& plan, const route_conte
   // Routed choices per expert, here ([E, 2E) of the count) and over the group.
   buffer<std::uint64_t, Space> count_dev(2 * E);
   count_dev.zero();
-  ex.parallel_for(A, detail::choice_count_kernel{plan.expert.data(), k, E, k, count_dev.data()});
+  detail::count_choices(ex, plan.expert.data(), A, k, E, k, count_dev.data());
   std::vector<std::uint64_t> count;
   to_host(count, count_dev);
   std::uint64_t routed_here = 0;

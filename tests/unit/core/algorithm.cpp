@@ -38,19 +38,25 @@ void check_engine(Exec& ex) {
   semoe::algo::exclusive_sum(ex, counts.data(), counts.data(), bins);  // in place
   CHECK(counts == sum);
 
-  // Keys use bits [0, 4) only: 16 + k sorts as k. Equal keys keep input order.
-  std::vector<std::uint32_t> keys(n), keys_out(n);
-  std::vector<std::int32_t> vals(n), vals_out(n);
-  for (index_t i = 0; i < n; ++i) {
-    keys[i] = (rng() % 10) + (i % 3 == 0 ? 16u : 0u);
-    vals[i] = static_cast<std::int32_t>(i);
-  }
-  semoe::algo::sort_pairs(ex, keys.data(), keys_out.data(), vals.data(), vals_out.data(), n, 4);
-  for (index_t i = 0; i < n; ++i) CHECK(keys_out[i] == keys[vals_out[i]]);
-  for (index_t i = 1; i < n; ++i) {
-    const auto a = keys_out[i - 1] & 15u, b = keys_out[i] & 15u;
-    REQUIRE(a <= b);
-    if (a == b) REQUIRE(vals_out[i - 1] < vals_out[i]);
+  // Keys use bits [0, end_bit) only: 2^end_bit + k sorts as k. Equal keys
+  // keep input order. Narrow keys take the counting sort, wide ones
+  // std::stable_sort.
+  for (int end_bit : {4, 20}) {
+    CAPTURE(end_bit);
+    const std::uint32_t mask = (1u << end_bit) - 1u;
+    std::vector<std::uint32_t> keys(n), keys_out(n);
+    std::vector<std::int32_t> vals(n), vals_out(n);
+    for (index_t i = 0; i < n; ++i) {
+      keys[i] = static_cast<std::uint32_t>(rng() % (end_bit == 4 ? 10 : 700000)) + (i % 3 == 0 ? mask + 1 : 0u);
+      vals[i] = static_cast<std::int32_t>(i);
+    }
+    semoe::algo::sort_pairs(ex, keys.data(), keys_out.data(), vals.data(), vals_out.data(), n, end_bit);
+    for (index_t i = 0; i < n; ++i) CHECK(keys_out[i] == keys[vals_out[i]]);
+    for (index_t i = 1; i < n; ++i) {
+      const auto a = keys_out[i - 1] & mask, b = keys_out[i] & mask;
+      REQUIRE(a <= b);
+      if (a == b) REQUIRE(vals_out[i - 1] < vals_out[i]);
+    }
   }
 }
 

@@ -8,6 +8,8 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
+#include <vector>
 
 #include "semoe/core/config.hpp"
 #include "semoe/core/executor.hpp"
@@ -118,6 +120,31 @@ struct choice_count_kernel {
     if (a % k < counted) atomic_add(counts + e, 1);
   }
 };
+
+/// choice_count_kernel over assignments [0, A) into counts (zeroed). A host
+/// executor tallies each chunk of 4096 assignments apart and adds the tallies
+/// under a lock: an atomic add per choice on a few shared cache lines makes
+/// threads wait on each other. Integer sums: the same counts either way.
+template <Executor Exec>
+void count_choices(Exec& ex, const std::int32_t* expert, index_t A, index_t k, index_t experts, index_t counted,
+                   std::uint64_t* counts) {
+  if constexpr (ChunkedExecutor<Exec> && !Exec::on_device) {
+    std::mutex m;
+    ex.parallel_chunks(A, 4096, [&](index_t first, index_t last) {
+      std::vector<std::uint64_t> mine(static_cast<std::size_t>(2 * experts), 0);  // choice_count_kernel's tally
+      for (index_t a = first; a < last; ++a) {
+        const std::int32_t e = expert[a];
+        if (e < 0) continue;
+        ++mine[static_cast<std::size_t>(experts + e)];
+        if (a % k < counted) ++mine[static_cast<std::size_t>(e)];
+      }
+      std::lock_guard lock(m);
+      for (index_t i = 0; i < 2 * experts; ++i) counts[i] += mine[static_cast<std::size_t>(i)];
+    });
+  } else {
+    ex.parallel_for(A, choice_count_kernel{expert, k, experts, counted, counts});
+  }
+}
 
 /// The capacity order of every routed assignment: smaller keys are kept
 /// first. Low 32 bits: the GShard position (choice-major, then global token),
