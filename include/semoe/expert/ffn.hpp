@@ -220,9 +220,9 @@ class ffn {
   // tasks that each run on one thread with single-threaded BLAS, handed out
   // largest first as threads come free:
   //  * row tiles: an expert's rows in tiles of 1024 to 2047 rows (fewer
-  //    rows: one tile); forward runs x W1, bias, activation and W2 on a tile back
-  //    to back, while its rows are still in cache; backward runs dy W2^T with
-  //    the activation's backward, and later dpre W1^T, tile by tile;
+  //    rows: one tile); forward runs x W1, bias, activation and W2 on a
+  //    tile back to back, while its rows are still in cache; backward runs
+  //    dy W2^T with the activation's backward, and later dpre W1^T;
   //  * weight gradients: dW1 and dW2 sum over all of an expert's rows, so
   //    each is one GEMM over them, cut into blocks of its output
   //    (blas::detail::cut_of), with the bias sums as one more task.
