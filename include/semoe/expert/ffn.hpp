@@ -186,7 +186,7 @@ class ffn {
   void forward(Exec& ex, const expert_batch<T>& b, matrix_view<T> y) const {
     check(b, y, "forward");
     if constexpr (on_host_threads<Exec>)
-      if (blas::gemms_on_executor(ex)) return forward_tiles(ex, b, y);
+      if (auto tiles = row_tiles(b); by_tiles(ex, tiles)) return forward_tiles(ex, b, tiles, y);
     forward_range(ex, b, 0, b.experts(), y);
   }
 
@@ -197,7 +197,7 @@ class ffn {
   void backward(Exec& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
     check(b, dx, "backward");
     if constexpr (on_host_threads<Exec>)
-      if (blas::gemms_on_executor(ex)) return backward_tiles(ex, b, dy, dx);
+      if (auto tiles = row_tiles(b); by_tiles(ex, tiles)) return backward_tiles(ex, b, tiles, dy, dx);
     backward_range(ex, b, 0, b.experts(), dy, dx);
   }
 
@@ -229,7 +229,11 @@ class ffn {
   // Tiles and cuts depend on the row counts and sizes alone, never on the
   // thread count: every thread count computes the same pieces, the same
   // bits (OpenBLAS's kernels give each element of C the same bits whichever
-  // block of C a call computes, for blocks this large).
+  // block of C a call computes, for blocks this large). With fewer than two
+  // tiles per thread (one expert at a time: eval mode, a store that streams
+  // blocks) the threads would idle, so each pass runs over all the experts
+  // instead, with the engine cutting every GEMM over the threads: the same
+  // GEMMs in blocks of C, the same bits.
   template <class Exec>
   static constexpr bool on_host_threads = ChunkedExecutor<Exec> && !Exec::on_device;
 
@@ -249,6 +253,11 @@ class ffn {
     }
     std::stable_sort(tiles.begin(), tiles.end(), [](const tile& u, const tile& v) { return u.rows > v.rows; });
     return tiles;
+  }
+
+  template <class Exec>
+  static bool by_tiles(Exec& ex, const std::vector<tile>& tiles) {
+    return blas::gemms_on_executor(ex) && static_cast<index_t>(tiles.size()) >= 2 * ex.concurrency();
   }
 
   /// f(item) for every item, each on one of ex's threads, in list order as
@@ -272,10 +281,10 @@ class ffn {
   }
 
   template <class T, class Exec>
-  void forward_tiles(Exec& ex, const expert_batch<T>& b, matrix_view<T> y) const {
+  void forward_tiles(Exec& ex, const expert_batch<T>& b, const std::vector<tile>& tiles, matrix_view<T> y) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
     const auto p = opt_.gemm_inputs;
-    run_tasks(ex, row_tiles(b), [&](const tile& t) {
+    run_tasks(ex, tiles, [&](const tile& t) {
       sequential_executor seq;
       auto [w1, b1, w2, b2] = split(b.params[t.expert]);
       T* pre = b.saved.row(t.first);
@@ -289,10 +298,10 @@ class ffn {
   }
 
   template <class T, class Exec>
-  void backward_tiles(Exec& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
+  void backward_tiles(Exec& ex, const expert_batch<T>& b, const std::vector<tile>& tiles, in_view<T> dy,
+                      matrix_view<T> dx) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
     const auto p = opt_.gemm_inputs;
-    const auto tiles = row_tiles(b);
     // da = dy W2^T into work, then saved <- a and work <- dpre.
     run_tasks(ex, tiles, [&](const tile& t) {
       sequential_executor seq;

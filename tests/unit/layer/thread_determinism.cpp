@@ -103,6 +103,14 @@ TEST_CASE("the layer is bitwise the same on 1, 2 and 4 executor threads") {
     check_threads<L>(L::options{.hidden = 256, .ffn = 1024, .experts = 4, .gate = {.dropless = true}, .seed = 5},
                      4200, 256);
   }
+  SUBCASE("fewer row tiles than two per thread: each pass over all experts, GEMMs cut over the threads") {
+    // Two experts of about 1200 rows: one tile each, so 1 thread runs tiles
+    // and 2 or 4 threads run the passes with every GEMM cut in two.
+    using L = moe_layer<cpu, gate::top_k<1>, expert::ffn<act::gelu>>;
+    REQUIRE(blas::detail::cut_of(1100, 1024, 256).count >= 2);
+    check_threads<L>(L::options{.hidden = 256, .ffn = 1024, .experts = 2, .gate = {.dropless = true}, .seed = 6},
+                     2400, 256);
+  }
   SUBCASE("DeepSeek-V3 style: sigmoid top-8 of 64 in groups, with a shared expert") {
     using M = moe_layer<cpu, gate::sigmoid_top_k<8>, expert::ffn<act::swiglu>>;
     using L = layer::with_shared_experts<M>;
