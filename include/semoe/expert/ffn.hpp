@@ -186,7 +186,8 @@ class ffn {
   void forward(Exec& ex, const expert_batch<T>& b, matrix_view<T> y) const {
     check(b, y, "forward");
     if constexpr (on_host_threads<Exec>)
-      if (auto tiles = row_tiles(b); by_tiles(ex, tiles)) return forward_tiles(ex, b, tiles, y);
+      if (blas::gemms_on_executor(ex))
+        if (auto tiles = row_tiles(b); enough_tiles(ex, tiles)) return forward_tiles(ex, b, tiles, y);
     forward_range(ex, b, 0, b.experts(), y);
   }
 
@@ -197,7 +198,8 @@ class ffn {
   void backward(Exec& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
     check(b, dx, "backward");
     if constexpr (on_host_threads<Exec>)
-      if (auto tiles = row_tiles(b); by_tiles(ex, tiles)) return backward_tiles(ex, b, tiles, dy, dx);
+      if (blas::gemms_on_executor(ex))
+        if (auto tiles = row_tiles(b); enough_tiles(ex, tiles)) return backward_tiles(ex, b, tiles, dy, dx);
     backward_range(ex, b, 0, b.experts(), dy, dx);
   }
 
@@ -255,9 +257,10 @@ class ffn {
     return tiles;
   }
 
+  /// Two tiles per thread at least, so that the threads end together.
   template <class Exec>
-  static bool by_tiles(Exec& ex, const std::vector<tile>& tiles) {
-    return blas::gemms_on_executor(ex) && static_cast<index_t>(tiles.size()) >= 2 * ex.concurrency();
+  static bool enough_tiles(Exec& ex, const std::vector<tile>& tiles) {
+    return static_cast<index_t>(tiles.size()) >= 2 * ex.concurrency();
   }
 
   /// f(item) for every item, each on one of ex's threads, in list order as
