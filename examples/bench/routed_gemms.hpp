@@ -6,9 +6,12 @@
 //    run reads from cache what a layer reads from each expert's own memory
 //    (the strict floor); or
 //  * in_layer_buffers: each expert's six FFN GEMMs on buffers laid out as
-//    expert::ffn's (x, W1, W2, the saved pre-activation, the work rows, y
-//    that dy and dx share, dW1, dW2), so each GEMM reads what the previous
-//    one wrote, as in the layer, without the activation and routing between.
+//    expert::ffn's (x, W1, W2, the saved pre-activation, the work rows, y,
+//    dy, dx, dW1, dW2), so each GEMM reads what the previous one wrote, as
+//    in the layer, without the activation and routing between. dx has its
+//    own buffer (the layer writes it over dy): written over dy, each pass
+//    would scale dy by about 0.05 and repeated passes would reach
+//    subnormal floats, which run many times slower.
 #pragma once
 
 #include <algorithm>
@@ -93,7 +96,7 @@ struct routed_gemms {
       fill(own.back(), seed++);
       return own.back().data();
     };
-    own.reserve(8 * expert_first.size());
+    own.reserve(10 * expert_first.size());
     for (std::size_t g = 0; g < expert_first.size(); ++g) {
       const std::size_t first = expert_first[g];
       const std::size_t last = g + 1 < expert_first.size() ? expert_first[g + 1] : problems.size();
@@ -101,18 +104,18 @@ struct routed_gemms {
       auto* p = problems.data() + first;
       const index_t n = p[0].m, H = p[0].k, F1 = p[0].n, F = p[1].k;
       float *x = own_buffer(n * H), *w1 = own_buffer(H * F1), *w2 = own_buffer(F * H), *pre = own_buffer(n * F1),
-            *work = own_buffer(n * F1), *y = own_buffer(n * H), *gw1 = own_buffer(H * F1),
-            *gw2 = own_buffer(F * H);
+            *work = own_buffer(n * F1), *y = own_buffer(n * H), *dy = own_buffer(n * H), *dx = own_buffer(n * H),
+            *gw1 = own_buffer(H * F1), *gw2 = own_buffer(F * H);
       auto set = [](blas::gemm_problem<float>& q, const float* qa, index_t la, const float* qb, index_t lb, float* qc,
                     index_t lc) {
         q.a = qa, q.lda = la, q.b = qb, q.ldb = lb, q.c = qc, q.ldc = lc;
       };
       set(p[0], x, H, w1, F1, pre, F1);     // pre = x W1
       set(p[1], work, F1, w2, H, y, H);     // y = a W2
-      set(p[2], y, H, w2, H, work, F1);     // da = dy W2^T
-      set(p[3], pre, F1, y, H, gw2, H);     // dW2 += a^T dy
+      set(p[2], dy, H, w2, H, work, F1);    // da = dy W2^T
+      set(p[3], pre, F1, dy, H, gw2, H);    // dW2 += a^T dy
       set(p[4], x, H, work, F1, gw1, F1);   // dW1 += x^T dpre
-      set(p[5], work, F1, w1, F1, y, H);    // dx = dpre W1^T
+      set(p[5], work, F1, w1, F1, dx, H);   // dx = dpre W1^T
     }
   }
 

@@ -26,7 +26,8 @@ struct expert_batch {
   std::span<T* const> grads;         ///< gradient block of each local expert (backward accumulates; null when no rows)
   matrix_view<const T> x;            ///< [rows, hidden] expert inputs
   matrix_view<T> saved;              ///< [rows, saved_cols()] written by forward, read by backward
-  matrix_view<T> work;               ///< [rows, work_cols()] scratch for forward and backward
+  matrix_view<T> work;               ///< [rows, work_cols()] forward's and backward's; kept between them
+  bool backward_follows = true;      ///< false in eval mode: forward need keep nothing for backward
 
   index_t experts() const { return static_cast<index_t>(offsets.size()) - 1; }
   index_t rows(index_t e) const { return offsets[e + 1] - offsets[e]; }
@@ -196,8 +197,9 @@ constexpr bool expert_contract() {
 ///       fills one block in host memory; called once per local expert at
 ///       construction with its global id: the same values on every rank
 ///   forward(ex, const expert_batch<T>& b, matrix_view<T> y) const
-///       overwrites y's rows of every expert of b and keeps in b.saved what
-///       backward needs
+///       overwrites y's rows of every expert of b and keeps in b.saved (and
+///       b.work: the layer leaves both alone until backward) what backward
+///       needs; with b.backward_follows false (eval mode) it need keep nothing
 ///   backward(ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const
 ///       accumulates (+=) into b.grads, overwrites dx's rows; may destroy
 ///       b.saved and b.work

@@ -36,6 +36,41 @@ struct activation_forward_kernel {
   SEMOE_HD void operator()(index_t r) const { (*this)(r, 0, cols); }
 };
 
+/// Forward activation that keeps its slope for backward (not gated):
+/// a = act(pre) into a, and pre <- act'(pre) in place, from one evaluation.
+template <class T, class Act>
+struct activation_forward_keep_slope_kernel {
+  T* pre;
+  index_t pre_ld;
+  T* a;
+  index_t a_ld, cols;
+  SEMOE_HD void operator()(index_t r, index_t j0, index_t j1) const {
+    T* p = pre + r * pre_ld;
+    T* out = a + r * a_ld;
+    for (index_t j = j0; j < j1; ++j) {
+      T v, d;
+      act::value_and_slope<Act>(p[j], v, d);
+      out[j] = v;
+      p[j] = d;
+    }
+  }
+  SEMOE_HD void operator()(index_t r) const { (*this)(r, 0, cols); }
+};
+
+/// work <- work * slope over rows: dpre from da and the kept act'(pre).
+template <class T>
+struct times_slope_kernel {
+  const T* slope;
+  T* work;
+  index_t ld, cols;
+  SEMOE_HD void operator()(index_t r, index_t j0, index_t j1) const {
+    const T* s = slope + r * ld;
+    T* w = work + r * ld;
+    for (index_t j = j0; j < j1; ++j) w[j] = w[j] * s[j];
+  }
+  SEMOE_HD void operator()(index_t r) const { (*this)(r, 0, cols); }
+};
+
 /// Backward activation, in place: pre <- a (for dW2), work <- dpre (from da in work).
 template <class T, class Act>
 struct activation_backward_kernel {
@@ -156,10 +191,15 @@ class ffn {
     return o.hidden * f1 + o.ffn * o.hidden + (o.bias ? f1 + o.hidden : 0);
   }
   index_t block_elems() const { return block_elems(opt_); }
-  /// Per routed row: the pre-activation is saved for backward ...
+  /// Per routed row, two rows of width f1 kept from forward to backward.
+  /// Not gated: saved holds act'(pre) and work the activation a, so backward
+  /// evaluates no activation: dW2 = a^T dy first, then da = dy W2^T over a
+  /// and dpre = da * act'(pre). Gated: saved holds pre, and backward
+  /// evaluates the activation again (keeping f(g), f'(g) and u would take a
+  /// third row). Eval mode (backward_follows false) keeps nothing.
   index_t saved_cols() const { return f1(); }
-  /// ... and one more row of that width is scratch (activation, then its gradient).
   index_t work_cols() const { return f1(); }
+  static constexpr bool keeps_slope = !Act::gated;
 
   /// Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights, zero biases, from a
   /// counter-based stream per expert: the same on every rank and placement.
@@ -224,7 +264,8 @@ class ffn {
   //  * row tiles: an expert's rows in tiles of 1024 to 2047 rows (fewer
   //    rows: one tile); forward runs x W1, bias, activation and W2 on a
   //    tile back to back, while its rows are still in cache; backward runs
-  //    dy W2^T with the activation's backward, and later dpre W1^T;
+  //    dy W2^T with dpre = da * act'(pre) (gated: the activation's
+  //    backward), and later dpre W1^T;
   //  * weight gradients: dW1 and dW2 sum over all of an expert's rows, so
   //    each is one GEMM over them, cut into blocks of its output
   //    (blas::detail::cut_of), with the bias sums as one more task.
@@ -272,6 +313,21 @@ class ffn {
     });
   }
 
+  /// a = act(x W1 + b1) into work for rows [r0, r0 + rows) of b, with
+  /// act'(pre) over the pre-activation in saved when backward follows and
+  /// this activation keeps its slope.
+  template <class T, class E>
+  void activate(E& ex, const expert_batch<T>& b, index_t r0, index_t rows, index_t grain) const {
+    const index_t F = opt_.ffn;
+    T* pre = b.saved.row(r0);
+    T* a = b.work.row(r0);
+    if constexpr (keeps_slope)
+      if (b.backward_follows)
+        return ex.parallel_rows(
+            rows, F, detail::activation_forward_keep_slope_kernel<T, Act>{pre, b.saved.ld(), a, b.work.ld(), F}, grain);
+    ex.parallel_rows(rows, F, detail::activation_forward_kernel<T, Act>{pre, b.saved.ld(), a, b.work.ld(), F}, grain);
+  }
+
   template <class T>
   static void gemm1(blas::op ta, blas::op tb, index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b,
                     index_t ldb, T beta, T* c, index_t ldc, blas::precision p) {
@@ -294,7 +350,7 @@ class ffn {
       T* a = b.work.row(t.first);
       gemm1(blas::op::n, blas::op::n, t.rows, F1, H, b.x.row(t.first), b.x.ld(), w1, F1, T(0), pre, b.saved.ld(), p);
       if (opt_.bias) seq.parallel_rows(t.rows, F1, detail::add_bias_kernel<T>{pre, b.saved.ld(), F1, b1});
-      seq.parallel_rows(t.rows, F, detail::activation_forward_kernel<T, Act>{pre, b.saved.ld(), a, b.work.ld(), F});
+      activate(seq, b, t.first, t.rows, 1);
       gemm1(blas::op::n, blas::op::n, t.rows, H, F, a, b.work.ld(), w2, H, T(0), y.row(t.first), y.ld(), p);
       if (opt_.bias) seq.parallel_rows(t.rows, H, detail::add_bias_kernel<T>{y.row(t.first), y.ld(), H, b2});
     });
@@ -305,16 +361,42 @@ class ffn {
                       matrix_view<T> dx) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
     const auto p = opt_.gemm_inputs;
-    // da = dy W2^T into work, then saved <- a and work <- dpre.
+    // Kept slope: dW2 += a^T dy reads a from work before da overwrites it.
+    if constexpr (keeps_slope) run_grads(ex, b, dy, /*w2=*/true, /*w1=*/false);
+    // da = dy W2^T into work, then work <- dpre (and, gated, saved <- a).
     run_tasks(ex, tiles, [&](const tile& t) {
       sequential_executor seq;
+      T* work = b.work.row(t.first);
       gemm1(blas::op::n, blas::op::t, t.rows, F, H, dy.row(t.first), dy.ld(), split(b.params[t.expert]).w2, H, T(0),
-            b.work.row(t.first), b.work.ld(), p);
-      seq.parallel_rows(t.rows, F, detail::activation_backward_kernel<T, Act>{b.saved.row(t.first),
-                                                                              b.work.row(t.first), b.work.ld(), F});
+            work, b.work.ld(), p);
+      if constexpr (keeps_slope)
+        seq.parallel_rows(t.rows, F, detail::times_slope_kernel<T>{b.saved.row(t.first), work, b.work.ld(), F});
+      else
+        seq.parallel_rows(t.rows, F,
+                          detail::activation_backward_kernel<T, Act>{b.saved.row(t.first), work, b.work.ld(), F});
     });
-    // dW2 += a^T dy and dW1 += x^T dpre, in blocks of their rows or columns;
-    // piece -1 of an expert is its bias sums.
+    run_grads(ex, b, dy, /*w2=*/!keeps_slope, /*w1=*/true);
+    // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
+    run_tasks(ex, tiles, [&](const tile& t) {
+      gemm1(blas::op::n, blas::op::t, t.rows, H, F1, b.work.row(t.first), b.work.ld(), split(b.params[t.expert]).w1,
+            F1, T(0), dx.row(t.first), dx.ld(), p);
+    });
+  }
+
+  /// The activation a that dW2 = a^T dy reads: work with the slope kept,
+  /// else saved once the activation's backward has put it there.
+  template <class T>
+  static matrix_view<T> activation_rows(const expert_batch<T>& b) {
+    return keeps_slope ? b.work : b.saved;
+  }
+
+  /// dW2 += a^T dy and/or dW1 += x^T dpre (with the bias sums), each a
+  /// whole-K GEMM over an expert's rows in blocks of its output, as tasks
+  /// largest first; piece -1 of an expert is its bias sums.
+  template <class T, class Exec>
+  void run_grads(Exec& ex, const expert_batch<T>& b, in_view<T> dy, bool w2, bool w1) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
+    const auto p = opt_.gemm_inputs;
     struct grad_task {
       index_t expert;
       bool w1;
@@ -326,17 +408,19 @@ class ffn {
     for (index_t e = 0; e < b.experts(); ++e) {
       const index_t n = b.rows(e);
       if (n == 0) continue;
-      for (bool w1 : {false, true}) {
-        const index_t m = w1 ? H : F, cols = w1 ? F1 : H;
+      for (bool first : {false, true}) {
+        if (!(first ? w1 : w2)) continue;
+        const index_t m = first ? H : F, cols = first ? F1 : H;
         const auto cut = blas::detail::cut_of(m, cols, n);
         const double per_piece = 2.0 * static_cast<double>(m) * static_cast<double>(cols) * static_cast<double>(n) /
                                  static_cast<double>(cut.count);
-        for (index_t i = 0; i < cut.count; ++i) grads.push_back({e, w1, cut, i, per_piece});
+        for (index_t i = 0; i < cut.count; ++i) grads.push_back({e, first, cut, i, per_piece});
       }
-      if (opt_.bias) grads.push_back({e, false, {}, -1, 0.0});
+      if (opt_.bias && w1) grads.push_back({e, false, {}, -1, 0.0});
     }
     std::stable_sort(grads.begin(), grads.end(),
                      [](const grad_task& u, const grad_task& v) { return u.flops > v.flops; });
+    const matrix_view<T> a = activation_rows(b);
     run_tasks(ex, grads, [&](const grad_task& g) {
       const index_t r0 = b.offsets[g.expert], n = b.rows(g.expert);
       auto [gw1, gb1, gw2, gb2] = split(b.grads[g.expert]);
@@ -349,15 +433,10 @@ class ffn {
       const gemm_problem<T> whole =
           g.w1 ? gemm_problem<T>{blas::op::t, blas::op::n, H, F1, n, T(1), b.x.row(r0), b.x.ld(), b.work.row(r0),
                                  b.work.ld(), T(1), gw1, F1, p}
-               : gemm_problem<T>{blas::op::t, blas::op::n, F, H, n, T(1), b.saved.row(r0), b.saved.ld(), dy.row(r0),
-                                 dy.ld(), T(1), gw2, H, p};
+               : gemm_problem<T>{blas::op::t, blas::op::n, F, H, n, T(1), a.row(r0), a.ld(), dy.row(r0), dy.ld(),
+                                 T(1), gw2, H, p};
       const auto q = blas::detail::piece(whole, g.cut, g.piece);
       gemm1(q.ta, q.tb, q.m, q.n, q.k, q.a, q.lda, q.b, q.ldb, q.beta, q.c, q.ldc, p);
-    });
-    // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
-    run_tasks(ex, tiles, [&](const tile& t) {
-      gemm1(blas::op::n, blas::op::t, t.rows, H, F1, b.work.row(t.first), b.work.ld(), split(b.params[t.expert]).w1,
-            F1, T(0), dx.row(t.first), dx.ld(), p);
     });
   }
 
@@ -379,9 +458,8 @@ class ffn {
       for (index_t e = e0; e < e1; ++e)
         ex.parallel_rows(b.rows(e), F1, detail::add_bias_kernel<T>{b.saved.row(b.offsets[e]), b.saved.ld(), F1,
                                                                     split(b.params[e]).b1}, 16);
-    const index_t first = b.offsets[e0], R = b.offsets[e1] - first;
-    ex.parallel_rows(R, F, detail::activation_forward_kernel<T, Act>{b.saved.row(first), b.saved.ld(),
-                                                                      b.work.row(first), b.work.ld(), F}, 16);
+    const index_t first = b.offsets[e0];
+    activate(ex, b, first, b.offsets[e1] - first, 16);
     probs.clear();
     for (index_t e = e0; e < e1; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
@@ -402,8 +480,21 @@ class ffn {
   void backward_range(Exec& ex, const expert_batch<T>& b, index_t e0, index_t e1, in_view<T> dy,
                       matrix_view<T> dx) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
+    const matrix_view<T> a = activation_rows(b);
     std::vector<gemm_problem<T>> probs;
     probs.reserve(static_cast<std::size_t>(2 * (e1 - e0)));
+    auto add_dw2 = [&] {  // dW2 += a^T dy
+      for (index_t e = e0; e < e1; ++e)
+        if (const index_t r0 = b.offsets[e], n = b.rows(e); n > 0)
+          probs.push_back({blas::op::t, blas::op::n, F, H, n, T(1), a.row(r0), a.ld(), dy.row(r0), dy.ld(), T(1),
+                           split(b.grads[e]).w2, H});
+    };
+    // Kept slope: dW2 reads a from work before da overwrites it.
+    if constexpr (keeps_slope) {
+      add_dw2();
+      run(ex, probs);
+      probs.clear();
+    }
     // da = dy W2^T into work.
     for (index_t e = e0; e < e1; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
@@ -413,18 +504,21 @@ class ffn {
                        b.work.ld()});
     }
     run(ex, probs);
-    // saved <- a, work <- dpre, in one pass.
+    // work <- dpre (and, gated, saved <- a), in one pass.
     const index_t first = b.offsets[e0], R = b.offsets[e1] - first;
-    ex.parallel_rows(R, F, detail::activation_backward_kernel<T, Act>{b.saved.row(first), b.work.row(first),
-                                                                       b.work.ld(), F}, 16);
-    // dW2 += a^T dy, dW1 += x^T dpre.
+    if constexpr (keeps_slope)
+      ex.parallel_rows(R, F, detail::times_slope_kernel<T>{b.saved.row(first), b.work.row(first), b.work.ld(), F},
+                       16);
+    else
+      ex.parallel_rows(R, F, detail::activation_backward_kernel<T, Act>{b.saved.row(first), b.work.row(first),
+                                                                         b.work.ld(), F}, 16);
+    // dW1 += x^T dpre (and, gated, dW2 += a^T dy).
     probs.clear();
+    if constexpr (!keeps_slope) add_dw2();
     for (index_t e = e0; e < e1; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
       if (n == 0) continue;
       auto [gw1, gb1, gw2, gb2] = split(b.grads[e]);
-      probs.push_back({blas::op::t, blas::op::n, F, H, n, T(1), b.saved.row(r0), b.saved.ld(), dy.row(r0), dy.ld(),
-                       T(1), gw2, H});
       probs.push_back({blas::op::t, blas::op::n, H, F1, n, T(1), b.x.row(r0), b.x.ld(), b.work.row(r0), b.work.ld(),
                        T(1), gw1, F1});
       if (opt_.bias) {

@@ -95,8 +95,13 @@ struct combine_kernel {
 
 /// Backward of combine: dy_disp[row(a)] = weight * dy[t] and
 /// dweight[a] = <dy[t], y_disp[row(a)]>; dweight is 0 for unkept choices.
+/// The dot product keeps `lanes` partial sums, column j in sum j % lanes,
+/// added together in lane order at the end: a fixed order that the
+/// compiler can run as one vector of sums (a single running sum is a chain
+/// of dependent adds, each waiting for the last).
 template <class T>
 struct combine_backward_kernel {
+  static constexpr index_t lanes = 16;
   const index_t* row;
   const T* weight;
   index_t k, cols;
@@ -117,11 +122,19 @@ struct combine_backward_kernel {
     const T* yr = y_disp + r * yd_ld;
     T* out = dy_disp + r * dd_ld;
     const T w = weight[a];
-    T dot = T(0);
-    for (index_t j = 0; j < cols; ++j) {
-      dot += g[j] * yr[j];
+    T sum[lanes] = {};
+    index_t j = 0;
+    for (; j + lanes <= cols; j += lanes)
+      for (index_t l = 0; l < lanes; ++l) {
+        sum[l] += g[j + l] * yr[j + l];
+        out[j + l] = w * g[j + l];
+      }
+    for (index_t l = 0; j < cols; ++j, ++l) {
+      sum[l] += g[j] * yr[j];
       out[j] = w * g[j];
     }
+    T dot = T(0);
+    for (index_t l = 0; l < lanes; ++l) dot += sum[l];
     dweight[a] = dot;
   }
 };

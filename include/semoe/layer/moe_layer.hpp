@@ -296,17 +296,17 @@ class basic_moe_layer {
       phase ts("router_backward", *this);
       const bool jit = jitter() > 0;
       matrix_view<const T> xr = jit ? matrix_view<const T>(xj_.matrix(tokens, H)) : x_;
-      blas::gemm(*ex_, blas::op::t, blas::op::n, T(1), xr, matrix_view<const T>(dlogits_.matrix(tokens, E)), T(1),
-                    router_grad_.matrix(H, E));
-      if (want_dx) {
-        if (jit) {  // dx += (dlogits Wg^T) * noise; xj_ is free once dWg is done.
-          blas::gemm(*ex_, blas::op::n, blas::op::t, T(1), matrix_view<const T>(dlogits_.matrix(tokens, E)),
-                        matrix_view<const T>(router_.matrix(H, E)), T(0), xj_.matrix(tokens, H));
-          apply_jitter(matrix_view<const T>(xj_.matrix(tokens, H)), dx, true);
-        } else {
-          blas::gemm(*ex_, blas::op::n, blas::op::t, T(1), matrix_view<const T>(dlogits_.matrix(tokens, E)),
-                        matrix_view<const T>(router_.matrix(H, E)), T(1), dx);
-        }
+      const blas::gemm_problem<T> dwg{blas::op::t, blas::op::n, H, E, tokens, T(1), xr.data(), xr.ld(),
+                                      dlogits_.data(), E, T(1), router_grad_.data(), E};
+      const blas::gemm_problem<T> both[2] = {dwg, {blas::op::n, blas::op::t, tokens, H, E, T(1), dlogits_.data(), E,
+                                                   router_.data(), E, T(1), dx.data(), dx.ld()}};
+      // Side by side (two threads where ex runs the GEMMs); with jitter, dx += (dlogits Wg^T) * noise comes
+      // after dWg, through xj_.
+      blas::grouped_gemm(*ex_, std::span<const blas::gemm_problem<T>>(both, want_dx && !jit ? 2 : 1));
+      if (want_dx && jit) {
+        blas::gemm(*ex_, blas::op::n, blas::op::t, T(1), matrix_view<const T>(dlogits_.matrix(tokens, E)),
+                   matrix_view<const T>(router_.matrix(H, E)), T(0), xj_.matrix(tokens, H));
+        apply_jitter(matrix_view<const T>(xj_.matrix(tokens, H)), dx, true);
       }
     }
   }
@@ -618,7 +618,7 @@ class basic_moe_layer {
       expert::expert_batch<T> b{std::span<const index_t>(local), std::span<T* const>(params_.data() + e, 1),
                                 std::span<T* const>(grads_.data() + e, 1),
                                 matrix_view<const T>(x.row(first), {n, x.cols()}, {x.ld(), 1}),
-                                saved_.matrix(n, sc), work_.matrix(n, wc)};
+                                saved_.matrix(n, sc), work_.matrix(n, wc), /*backward_follows=*/false};
       expert_.forward(*ex_, b, matrix_view<T>(y.row(first), {n, y.cols()}, {y.ld(), 1}));
     };
     if constexpr (streams_experts) {
