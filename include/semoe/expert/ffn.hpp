@@ -471,8 +471,8 @@ class ffn {
     run(ex, probs);
     if (opt_.bias)
       for (index_t e = e0; e < e1; ++e)
-        ex.parallel_rows(b.rows(e), H, detail::add_bias_kernel<T>{y.row(b.offsets[e]), y.ld(), H, split(b.params[e]).b2},
-                         16);
+        ex.parallel_rows(b.rows(e), H,
+                         detail::add_bias_kernel<T>{y.row(b.offsets[e]), y.ld(), H, split(b.params[e]).b2}, 16);
   }
 
   /// Backward of local experts [e0, e1).

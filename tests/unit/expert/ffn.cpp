@@ -1,9 +1,11 @@
 // The FFN expert on its own: activations and their derivatives, the grouped
 // forward against a loop reference (including an expert with no rows), and
-// finite differences of the grouped backward for every activation.
+// finite differences of the grouped backward for every activation, and eval
+// mode's forward against training's.
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstring>
 #include <numbers>
 #include <random>
 #include <vector>
@@ -120,6 +122,23 @@ TEST_CASE_TEMPLATE("grouped ffn forward equals a per-row reference", Act, act::r
       }
     }
   }
+}
+
+TEST_CASE_TEMPLATE("eval-mode forward (backward_follows false) gives the training forward's bits", Act, act::relu,
+                   act::gelu, act::swiglu) {
+  // Training forward keeps act'(pre) for backward (not gated); eval mode
+  // evaluates the activation alone. Both must give the same outputs.
+  problem<float, Act> p(8, 12, true, {5, 0, 7});
+  cpu_executor ex({.threads = 2});
+  matrix<float> y_eval(p.y.rows(), p.y.cols());
+  p.f.forward(ex, p.batch(), p.y.view());
+  auto b = p.batch();
+  b.backward_follows = false;
+  p.f.forward(ex, b, y_eval.view());
+  CHECK(std::memcmp(p.y.data(), y_eval.data(), p.y.span().size_bytes()) == 0);
+  double norm = 0;
+  for (float v : y_eval.span()) norm += std::abs(v);
+  CHECK(norm > 0);
 }
 
 TEST_CASE_TEMPLATE("grouped ffn backward matches finite differences", Act, act::relu, act::gelu, act::swiglu) {
