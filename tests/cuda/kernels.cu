@@ -73,22 +73,30 @@ int main() {
     cudaFree(g);
     cudaFree(yg);
   }
-  {  // activations, forward then the in-place backward
+  {  // activations: eval forward, training forward keeping the slope, backward from it
     auto* pre = managed<float>(T * H);
     auto* out = managed<float>(T * H);
-    std::vector<float> pc(x, x + T * H), oc(T * H);
-    for (index_t i = 0; i < T * H; ++i) pre[i] = 3 * x[i];
-    for (index_t i = 0; i < T * H; ++i) pc[i] = 3 * x[i];
+    auto* da = managed<float>(T * H);
+    std::vector<float> pc(T * H), oc(T * H), dc(T * H);
+    for (index_t i = 0; i < T * H; ++i) pc[i] = pre[i] = 3 * x[i];
+    for (index_t i = 0; i < T * H; ++i) dc[i] = da[i] = x[i];
     gpu.parallel_for(T, expert::detail::activation_forward_kernel<float, act::gelu>{pre, H, out, H, H});
     gpu.synchronize();
     cpu.parallel_for(T, expert::detail::activation_forward_kernel<float, act::gelu>{pc.data(), H, oc.data(), H, H});
     bad += compare("gelu", out, oc.data(), T * H, 1e-6f);
-    gpu.parallel_for(T, expert::detail::activation_backward_kernel<float, act::gelu>{pre, out, H, H});
+    gpu.parallel_for(T, expert::detail::activation_forward_keep_slope_kernel<float, act::gelu>{pre, H, out, H, H});
     gpu.synchronize();
-    cpu.parallel_for(T, expert::detail::activation_backward_kernel<float, act::gelu>{pc.data(), oc.data(), H, H});
-    bad += compare("gelu backward", out, oc.data(), T * H, 1e-6f);
+    using keep = expert::detail::activation_forward_keep_slope_kernel<float, act::gelu>;
+    cpu.parallel_for(T, keep{pc.data(), H, oc.data(), H, H});
+    bad += compare("gelu keeping its slope", out, oc.data(), T * H, 1e-6f);
+    bad += compare("gelu slope", pre, pc.data(), T * H, 1e-6f);
+    gpu.parallel_for(T, expert::detail::times_slope_kernel<float, act::gelu>{pre, da, H, H});
+    gpu.synchronize();
+    cpu.parallel_for(T, expert::detail::times_slope_kernel<float, act::gelu>{pc.data(), dc.data(), H, H});
+    bad += compare("gelu backward", da, dc.data(), T * H, 1e-6f);
     cudaFree(pre);
     cudaFree(out);
+    cudaFree(da);
   }
   {  // AdamW
     const index_t n = 4096;

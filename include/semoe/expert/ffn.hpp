@@ -36,8 +36,10 @@ struct activation_forward_kernel {
   SEMOE_HD void operator()(index_t r) const { (*this)(r, 0, cols); }
 };
 
-/// Forward activation that keeps its slope for backward (not gated):
-/// a = act(pre) into a, and pre <- act'(pre) in place, from one evaluation.
+/// Forward activation that keeps what backward needs, from one evaluation:
+/// a = act(pre) into a and pre <- act'(pre) in place. Gated, with
+/// pre = [g | u] and a = f(g) u: pre <- [u f'(g) | f(g)], the two factors
+/// that turn da into dg and du.
 template <class T, class Act>
 struct activation_forward_keep_slope_kernel {
   T* pre;
@@ -50,15 +52,23 @@ struct activation_forward_keep_slope_kernel {
     for (index_t j = j0; j < j1; ++j) {
       T v, d;
       act::value_and_slope<Act>(p[j], v, d);
-      out[j] = v;
-      p[j] = d;
+      if constexpr (Act::gated) {
+        const T u = p[cols + j];
+        out[j] = v * u;  // the bits of activation_forward_kernel's f(g) * u
+        p[j] = u * d;
+        p[cols + j] = v;
+      } else {
+        out[j] = v;
+        p[j] = d;
+      }
     }
   }
   SEMOE_HD void operator()(index_t r) const { (*this)(r, 0, cols); }
 };
 
-/// work <- work * slope over rows: dpre from da and the kept act'(pre).
-template <class T>
+/// Backward of the activation from the kept factors, in place over rows:
+/// work <- da * act'(pre) (gated: [dg | du] = da * [u f'(g) | f(g)]).
+template <class T, class Act>
 struct times_slope_kernel {
   const T* slope;
   T* work;
@@ -66,36 +76,10 @@ struct times_slope_kernel {
   SEMOE_HD void operator()(index_t r, index_t j0, index_t j1) const {
     const T* s = slope + r * ld;
     T* w = work + r * ld;
-    for (index_t j = j0; j < j1; ++j) w[j] = w[j] * s[j];
-  }
-  SEMOE_HD void operator()(index_t r) const { (*this)(r, 0, cols); }
-};
-
-/// Backward activation, in place: pre <- a (for dW2), work <- dpre (from da in work).
-template <class T, class Act>
-struct activation_backward_kernel {
-  T* pre;
-  T* work;
-  index_t ld, cols;
-  SEMOE_HD void operator()(index_t r, index_t j0, index_t j1) const {
-    T* p = pre + r * ld;
-    T* w = work + r * ld;
-    if constexpr (Act::gated) {
-      for (index_t j = j0; j < j1; ++j) {
-        const T g = p[j], u = p[cols + j], da = w[j];
-        T fg, dfg;
-        act::value_and_slope<Act>(g, fg, dfg);
-        p[j] = fg * u;
-        w[j] = da * u * dfg;
-        w[cols + j] = da * fg;
-      }
-    } else {
-      for (index_t j = j0; j < j1; ++j) {
-        T fx, dfx;
-        act::value_and_slope<Act>(p[j], fx, dfx);
-        p[j] = fx;
-        w[j] = w[j] * dfx;
-      }
+    for (index_t j = j0; j < j1; ++j) {
+      const T da = w[j];
+      if constexpr (Act::gated) w[cols + j] = da * s[cols + j];
+      w[j] = da * s[j];
     }
   }
   SEMOE_HD void operator()(index_t r) const { (*this)(r, 0, cols); }
@@ -191,15 +175,13 @@ class ffn {
     return o.hidden * f1 + o.ffn * o.hidden + (o.bias ? f1 + o.hidden : 0);
   }
   index_t block_elems() const { return block_elems(opt_); }
-  /// Per routed row, two rows of width f1 kept from forward to backward.
-  /// Not gated: saved holds act'(pre) and work the activation a, so backward
-  /// evaluates no activation: dW2 = a^T dy first, then da = dy W2^T over a
-  /// and dpre = da * act'(pre). Gated: saved holds pre, and backward
-  /// evaluates the activation again (keeping f(g), f'(g) and u would take a
-  /// third row). Eval mode (backward_follows false) keeps nothing.
+  /// Per routed row, two rows of width f1 kept from forward to backward:
+  /// saved holds act'(pre) (gated: [u f'(g) | f(g)]) and work the
+  /// activation a, so backward evaluates no activation: dW2 = a^T dy first,
+  /// then da = dy W2^T over a and dpre = da * act'(pre). Eval mode
+  /// (backward_follows false) keeps nothing.
   index_t saved_cols() const { return f1(); }
   index_t work_cols() const { return f1(); }
-  static constexpr bool keeps_slope = !Act::gated;
 
   /// Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights, zero biases, from a
   /// counter-based stream per expert: the same on every rank and placement.
@@ -264,8 +246,8 @@ class ffn {
   //  * row tiles: an expert's rows in tiles of 1024 to 2047 rows (fewer
   //    rows: one tile); forward runs x W1, bias, activation and W2 on a
   //    tile back to back, while its rows are still in cache; backward runs
-  //    dy W2^T with dpre = da * act'(pre) (gated: the activation's
-  //    backward), and later dpre W1^T;
+  //    dy W2^T with dpre = da * act'(pre) from the factors forward kept,
+  //    and later dpre W1^T;
   //  * weight gradients: dW1 and dW2 sum over all of an expert's rows, so
   //    each is one GEMM over them, cut into blocks of its output
   //    (blas::detail::cut_of), with the bias sums as one more task.
@@ -321,10 +303,9 @@ class ffn {
     const index_t F = opt_.ffn;
     T* pre = b.saved.row(r0);
     T* a = b.work.row(r0);
-    if constexpr (keeps_slope)
-      if (b.backward_follows)
-        return ex.parallel_rows(
-            rows, F, detail::activation_forward_keep_slope_kernel<T, Act>{pre, b.saved.ld(), a, b.work.ld(), F}, grain);
+    if (b.backward_follows)
+      return ex.parallel_rows(
+          rows, F, detail::activation_forward_keep_slope_kernel<T, Act>{pre, b.saved.ld(), a, b.work.ld(), F}, grain);
     ex.parallel_rows(rows, F, detail::activation_forward_kernel<T, Act>{pre, b.saved.ld(), a, b.work.ld(), F}, grain);
   }
 
@@ -361,33 +342,22 @@ class ffn {
                       matrix_view<T> dx) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
     const auto p = opt_.gemm_inputs;
-    // Kept slope: dW2 += a^T dy reads a from work before da overwrites it.
-    if constexpr (keeps_slope) run_grads(ex, b, dy, /*w2=*/true, /*w1=*/false);
-    // da = dy W2^T into work, then work <- dpre (and, gated, saved <- a).
+    // dW2 += a^T dy reads a from work before da overwrites it.
+    run_grads(ex, b, dy, /*w2=*/true, /*w1=*/false);
+    // da = dy W2^T into work, then work <- dpre.
     run_tasks(ex, tiles, [&](const tile& t) {
       sequential_executor seq;
       T* work = b.work.row(t.first);
       gemm1(blas::op::n, blas::op::t, t.rows, F, H, dy.row(t.first), dy.ld(), split(b.params[t.expert]).w2, H, T(0),
             work, b.work.ld(), p);
-      if constexpr (keeps_slope)
-        seq.parallel_rows(t.rows, F, detail::times_slope_kernel<T>{b.saved.row(t.first), work, b.work.ld(), F});
-      else
-        seq.parallel_rows(t.rows, F,
-                          detail::activation_backward_kernel<T, Act>{b.saved.row(t.first), work, b.work.ld(), F});
+      seq.parallel_rows(t.rows, F, detail::times_slope_kernel<T, Act>{b.saved.row(t.first), work, b.work.ld(), F});
     });
-    run_grads(ex, b, dy, /*w2=*/!keeps_slope, /*w1=*/true);
+    run_grads(ex, b, dy, /*w2=*/false, /*w1=*/true);
     // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
     run_tasks(ex, tiles, [&](const tile& t) {
       gemm1(blas::op::n, blas::op::t, t.rows, H, F1, b.work.row(t.first), b.work.ld(), split(b.params[t.expert]).w1,
             F1, T(0), dx.row(t.first), dx.ld(), p);
     });
-  }
-
-  /// The activation a that dW2 = a^T dy reads: work with the slope kept,
-  /// else saved once the activation's backward has put it there.
-  template <class T>
-  static matrix_view<T> activation_rows(const expert_batch<T>& b) {
-    return keeps_slope ? b.work : b.saved;
   }
 
   /// dW2 += a^T dy and/or dW1 += x^T dpre (with the bias sums), each a
@@ -420,7 +390,6 @@ class ffn {
     }
     std::stable_sort(grads.begin(), grads.end(),
                      [](const grad_task& u, const grad_task& v) { return u.flops > v.flops; });
-    const matrix_view<T> a = activation_rows(b);
     run_tasks(ex, grads, [&](const grad_task& g) {
       const index_t r0 = b.offsets[g.expert], n = b.rows(g.expert);
       auto [gw1, gb1, gw2, gb2] = split(b.grads[g.expert]);
@@ -433,8 +402,8 @@ class ffn {
       const gemm_problem<T> whole =
           g.w1 ? gemm_problem<T>{blas::op::t, blas::op::n, H, F1, n, T(1), b.x.row(r0), b.x.ld(), b.work.row(r0),
                                  b.work.ld(), T(1), gw1, F1, p}
-               : gemm_problem<T>{blas::op::t, blas::op::n, F, H, n, T(1), a.row(r0), a.ld(), dy.row(r0), dy.ld(),
-                                 T(1), gw2, H, p};
+               : gemm_problem<T>{blas::op::t, blas::op::n, F, H, n, T(1), b.work.row(r0), b.work.ld(), dy.row(r0),
+                                 dy.ld(), T(1), gw2, H, p};
       const auto q = blas::detail::piece(whole, g.cut, g.piece);
       gemm1(q.ta, q.tb, q.m, q.n, q.k, q.a, q.lda, q.b, q.ldb, q.beta, q.c, q.ldc, p);
     });
@@ -480,22 +449,16 @@ class ffn {
   void backward_range(Exec& ex, const expert_batch<T>& b, index_t e0, index_t e1, in_view<T> dy,
                       matrix_view<T> dx) const {
     const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
-    const matrix_view<T> a = activation_rows(b);
     std::vector<gemm_problem<T>> probs;
-    probs.reserve(static_cast<std::size_t>(2 * (e1 - e0)));
-    auto add_dw2 = [&] {  // dW2 += a^T dy
-      for (index_t e = e0; e < e1; ++e)
-        if (const index_t r0 = b.offsets[e], n = b.rows(e); n > 0)
-          probs.push_back({blas::op::t, blas::op::n, F, H, n, T(1), a.row(r0), a.ld(), dy.row(r0), dy.ld(), T(1),
-                           split(b.grads[e]).w2, H});
-    };
-    // Kept slope: dW2 reads a from work before da overwrites it.
-    if constexpr (keeps_slope) {
-      add_dw2();
-      run(ex, probs);
-      probs.clear();
-    }
+    probs.reserve(static_cast<std::size_t>(e1 - e0));
+    // dW2 += a^T dy reads a from work before da overwrites it.
+    for (index_t e = e0; e < e1; ++e)
+      if (const index_t r0 = b.offsets[e], n = b.rows(e); n > 0)
+        probs.push_back({blas::op::t, blas::op::n, F, H, n, T(1), b.work.row(r0), b.work.ld(), dy.row(r0), dy.ld(),
+                         T(1), split(b.grads[e]).w2, H});
+    run(ex, probs);
     // da = dy W2^T into work.
+    probs.clear();
     for (index_t e = e0; e < e1; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
       if (n == 0) continue;
@@ -504,17 +467,12 @@ class ffn {
                        b.work.ld()});
     }
     run(ex, probs);
-    // work <- dpre (and, gated, saved <- a), in one pass.
+    // work <- dpre, from da and the kept factors.
     const index_t first = b.offsets[e0], R = b.offsets[e1] - first;
-    if constexpr (keeps_slope)
-      ex.parallel_rows(R, F, detail::times_slope_kernel<T>{b.saved.row(first), b.work.row(first), b.work.ld(), F},
-                       16);
-    else
-      ex.parallel_rows(R, F, detail::activation_backward_kernel<T, Act>{b.saved.row(first), b.work.row(first),
-                                                                         b.work.ld(), F}, 16);
-    // dW1 += x^T dpre (and, gated, dW2 += a^T dy).
+    ex.parallel_rows(R, F, detail::times_slope_kernel<T, Act>{b.saved.row(first), b.work.row(first), b.work.ld(), F},
+                     16);
+    // dW1 += x^T dpre.
     probs.clear();
-    if constexpr (!keeps_slope) add_dw2();
     for (index_t e = e0; e < e1; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
       if (n == 0) continue;
