@@ -295,9 +295,9 @@ class ffn {
     });
   }
 
-  /// a = act(x W1 + b1) into work for rows [r0, r0 + rows) of b, with
-  /// act'(pre) over the pre-activation in saved when backward follows and
-  /// this activation keeps its slope.
+  /// a = act(x W1 + b1) into work for rows [r0, r0 + rows) of b and, when
+  /// backward follows, act'(pre) (gated: [u f'(g) | f(g)]) over the
+  /// pre-activation in saved.
   template <class T, class E>
   void activate(E& ex, const expert_batch<T>& b, index_t r0, index_t rows, index_t grain) const {
     const index_t F = opt_.ffn;
