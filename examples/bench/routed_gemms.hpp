@@ -6,7 +6,7 @@
 //    run reads from cache what a layer reads from each expert's own memory
 //    (the strict floor); or
 //  * in_layer_buffers: each expert's six FFN GEMMs on buffers laid out as
-//    expert::ffn's (x, W1, W2, the saved pre-activation, the work rows, y,
+//    expert::ffn's (x, W1, W2, the saved rows, the work rows, y,
 //    dy, dx, dW1, dW2), so each GEMM reads what the previous one wrote, as
 //    in the layer, without the activation and routing between. dx has its
 //    own buffer (the layer writes it over dy): written over dy, each pass
@@ -113,7 +113,7 @@ struct routed_gemms {
       set(p[0], x, H, w1, F1, pre, F1);     // pre = x W1
       set(p[1], work, F1, w2, H, y, H);     // y = a W2
       set(p[2], dy, H, w2, H, work, F1);    // da = dy W2^T
-      set(p[3], pre, F1, dy, H, gw2, H);    // dW2 += a^T dy
+      set(p[3], work, F1, dy, H, gw2, H);   // dW2 += a^T dy (a in work, as the layer keeps it)
       set(p[4], x, H, work, F1, gw1, F1);   // dW1 += x^T dpre
       set(p[5], work, F1, w1, F1, dx, H);   // dx = dpre W1^T
     }

@@ -203,26 +203,27 @@ class ffn {
     }
   }
 
-  /// y = act(x W1 + b1) W2 + b2 for every local expert; saves x W1 + b1.
+  /// y = act(x W1 + b1) W2 + b2 for every local expert; keeps a and act'(pre)
+  /// for backward in b.work and b.saved (see saved_cols).
   template <class T, Executor Exec>
   void forward(Exec& ex, const expert_batch<T>& b, matrix_view<T> y) const {
     check(b, y, "forward");
     if constexpr (on_host_threads<Exec>)
       if (blas::gemms_on_executor(ex))
         if (auto tiles = row_tiles(b); enough_tiles(ex, tiles)) return forward_tiles(ex, b, tiles, y);
-    forward_range(ex, b, 0, b.experts(), y);
+    forward_grouped(ex, b, y);
   }
 
   /// Accumulates parameter gradients into b.grads and writes dx. dx may be dy's
   /// memory (backward_in_place): dy's last use comes before dx is written.
-  /// Destroys b.saved.
+  /// Destroys b.saved and b.work.
   template <class T, Executor Exec>
   void backward(Exec& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
     check(b, dx, "backward");
     if constexpr (on_host_threads<Exec>)
       if (blas::gemms_on_executor(ex))
         if (auto tiles = row_tiles(b); enough_tiles(ex, tiles)) return backward_tiles(ex, b, tiles, dy, dx);
-    backward_range(ex, b, 0, b.experts(), dy, dx);
+    backward_grouped(ex, b, dy, dx);
   }
 
   /// GEMM shapes of one forward + backward of an expert with n rows, for
@@ -409,13 +410,13 @@ class ffn {
     });
   }
 
-  /// Forward of local experts [e0, e1), whose rows are contiguous.
+  /// Forward of every local expert, each pass one grouped call.
   template <class T, Executor Exec>
-  void forward_range(Exec& ex, const expert_batch<T>& b, index_t e0, index_t e1, matrix_view<T> y) const {
-    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
+  void forward_grouped(Exec& ex, const expert_batch<T>& b, matrix_view<T> y) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1(), E = b.experts();
     std::vector<gemm_problem<T>> probs;
-    probs.reserve(static_cast<std::size_t>(e1 - e0));
-    for (index_t e = e0; e < e1; ++e) {
+    probs.reserve(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
       if (n == 0) continue;
       auto [w1, b1, w2, b2] = split(b.params[e]);
@@ -424,13 +425,12 @@ class ffn {
     }
     run(ex, probs);
     if (opt_.bias)
-      for (index_t e = e0; e < e1; ++e)
+      for (index_t e = 0; e < E; ++e)
         ex.parallel_rows(b.rows(e), F1, detail::add_bias_kernel<T>{b.saved.row(b.offsets[e]), b.saved.ld(), F1,
                                                                     split(b.params[e]).b1}, 16);
-    const index_t first = b.offsets[e0];
-    activate(ex, b, first, b.offsets[e1] - first, 16);
+    activate(ex, b, b.offsets[0], b.offsets[E] - b.offsets[0], 16);
     probs.clear();
-    for (index_t e = e0; e < e1; ++e) {
+    for (index_t e = 0; e < E; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
       if (n == 0) continue;
       auto [w1, b1, w2, b2] = split(b.params[e]);
@@ -439,27 +439,26 @@ class ffn {
     }
     run(ex, probs);
     if (opt_.bias)
-      for (index_t e = e0; e < e1; ++e)
+      for (index_t e = 0; e < E; ++e)
         ex.parallel_rows(b.rows(e), H,
                          detail::add_bias_kernel<T>{y.row(b.offsets[e]), y.ld(), H, split(b.params[e]).b2}, 16);
   }
 
-  /// Backward of local experts [e0, e1).
+  /// Backward of every local expert, each pass one grouped call.
   template <class T, Executor Exec>
-  void backward_range(Exec& ex, const expert_batch<T>& b, index_t e0, index_t e1, in_view<T> dy,
-                      matrix_view<T> dx) const {
-    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1();
+  void backward_grouped(Exec& ex, const expert_batch<T>& b, in_view<T> dy, matrix_view<T> dx) const {
+    const index_t H = opt_.hidden, F = opt_.ffn, F1 = f1(), E = b.experts();
     std::vector<gemm_problem<T>> probs;
-    probs.reserve(static_cast<std::size_t>(e1 - e0));
+    probs.reserve(static_cast<std::size_t>(E));
     // dW2 += a^T dy reads a from work before da overwrites it.
-    for (index_t e = e0; e < e1; ++e)
+    for (index_t e = 0; e < E; ++e)
       if (const index_t r0 = b.offsets[e], n = b.rows(e); n > 0)
         probs.push_back({blas::op::t, blas::op::n, F, H, n, T(1), b.work.row(r0), b.work.ld(), dy.row(r0), dy.ld(),
                          T(1), split(b.grads[e]).w2, H});
     run(ex, probs);
     // da = dy W2^T into work.
     probs.clear();
-    for (index_t e = e0; e < e1; ++e) {
+    for (index_t e = 0; e < E; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
       if (n == 0) continue;
       auto [w1, b1, w2, b2] = split(b.params[e]);
@@ -468,12 +467,12 @@ class ffn {
     }
     run(ex, probs);
     // work <- dpre, from da and the kept factors.
-    const index_t first = b.offsets[e0], R = b.offsets[e1] - first;
+    const index_t first = b.offsets[0], R = b.offsets[E] - first;
     ex.parallel_rows(R, F, detail::times_slope_kernel<T, Act>{b.saved.row(first), b.work.row(first), b.work.ld(), F},
                      16);
     // dW1 += x^T dpre.
     probs.clear();
-    for (index_t e = e0; e < e1; ++e) {
+    for (index_t e = 0; e < E; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
       if (n == 0) continue;
       auto [gw1, gb1, gw2, gb2] = split(b.grads[e]);
@@ -487,7 +486,7 @@ class ffn {
     run(ex, probs);
     // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
     probs.clear();
-    for (index_t e = e0; e < e1; ++e) {
+    for (index_t e = 0; e < E; ++e) {
       const index_t r0 = b.offsets[e], n = b.rows(e);
       if (n == 0) continue;
       auto [w1, b1, w2, b2] = split(b.params[e]);
