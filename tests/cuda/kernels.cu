@@ -90,9 +90,9 @@ int main() {
     cpu.parallel_for(T, keep{pc.data(), H, oc.data(), H, H});
     bad += compare("gelu keeping its slope", out, oc.data(), T * H, 1e-6f);
     bad += compare("gelu slope", pre, pc.data(), T * H, 1e-6f);
-    gpu.parallel_for(T, expert::detail::times_slope_kernel<float, act::gelu>{pre, da, H, H});
+    gpu.parallel_for(T, expert::detail::times_slope_kernel<float, act::gelu>{pre, H, da, H, H});
     gpu.synchronize();
-    cpu.parallel_for(T, expert::detail::times_slope_kernel<float, act::gelu>{pc.data(), dc.data(), H, H});
+    cpu.parallel_for(T, expert::detail::times_slope_kernel<float, act::gelu>{pc.data(), H, dc.data(), H, H});
     bad += compare("gelu backward", da, dc.data(), T * H, 1e-6f);
     cudaFree(pre);
     cudaFree(out);

@@ -71,11 +71,12 @@ struct activation_forward_keep_slope_kernel {
 template <class T, class Act>
 struct times_slope_kernel {
   const T* slope;
+  index_t slope_ld;
   T* work;
-  index_t ld, cols;
+  index_t work_ld, cols;
   SEMOE_HD void operator()(index_t r, index_t j0, index_t j1) const {
-    const T* s = slope + r * ld;
-    T* w = work + r * ld;
+    const T* s = slope + r * slope_ld;
+    T* w = work + r * work_ld;
     for (index_t j = j0; j < j1; ++j) {
       const T da = w[j];
       if constexpr (Act::gated) w[cols + j] = da * s[cols + j];
@@ -351,7 +352,8 @@ class ffn {
       T* work = b.work.row(t.first);
       gemm1(blas::op::n, blas::op::t, t.rows, F, H, dy.row(t.first), dy.ld(), split(b.params[t.expert]).w2, H, T(0),
             work, b.work.ld(), p);
-      seq.parallel_rows(t.rows, F, detail::times_slope_kernel<T, Act>{b.saved.row(t.first), work, b.work.ld(), F});
+      seq.parallel_rows(t.rows, F,
+                        detail::times_slope_kernel<T, Act>{b.saved.row(t.first), b.saved.ld(), work, b.work.ld(), F});
     });
     run_grads(ex, b, dy, /*w2=*/false, /*w1=*/true);
     // dx = dpre W1^T (dy is dead by now, so dx may share its memory).
@@ -468,8 +470,9 @@ class ffn {
     run(ex, probs);
     // work <- dpre, from da and the kept factors.
     const index_t first = b.offsets[0], R = b.offsets[E] - first;
-    ex.parallel_rows(R, F, detail::times_slope_kernel<T, Act>{b.saved.row(first), b.work.row(first), b.work.ld(), F},
-                     16);
+    ex.parallel_rows(
+        R, F, detail::times_slope_kernel<T, Act>{b.saved.row(first), b.saved.ld(), b.work.row(first), b.work.ld(), F},
+        16);
     // dW1 += x^T dpre.
     probs.clear();
     for (index_t e = 0; e < E; ++e) {

@@ -126,8 +126,9 @@ TEST_CASE_TEMPLATE("grouped ffn forward equals a per-row reference", Act, act::r
 
 TEST_CASE_TEMPLATE("eval-mode forward (backward_follows false) gives the training forward's bits", Act, act::relu,
                    act::gelu, act::swiglu) {
-  // Training forward keeps act'(pre) for backward (not gated); eval mode
-  // evaluates the activation alone. Both must give the same outputs.
+  // Training forward keeps act'(pre) (gated: [u f'(g) | f(g)]) for
+  // backward; eval mode evaluates the activation alone. Both must give the
+  // same outputs.
   problem<float, Act> p(8, 12, true, {5, 0, 7});
   cpu_executor ex({.threads = 2});
   matrix<float> y_eval(p.y.rows(), p.y.cols());
@@ -184,6 +185,36 @@ TEST_CASE("backward lets dx share dy's memory") {
   a.f.backward(ex, a.batch(), dy.view(), dx.view());
   b.f.backward(ex, b.batch(), shared.view(), shared.view());
   for (index_t i = 0; i < 9 * H; ++i) CHECK(shared.data()[i] == dx.data()[i]);
+}
+
+TEST_CASE_TEMPLATE("saved and work rows wider than needed, each with its own stride, give the same bits", Act,
+                   act::relu, act::gelu, act::swiglu) {
+  // The Expert contract lets saved and work have more columns than
+  // saved_cols()/work_cols(); each buffer is read with its own leading
+  // dimension. Both schedules: grouped passes (OpenBLAS threads its GEMMs),
+  // and row tiles where the executor runs the GEMMs (OpenBLAS on 1 thread).
+  const index_t H = 6, F = 7;
+  const int blas_threads = blas::num_threads();
+  for (int one_blas_thread : {0, 1}) {
+    CAPTURE(one_blas_thread);
+    if (one_blas_thread) blas::set_num_threads(1);
+    problem<float, Act> tight(H, F, true, {5, 0, 7}), wide(H, F, true, {5, 0, 7});
+    const index_t R = tight.offsets.back();
+    wide.saved.resize(R, wide.f.saved_cols() + 3);
+    wide.work.resize(R, wide.f.work_cols() + 1);
+    cpu_executor ex({.threads = 1});
+    matrix<float> dy(R, H), dx_tight(R, H), dx_wide(R, H);
+    fill(dy.span(), 5);
+    tight.f.forward(ex, tight.batch(), tight.y.view());
+    wide.f.forward(ex, wide.batch(), wide.y.view());
+    tight.f.backward(ex, tight.batch(), dy.view(), dx_tight.view());
+    wide.f.backward(ex, wide.batch(), dy.view(), dx_wide.view());
+    CHECK(std::memcmp(tight.y.data(), wide.y.data(), tight.y.span().size_bytes()) == 0);
+    CHECK(std::memcmp(dx_tight.data(), dx_wide.data(), dx_tight.span().size_bytes()) == 0);
+    for (std::size_t e = 0; e < tight.grads.size(); ++e)
+      CHECK(std::memcmp(tight.grads[e].data(), wide.grads[e].data(), tight.grads[e].bytes()) == 0);
+    blas::set_num_threads(blas_threads);
+  }
 }
 
 TEST_CASE("ffn validates its options and buffers") {
